@@ -1,0 +1,139 @@
+"""Checkpoints from any fsspec URL, loaded safely (``weights_only=True``, or safetensors).
+
+Accepted formats: a plain ``state_dict``, ``{"state_dict": ...}`` (Lightning: the ``model.``
+prefix is stripped), ``{"model": ...}``, ``{"model_state_dict": ...}``, and ``.safetensors``.
+A ``torch.nn.DataParallel`` ``module.`` prefix is stripped too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .storage import StorageOptions, expand, resolve
+
+__all__ = ["CheckpointInfo", "list_checkpoints", "read_bytes", "load_state_dict", "load_into",
+           "checkpoint_info", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    url: str
+    size: int
+    sha256: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "size": self.size, "sha256": self.sha256}
+
+
+def list_checkpoints(urls: str | list[str], storage: StorageOptions | None = None) -> list[str]:
+    """Expand checkpoint URLs / globs into a list in natural order (``epoch_2`` < ``epoch_10``).
+
+    A glob expands to its matches in natural order; an explicit list keeps the given order
+    (each of its globs expanded in place).
+    """
+    out = expand(urls, storage)
+    if not out:
+        raise FileNotFoundError(f"no checkpoint found at {urls!r}")
+    return out
+
+
+def read_bytes(url: str, storage: StorageOptions | None = None) -> bytes:
+    fs, path = resolve(url, storage)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"checkpoint not found: {url!r}") from e
+
+
+def checkpoint_info(url: str, data: bytes) -> CheckpointInfo:
+    return CheckpointInfo(url=url, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+_WRAPPERS = ("state_dict", "model_state_dict", "model")
+
+
+def _unwrap(obj: Any, url: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in _WRAPPERS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(k, str) for k in inner):
+                if any(isinstance(v, torch.Tensor) for v in inner.values()):
+                    obj = inner
+                    break
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(f"checkpoint {url!r} holds no state_dict (got {type(obj).__name__})")
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor], model: nn.Module | None) -> dict[str, torch.Tensor]:
+    expected = set(model.state_dict().keys()) if model is not None else None
+    for prefix in ("model.", "module.", "net."):
+        if expected is not None and set(sd) <= expected:
+            break
+        if all(k.startswith(prefix) for k in sd):
+            stripped = {k[len(prefix):]: v for k, v in sd.items()}
+            if expected is None or len(set(stripped) & expected) >= len(set(sd) & expected):
+                sd = stripped
+        elif expected is not None and any(k.startswith(prefix) for k in sd):
+            # Lightning: keys of the wrapped model start with "model.", others are extras
+            stripped = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            if set(stripped) >= expected:
+                sd = stripped
+    return sd
+
+
+def load_state_dict(url: str, storage: StorageOptions | None = None, *, data: bytes | None = None,
+                    model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Load a state_dict from a URL. Never unpickles arbitrary objects (``weights_only=True``)."""
+    if data is None:
+        data = read_bytes(url, storage)
+    if url.endswith(".safetensors"):
+        from safetensors.torch import load as st_load
+
+        try:
+            sd = st_load(data)
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise CheckpointError(f"checkpoint {url!r} is not a valid safetensors file: {e}") from e
+    else:
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(
+                f"checkpoint {url!r} cannot be loaded with weights_only=True "
+                f"(a checkpoint must hold only tensors and plain containers): {e}") from e
+        sd = _unwrap(obj, url)
+    return _strip_prefixes(sd, model)
+
+
+def load_into(model: nn.Module, sd: dict[str, torch.Tensor], url: str) -> nn.Module:
+    """Load ``sd`` into ``model`` strictly; a mismatch names the file and the keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        def fmt(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" … (+{len(keys) - 8})" if len(keys) > 8 else "")
+
+        raise CheckpointError(
+            f"checkpoint {url!r} does not fit the model: missing keys [{fmt(missing)}], "
+            f"unexpected keys [{fmt(unexpected)}]")
+    bad = [k for k, v in sd.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(
+            f"checkpoint {url!r} does not fit the model: {k} has shape {tuple(sd[k].shape)}, "
+            f"the model expects {tuple(expected[k].shape)} ({len(bad)} mismatched tensors)")
+    model.load_state_dict(sd, strict=True)
+    return model

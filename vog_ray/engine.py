@@ -1,0 +1,336 @@
+"""The gradient engine: per batch, every checkpoint's input-gradient maps folded into windows.
+
+For a batch ``x`` and checkpoints ``θ_1..θ_K`` (DESIGN.md §1):
+
+* the target index is the true label or the label predicted by the **last checkpoint of the
+  run** (``label_mode="predicted"``);
+* for each checkpoint and each target (``logit``: the pre-softmax logit, ``softmax``: the
+  softmax probability), one backward of the summed target scores gives every example's
+  gradient (exact per example: the model is in ``eval()`` mode, so examples do not interact);
+  parameters have ``requires_grad=False``, so no weight-gradient product is computed;
+* the gradient is averaged over input channels (the signed map, never ``abs()``) and folded
+  (Welford) into the pixel moments of every named window containing that checkpoint;
+* the forward pass gives per-checkpoint signals for free (loss, confidence, margin, …).
+
+Nothing here imports Ray: the scorer actor wraps this class.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .moments import PixelMoments
+
+__all__ = ["GradientEngine", "resolve_windows", "TARGETS", "LABEL_MODES", "SIGNALS",
+           "BatchResult", "DEFAULT_WINDOWS", "InputError"]
+
+TARGETS = ("logit", "softmax")
+LABEL_MODES = ("true", "predicted")
+# per-checkpoint signals, all computed at the target index p unless the name says otherwise
+SIGNALS = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",
+           "max_logit", "energy")
+DEFAULT_WINDOWS: dict[str, Any] = {"all": "all"}
+
+
+class InputError(ValueError):
+    """The batch does not fit the model or holds invalid labels."""
+
+
+def resolve_windows(spec: dict[str, Any] | None, num_checkpoints: int) -> dict[str, list[int]]:
+    """Turn window specs into sorted checkpoint indices (0-based, in checkpoint order).
+
+    Accepted forms: ``"all"``, ``"first:N"``, ``"last:N"``, a Python slice ``"a:b"`` (``"-3:"``),
+    or an explicit list of indices (negative indices count from the end).
+    """
+    K = int(num_checkpoints)
+    if K <= 0:
+        raise ValueError("zero checkpoints: VoG needs at least one checkpoint")
+    spec = DEFAULT_WINDOWS if not spec else spec
+    out: dict[str, list[int]] = {}
+    for name, s in spec.items():
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", str(name)):
+            raise ValueError(f"window name {name!r} must be alphanumeric (it becomes a column name)")
+        if isinstance(s, str):
+            s = s.strip()
+            m = re.fullmatch(r"(first|last|early|late):(\d+)", s)
+            if s == "all":
+                idx = list(range(K))
+            elif m:
+                n = int(m.group(2))
+                if n <= 0:
+                    raise ValueError(f"window {name!r} = {s!r}: needs at least one checkpoint")
+                if n > K:
+                    raise ValueError(
+                        f"window {name!r} = {s!r} asks for {n} checkpoints, but only {K} exist")
+                idx = list(range(n)) if m.group(1) in ("first", "early") else list(range(K - n, K))
+            elif re.fullmatch(r"-?\d*:-?\d*", s):
+                a, b = s.split(":")
+                idx = list(range(K))[slice(int(a) if a else None, int(b) if b else None)]
+                if a and not -K <= int(a) < K:
+                    raise ValueError(f"window {name!r} = {s!r} starts past the {K} checkpoints")
+            else:
+                raise ValueError(
+                    f"window {name!r}: cannot parse {s!r} (use 'all', 'first:N', 'last:N', "
+                    "'a:b' or a list of indices)")
+        elif isinstance(s, (list, tuple)):
+            idx = []
+            for i in s:
+                i = int(i)
+                if not -K <= i < K:
+                    raise ValueError(
+                        f"window {name!r} names checkpoint {i}, but only {K} exist (0..{K - 1})")
+                idx.append(i % K)
+            idx = sorted(set(idx))
+        else:
+            raise ValueError(f"window {name!r}: unsupported spec {s!r}")
+        if not idx:
+            raise ValueError(f"window {name!r} = {s!r} selects no checkpoint of the {K}")
+        out[str(name)] = idx
+    return out
+
+
+@dataclass
+class BatchResult:
+    """Per-example outputs of one batch (numpy, first axis = example)."""
+
+    status: np.ndarray                      # object array: "ok" or the reason
+    target_label: np.ndarray                # int64, -1 for rows not scored
+    pred: np.ndarray | None                 # int64, prediction of the run's last checkpoint
+    vog: dict[str, np.ndarray] = field(default_factory=dict)          # "window_target" -> [N]
+    moments: dict[str, PixelMoments] = field(default_factory=dict)    # "window_target" -> state
+    signals: dict[str, np.ndarray] = field(default_factory=dict)      # name -> [N, K_local]
+
+
+def _freeze(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model = model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class GradientEngine:
+    """Computes VoG moments and signals for batches, with all checkpoints of a group resident.
+
+    Parameters
+    ----------
+    model:
+        The architecture (an ``nn.Module``; its weights are replaced by each state_dict).
+    state_dicts:
+        The checkpoints this engine folds, in order.
+    checkpoint_ids:
+        Their global indices in the run (default ``0..len-1``). Windows are given in global
+        indices; a window's moments here cover only the checkpoints this engine holds.
+    windows:
+        ``name -> list of global checkpoint indices`` (see :func:`resolve_windows`).
+    predict_state_dict:
+        For ``label_mode="predicted"`` when the run's last checkpoint is not among
+        ``state_dicts`` (checkpoint-sharded audits): its weights, used forward-only.
+    accum_dtype:
+        dtype of the pixel moments on the device (``torch.float32`` default, or float64).
+    """
+
+    def __init__(self, model: nn.Module, state_dicts: Sequence[dict[str, torch.Tensor]], *,
+                 windows: dict[str, list[int]], targets: Sequence[str] = ("logit",),
+                 label_mode: str = "true", checkpoint_ids: Sequence[int] | None = None,
+                 num_checkpoints: int | None = None,
+                 predict_state_dict: dict[str, torch.Tensor] | None = None,
+                 device: str | torch.device = "cpu", accum_dtype: torch.dtype = torch.float32,
+                 channels_last: bool | None = None):
+        if not state_dicts:
+            raise ValueError("zero checkpoints: the engine needs at least one")
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        for t in targets:
+            if t not in TARGETS:
+                raise ValueError(f"unknown target {t!r}; expected one of {TARGETS}")
+        if not targets:
+            raise ValueError("no target given; expected one or more of {TARGETS}")
+        if label_mode not in LABEL_MODES:
+            raise ValueError(f"unknown label mode {label_mode!r}; expected one of {LABEL_MODES}")
+        self.device = torch.device(device)
+        self.targets = targets
+        self.label_mode = label_mode
+        self.accum_dtype = accum_dtype
+        self.ids = list(checkpoint_ids) if checkpoint_ids is not None else list(range(len(state_dicts)))
+        if len(self.ids) != len(state_dicts):
+            raise ValueError("checkpoint_ids and state_dicts differ in length")
+        self.num_checkpoints = num_checkpoints or (max(self.ids) + 1)
+        self.windows = {w: [i for i in idx] for w, idx in windows.items()}
+        for w, idx in self.windows.items():
+            bad = [i for i in idx if not 0 <= i < self.num_checkpoints]
+            if bad:
+                raise ValueError(f"window {w!r} names checkpoints {bad} outside 0..{self.num_checkpoints - 1}")
+        self.channels_last = bool(channels_last) if channels_last is not None else False
+        base = model
+        self.models: list[nn.Module] = []
+        for sd in state_dicts:
+            m = copy.deepcopy(base)
+            m.load_state_dict(sd, strict=True)
+            self.models.append(_freeze(m, self.device, self.channels_last))
+        last_global = self.num_checkpoints - 1
+        self.predictor: nn.Module | None = None
+        if label_mode == "predicted":
+            if last_global in self.ids:
+                self.predictor = self.models[self.ids.index(last_global)]
+            elif predict_state_dict is not None:
+                m = copy.deepcopy(base)
+                m.load_state_dict(predict_state_dict, strict=True)
+                self.predictor = _freeze(m, self.device, self.channels_last)
+            else:
+                raise ValueError("label_mode='predicted' needs the run's last checkpoint "
+                                 "(pass predict_state_dict)")
+        # which local models feed which window (global index -> local position)
+        self._local = {g: i for i, g in enumerate(self.ids)}
+        self.window_members = {w: [self._local[g] for g in idx if g in self._local]
+                               for w, idx in self.windows.items()}
+        self._num_classes: int | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def keys(self) -> list[str]:
+        """Output keys ``window_target`` in a stable order."""
+        return [f"{w}_{t}" for w in self.windows for t in self.targets]
+
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        try:
+            out = model(x)
+        except RuntimeError as e:
+            raise InputError(
+                f"input of shape {tuple(x.shape[1:])} (per example) does not fit the model: {e}") from e
+        if out.ndim != 2:
+            raise InputError(f"model output must be [N, classes], got {tuple(out.shape)}")
+        return out
+
+    def _prepare(self, x: Any) -> torch.Tensor:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
+        x = x.to(self.device, dtype=torch.float32, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # ------------------------------------------------------------------ main
+    def run(self, x: Any, y: Any = None, *, emit: str = "vog") -> BatchResult:
+        """Score one batch.
+
+        ``x``: ``[N, C, H, W]`` images or ``[N, D]`` vectors; ``y``: true labels ``[N]`` (``-1``
+        or ``None`` where unknown; required when ``label_mode="true"``). ``emit="vog"`` returns
+        raw VoG per window and target; ``emit="moments"`` returns the pixel-moment states
+        (for checkpoint-sharded or incremental audits); ``"both"`` returns both.
+        """
+        x = self._prepare(x)
+        N = x.shape[0]
+        if x.ndim < 2:
+            raise InputError(f"a batch must have at least 2 dimensions [N, ...], got {tuple(x.shape)}")
+        if y is None:
+            y_t = torch.full((N,), -1, dtype=torch.long, device=self.device)
+        else:
+            y_t = torch.as_tensor(np.asarray(y), dtype=torch.long).to(self.device)
+            if y_t.shape != (N,):
+                raise InputError(f"labels must have shape [{N}], got {tuple(y_t.shape)}")
+        finite = torch.isfinite(x.reshape(N, -1)).all(dim=1)
+        status = np.full(N, "ok", dtype=object)
+        if not bool(finite.all()):
+            bad = (~finite).cpu().numpy()
+            status[bad] = "non_finite_input"
+            x = torch.where(finite.view(-1, *([1] * (x.ndim - 1))), x, torch.zeros((), device=x.device))
+
+        # target index p
+        if self.label_mode == "predicted":
+            with torch.no_grad():
+                p = self._forward(self.predictor, x).argmax(dim=1)
+        else:
+            if (y_t < 0).any():
+                raise InputError("label_mode='true' needs a label for every example "
+                                 "(found -1 / missing labels); use label_mode='predicted'")
+            p = y_t
+        pred_last: torch.Tensor | None = None
+
+        sig: dict[str, list[torch.Tensor]] = {s: [] for s in SIGNALS}
+        states: dict[str, PixelMoments] = {}
+        xg = x.detach().requires_grad_(True)
+        for i, model in enumerate(self.models):
+            logits = self._forward(model, xg)
+            C = logits.shape[1]
+            if i == 0:
+                self._num_classes = C
+                bad = (p < 0) | (p >= C)
+                if bool(bad.any()):
+                    vals = sorted(set(p[bad].tolist()))[:5]
+                    raise InputError(f"labels outside [0, {C}) for {int(bad.sum())} examples "
+                                     f"(e.g. {vals}); the model has {C} classes")
+            pi = p.view(-1, 1)
+            grads: dict[str, torch.Tensor] = {}
+            for j, t in enumerate(self.targets):
+                if t == "logit":
+                    score = logits.gather(1, pi).sum()
+                else:
+                    score = torch.softmax(logits, dim=1).gather(1, pi).sum()
+                (g,) = torch.autograd.grad(score, xg, retain_graph=j < len(self.targets) - 1)
+                # channel-averaged map [N, H, W]; a vector input's map is the gradient itself
+                grads[t] = g if g.ndim == 2 else g.mean(dim=1)
+            gid = self.ids[i]
+            for w, idx in self.windows.items():
+                if gid not in idx:
+                    continue
+                for t in self.targets:
+                    key = f"{w}_{t}"
+                    st = states.get(key)
+                    m = grads[t]
+                    if st is None:
+                        st = states[key] = PixelMoments.empty(tuple(m.shape), like=m, dtype=self.accum_dtype)
+                    st.update(m)
+            with torch.no_grad():
+                lg = logits.detach().float()
+                logp = torch.log_softmax(lg, dim=1)
+                prob = logp.exp()
+                at = lg.gather(1, pi).squeeze(1)
+                other = lg.scatter(1, pi, float("-inf")).amax(dim=1) if C > 1 else torch.full_like(at, float("-inf"))
+                pred = lg.argmax(dim=1)
+                sig["loss"].append(-logp.gather(1, pi).squeeze(1))
+                sig["label_logit"].append(at)
+                sig["label_prob"].append(prob.gather(1, pi).squeeze(1))
+                sig["margin"].append(at - other)
+                sig["pred"].append(pred)
+                sig["correct"].append(torch.where(y_t >= 0, (pred == y_t).to(torch.int8),
+                                                  torch.full_like(pred, -1, dtype=torch.int8)))
+                sig["max_prob"].append(prob.amax(dim=1))
+                sig["max_logit"].append(lg.amax(dim=1))
+                sig["energy"].append(-torch.logsumexp(lg, dim=1))
+                if gid == self.num_checkpoints - 1:
+                    pred_last = pred
+        if pred_last is None and self.predictor is not None and self.label_mode == "predicted":
+            pred_last = p
+
+        res = BatchResult(
+            status=status,
+            target_label=p.cpu().numpy().astype(np.int64),
+            pred=None if pred_last is None else pred_last.cpu().numpy().astype(np.int64),
+        )
+        for s, vals in sig.items():
+            res.signals[s] = torch.stack(vals, dim=1).cpu().numpy()
+        bad_rows = status != "ok"
+        for key, st in states.items():
+            if emit in ("vog", "both"):
+                std = st.std()
+                v = std.reshape(N, -1).double().mean(dim=1).cpu().numpy()
+                v[bad_rows] = np.nan
+                res.vog[key] = v
+            if emit in ("moments", "both"):
+                res.moments[key] = st.to_numpy()
+        if bad_rows.any():
+            res.target_label[bad_rows] = -1
+        return res
+
+    @property
+    def num_classes(self) -> int | None:
+        return self._num_classes

@@ -1,0 +1,232 @@
+"""The reduce step, Ray-free: class moments, class normalisation and ranks (DESIGN.md §1 step 6).
+
+The same functions serve the single-process :func:`vog_ray.score` (one block) and the Ray
+pipeline (many blocks, merged in a deterministic order), so both give the same numbers.
+
+Score-table columns (one row per example):
+
+``id`` (string), ``split``, ``label`` (true label, -1 if unknown), ``target_label`` (the class
+used as target index and for normalisation), ``pred`` (prediction of the last checkpoint),
+``correct`` (null if the label is unknown), ``vog_<window>_<target>`` (raw VoG),
+``z_<window>_<target>`` (normalised), ``score`` (the ranked one of those), ``rank`` (1 = highest
+score in the split; ties broken by id), ``class_rank`` (within split and class), ``percentile``
+(100 = highest), ``decile`` (10 = highest VoG), and the per-checkpoint signals
+``sig_<name>`` (a list with one value per checkpoint).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .moments import ClassMoments, class_normalize
+
+__all__ = ["partial_class_moments", "merge_class_moments", "normalize", "rank_table",
+           "rank_columns", "vog_col", "z_col", "class_lookup"]
+
+RANK_COLUMNS = ("rank", "class_rank", "percentile", "decile")
+rank_columns = RANK_COLUMNS
+
+
+def vog_col(key: str) -> str:
+    return f"vog_{key}"
+
+
+def z_col(key: str) -> str:
+    return f"z_{key}"
+
+
+def partial_class_moments(table: pa.Table, keys: Sequence[str]) -> pa.Table:
+    """Per (split, class) moments of raw VoG in one block, plus error counts.
+
+    ``first_id`` (the block's smallest id in that class) orders partials for a deterministic merge.
+    """
+    if table.num_rows == 0:
+        return _empty_partials(keys)
+    splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    cls = table.column("target_label").to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = table.column("id").to_numpy(zero_copy_only=False).astype(str)
+    correct = table.column("correct")
+    known = pc.is_valid(correct).to_numpy(zero_copy_only=False)
+    corr = pc.fill_null(correct, False).to_numpy(zero_copy_only=False).astype(bool)
+    pairs = np.rec.fromarrays([splits, cls], names="s,c")
+    uniq, inv = np.unique(pairs, return_inverse=True)
+    G = len(uniq)
+    out: dict[str, Any] = {
+        "split": [str(u[0]) for u in uniq],
+        "class": [int(u[1]) for u in uniq],
+        "first_id": [min(ids[inv == g]) for g in range(G)],
+        "n_labelled": np.bincount(inv, weights=known, minlength=G).astype(np.int64),
+        "n_errors": np.bincount(inv, weights=known & ~corr, minlength=G).astype(np.int64),
+    }
+    for k in keys:
+        v = table.column(vog_col(k)).to_numpy(zero_copy_only=False).astype(np.float64)
+        st = ClassMoments.from_groups(v, inv, G)
+        out["n"] = st.n.astype(np.int64)
+        out[f"mean_{k}"] = st.mean
+        out[f"m2_{k}"] = st.m2
+    return pa.table(out)
+
+
+def _empty_partials(keys: Sequence[str]) -> pa.Table:
+    cols = {"split": pa.array([], pa.string()), "class": pa.array([], pa.int64()),
+            "first_id": pa.array([], pa.string()), "n_labelled": pa.array([], pa.int64()),
+            "n_errors": pa.array([], pa.int64()), "n": pa.array([], pa.int64())}
+    for k in keys:
+        cols[f"mean_{k}"] = pa.array([], pa.float64())
+        cols[f"m2_{k}"] = pa.array([], pa.float64())
+    return pa.table(cols)
+
+
+def merge_class_moments(partials: pa.Table | Iterable[pa.Table], keys: Sequence[str]) -> pa.Table:
+    """Merge partial class moments (Chan) into the class table, in a deterministic order.
+
+    Partials are merged per (split, class) in the order of ``first_id``, so the result is the
+    same bit for bit however the blocks were scheduled. Output columns: ``split``, ``class``,
+    ``count``, ``error_rate`` (null if no labels), ``mean_<key>``, ``std_<key>`` (population),
+    ``degenerate_<key>`` (std is 0: every z of that class is 0).
+    """
+    if not isinstance(partials, pa.Table):
+        partials = pa.concat_tables(list(partials)) if partials else _empty_partials(keys)
+    if partials.num_rows == 0:
+        return _class_table({}, keys)
+    partials = partials.sort_by([("split", "ascending"), ("class", "ascending"),
+                                 ("first_id", "ascending")])
+    cols = partials.to_pydict()
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (s, c) in enumerate(zip(cols["split"], cols["class"])):
+        groups.setdefault((s, c), []).append(i)
+    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    for g, rows in groups.items():
+        rec: dict[str, Any] = {
+            "count": int(sum(cols["n"][i] for i in rows)),
+            "n_labelled": int(sum(cols["n_labelled"][i] for i in rows)),
+            "n_errors": int(sum(cols["n_errors"][i] for i in rows)),
+        }
+        for k in keys:
+            st = ClassMoments.empty()
+            for i in rows:
+                st = st.merge(ClassMoments(np.float64(cols["n"][i]), np.float64(cols[f"mean_{k}"][i]),
+                                           np.float64(cols[f"m2_{k}"][i])))
+            m, s = st.finalize()
+            rec[f"mean_{k}"] = float(m)
+            rec[f"std_{k}"] = float(s)
+        merged[g] = rec
+    return _class_table(merged, keys)
+
+
+def _class_table(merged: dict[tuple[str, int], dict[str, Any]], keys: Sequence[str]) -> pa.Table:
+    order = sorted(merged)
+    out: dict[str, Any] = {
+        "split": pa.array([g[0] for g in order], pa.string()),
+        "class": pa.array([g[1] for g in order], pa.int64()),
+        "count": pa.array([merged[g]["count"] for g in order], pa.int64()),
+        "error_rate": pa.array([merged[g]["n_errors"] / merged[g]["n_labelled"]
+                                if merged[g]["n_labelled"] else None for g in order], pa.float64()),
+    }
+    for k in keys:
+        out[f"mean_{k}"] = pa.array([merged[g][f"mean_{k}"] for g in order], pa.float64())
+        out[f"std_{k}"] = pa.array([merged[g][f"std_{k}"] for g in order], pa.float64())
+        out[f"degenerate_{k}"] = pa.array(
+            [not (np.isfinite(merged[g][f"std_{k}"]) and merged[g][f"std_{k}"] > 0) for g in order])
+    return pa.table(out)
+
+
+def class_lookup(classes: pa.Table, keys: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """``split -> {"mean_<key>": array indexed by class, "std_<key>": ...}`` for normalising."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    d = classes.to_pydict()
+    if not d.get("class"):
+        return out
+    C = max(d["class"]) + 1
+    for i, s in enumerate(d["split"]):
+        e = out.setdefault(s, {f"{p}_{k}": np.full(C, np.nan) for k in keys for p in ("mean", "std")})
+        c = d["class"][i]
+        for k in keys:
+            e[f"mean_{k}"][c] = d[f"mean_{k}"][i]
+            e[f"std_{k}"][c] = d[f"std_{k}"][i]
+    return out
+
+
+def normalize(table: pa.Table, lookup: dict[str, dict[str, np.ndarray]], keys: Sequence[str],
+              method: str, primary: str) -> pa.Table:
+    """Add ``z_<key>`` for every key and ``score`` (= ``z_<primary>``)."""
+    splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    cls = table.column("target_label").to_numpy(zero_copy_only=False).astype(np.int64)
+    zs = {k: np.zeros(table.num_rows) for k in keys}
+    for s in np.unique(splits):
+        rows = splits == s
+        e = lookup[s]
+        for k in keys:
+            v = table.column(vog_col(k)).to_numpy(zero_copy_only=False)[rows]
+            zs[k][rows] = class_normalize(v, cls[rows], e[f"mean_{k}"], e[f"std_{k}"], method)
+    for k in keys:
+        table = _set(table, z_col(k), pa.array(zs[k], pa.float64()))
+    return _set(table, "score", pa.array(zs[primary], pa.float64()))
+
+
+def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, name, arr) if i >= 0 else table.append_column(name, arr)
+
+
+SORT_KEYS = [("split", "ascending"), ("score", "descending"), ("id", "ascending")]
+
+
+def assign_ranks(sorted_table: pa.Table, split_offset: dict[str, int], class_offset: dict[tuple[str, int], int],
+                 split_size: dict[str, int]) -> pa.Table:
+    """Ranks for a block of a table sorted by :data:`SORT_KEYS`, given the number of rows of
+    each split (and split × class) that precede the block."""
+    n = sorted_table.num_rows
+    splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    cls = sorted_table.column("target_label").to_numpy(zero_copy_only=False).astype(np.int64)
+    rank = _cumcount(splits) + np.array([split_offset.get(s, 0) for s in splits], np.int64)
+    pairs = np.char.add(np.char.add(splits, "\x00"), cls.astype(str)) if n else splits
+    crank = _cumcount(pairs) + np.array(
+        [class_offset.get((s, int(c)), 0) for s, c in zip(splits, cls)], np.int64)
+    size = np.array([split_size[s] for s in splits], np.int64) if n else np.zeros(0, np.int64)
+    pct = 100.0 * (size - rank + 1) / np.maximum(size, 1)
+    dec = 10 - np.floor_divide(10 * (rank - 1), np.maximum(size, 1))
+    t = sorted_table
+    t = _set(t, "rank", pa.array(rank, pa.int64()))
+    t = _set(t, "class_rank", pa.array(crank, pa.int64()))
+    t = _set(t, "percentile", pa.array(pct, pa.float64()))
+    return _set(t, "decile", pa.array(dec.astype(np.int64), pa.int64()))
+
+
+def _cumcount(keys: np.ndarray) -> np.ndarray:
+    """1-based running count of each key's occurrences, in order."""
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    _, inv = np.unique(keys, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    sorted_inv = inv[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_inv)) + 1]
+    group_start = np.repeat(starts, np.diff(np.r_[starts, n]))
+    out = np.empty(n, np.int64)
+    out[order] = np.arange(n) - group_start + 1
+    return out
+
+
+def block_counts(sorted_table: pa.Table) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """Rows per split and per (split, class) in a block."""
+    splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    cls = sorted_table.column("target_label").to_numpy(zero_copy_only=False).astype(np.int64)
+    s_counts = {str(k): int(v) for k, v in zip(*np.unique(splits, return_counts=True))}
+    c_counts: dict[tuple[str, int], int] = {}
+    if len(splits):
+        pairs = np.rec.fromarrays([splits, cls], names="s,c")
+        for u, v in zip(*np.unique(pairs, return_counts=True)):
+            c_counts[(str(u[0]), int(u[1]))] = int(v)
+    return s_counts, c_counts
+
+
+def rank_table(table: pa.Table) -> pa.Table:
+    """Sort one in-memory table by :data:`SORT_KEYS` and add the rank columns."""
+    t = table.sort_by(SORT_KEYS)
+    s_counts, _ = block_counts(t)
+    return assign_ranks(t, {}, {}, s_counts)
