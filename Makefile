@@ -1,0 +1,40 @@
+# The two commands: `make demo` (a real end-to-end audit on real data) and `make test`.
+# Both create .venv when it is missing and install the project with the pinned versions.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: test demo venv browser bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@touch $@
+
+venv: $(STAMP)
+
+# Headless Chromium for the HTML-report test (Debian's package; skipped when already there)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; the browser test will fail"; \
+	  else echo "warning: chromium missing (install Debian's 'chromium' package)"; fi; }
+
+test: $(STAMP) browser
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m vog_ray.demo
+
+bench: $(STAMP)
+	$(PY) bench/engine.py
+	$(PY) bench/reduce.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/incremental.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache
