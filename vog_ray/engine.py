@@ -44,6 +44,21 @@ class InputError(ValueError):
     """The batch does not fit the model or holds invalid labels."""
 
 
+_WINDOW_RE = re.compile(r"all|(first|last|early|late):\d+|-?\d*:-?\d*")
+
+
+def check_window_spec(name: Any, spec: Any) -> None:
+    """Syntax check of one window spec (the checkpoint count is checked by resolve_windows)."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", str(name)):
+        raise ValueError(f"window name {name!r} must be alphanumeric (it becomes a column name)")
+    if isinstance(spec, str):
+        if not _WINDOW_RE.fullmatch(spec.strip()):
+            raise ValueError(f"window {name!r}: cannot parse {spec!r} (use 'all', 'first:N', "
+                             "'last:N', 'a:b' or a list of indices)")
+    elif not (isinstance(spec, (list, tuple)) and spec and all(isinstance(i, int) for i in spec)):
+        raise ValueError(f"window {name!r}: unsupported spec {spec!r}")
+
+
 def resolve_windows(spec: dict[str, Any] | None, num_checkpoints: int) -> dict[str, list[int]]:
     """Turn window specs into sorted checkpoint indices (0-based, in checkpoint order).
 

@@ -1,0 +1,247 @@
+"""The audit config: one YAML file, validated, overridable from the CLI (``--set a.b=value``).
+
+An unknown key or a wrong type is an error naming the key and the file. Credentials never
+appear here: they come from the environment (``AWS_ACCESS_KEY_ID`` …).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .engine import check_window_spec
+from .score import VogOptions
+from .storage import StorageOptions as _StorageOptions
+
+__all__ = ["AuditConfig", "ConfigError", "load_config", "apply_overrides", "SplitSpec", "redact"]
+
+
+class ConfigError(ValueError):
+    """The config file is invalid; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitSpec(_Strict):
+    """One data split: where it lives and how to read it."""
+
+    format: Literal["parquet", "image_folder", "cifar", "npz"]
+    url: Union[str, list[str]] = Field(description="a file, a directory, a glob, or a list of them")
+    image_column: str = "image"
+    label_column: Optional[str] = "label"
+    id_column: Optional[str] = None
+    keep_columns: list[str] = Field(default_factory=list,
+                                    description="extra columns carried into the score table (e.g. is_noisy)")
+    image_shape: Optional[list[int]] = Field(
+        default=None, description="shape of raw-array images (C,H,W) / (H,W) when not encoded")
+    cifar_batches: Optional[Literal["train", "test"]] = Field(
+        default=None, description="cifar: which batches (train = data_batch_*, test = test_batch)")
+    group: Optional[str] = Field(default=None, description="a group name for reports (e.g. OoD groups)")
+
+
+class TransformSpec(_Strict):
+    """Decoding and normalisation, run as CPU tasks before the scorer stage."""
+
+    channels: Optional[Literal[1, 3]] = Field(default=None, description="convert to gray (1) or RGB (3)")
+    resize: Optional[int] = None
+    center_crop: Optional[int] = None
+    scale: float = Field(default=1 / 255, description="pixel values are multiplied by this first")
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    flatten: bool = Field(default=False, description="flatten images into vectors (MLP / tabular)")
+
+
+class DataSpec(_Strict):
+    splits: dict[str, SplitSpec]
+    transform: TransformSpec = Field(default_factory=TransformSpec)
+    class_names: Optional[list[str]] = None
+
+    @field_validator("splits")
+    @classmethod
+    def _nonempty(cls, v: dict[str, SplitSpec]) -> dict[str, SplitSpec]:
+        if not v:
+            raise ValueError("at least one split is needed")
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"split name {name!r} may hold only letters, digits, '_', '-', '.'")
+        return v
+
+
+class VogSpec(_Strict):
+    targets: list[Literal["logit", "softmax"]] = Field(default_factory=lambda: ["logit"])
+    label: Literal["true", "predicted"] = "true"
+    windows: dict[str, Union[str, list[int]]] = Field(default_factory=lambda: {"all": "all"})
+    normalization: Literal["zscore", "abs_zscore", "none"] = "zscore"
+    rank_by: Optional[str] = None
+    accum_dtype: Literal["float32", "float64"] = "float32"
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("label", mode="before")
+    @classmethod
+    def _label_bool(cls, v: Any) -> Any:
+        return "true" if v is True else v
+
+    def options(self) -> VogOptions:
+        return VogOptions(windows=dict(self.windows), targets=list(self.targets), label_mode=self.label,
+                          normalization=self.normalization, rank_by=self.rank_by,
+                          accum_dtype=self.accum_dtype)
+
+
+class ActorPool(_Strict):
+    min: int = Field(default=1, ge=1)
+    max: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "ActorPool":
+        if self.max < self.min:
+            raise ValueError(f"actors.max ({self.max}) is below actors.min ({self.min})")
+        return self
+
+
+class ComputeSpec(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(default=256, ge=1)
+    actors: ActorPool = Field(default_factory=ActorPool)
+    gpus_per_actor: float = Field(default=1.0, gt=0)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    checkpoint_groups: int = Field(default=1, ge=1)
+    read_blocks: Optional[int] = Field(default=None, ge=1, description="override the number of read blocks")
+    decode_batch_size: int = Field(default=512, ge=1)
+    max_errored_blocks: int = Field(default=0, ge=0)
+
+
+class StorageSpec(_Strict):
+    endpoint_url: Optional[str] = None
+    anonymous: bool = False
+    region: Optional[str] = None
+
+    def options(self) -> _StorageOptions:
+        return _StorageOptions(endpoint_url=self.endpoint_url, anonymous=self.anonymous, region=self.region)
+
+
+class OutputSpec(_Strict):
+    url: str
+
+
+class OodSpec(_Strict):
+    in_distribution: str
+    ood_splits: list[str] = Field(default_factory=list)
+    group_column: Optional[str] = None
+
+
+class ReportSpec(_Strict):
+    enabled: bool = True
+    flag_columns: list[str] = Field(default_factory=list, description="boolean columns, e.g. is_noisy")
+    ood: Optional[OodSpec] = None
+    classes_to_show: list[int] = Field(default_factory=list)
+    bootstrap: int = Field(default=1000, ge=0)
+    seed: int = 0
+
+
+class AuditConfig(_Strict):
+    name: str = "audit"
+    data: DataSpec
+    model: Union[str, dict[str, Any]]
+    checkpoints: Union[str, list[str]]
+    vog: VogSpec = Field(default_factory=VogSpec)
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    output: OutputSpec
+    report: ReportSpec = Field(default_factory=ReportSpec)
+
+    @model_validator(mode="after")
+    def _windows_parse(self) -> "AuditConfig":
+        # syntax only here; counts are checked once the checkpoints are listed
+        for name, spec in self.vog.windows.items():
+            try:
+                check_window_spec(name, spec)
+            except ValueError as e:
+                raise ValueError(f"vog.windows: {e}") from e
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+_SECRET_KEYS = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.I)
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a config dict with anything secret-looking replaced by ``***``."""
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET_KEYS.search(str(k)) else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return re.sub(r"(://)[^/@\s:]+:[^/@\s]+@", r"\1***:***@", obj)
+    return obj
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (value parsed as YAML) to a config dict."""
+    d = copy.deepcopy(d)
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        key, raw = ov.split("=", 1)
+        parts = key.strip().split(".")
+        cur = d
+        for p in parts[:-1]:
+            nxt = cur.get(p)
+            if nxt is None:
+                nxt = cur[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: {p!r} is not a section")
+            cur = nxt
+        cur[parts[-1]] = _parse_value(raw)
+    return d
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(d: dict[str, Any], source: str = "<dict>") -> AuditConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping")
+    try:
+        return AuditConfig.model_validate(d)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> AuditConfig:
+    """Read, override and validate a YAML config file."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+    return validate(apply_overrides(d, overrides), str(p))

@@ -1,0 +1,151 @@
+"""Published runs: the layout at the output URL, atomic publishing, and opening a run.
+
+::
+
+    <output>/runs/<run_id>/manifest.json      config, checkpoints (URL, size, sha256), versions,
+                                              row counts, wall time, throughput, windows, keys
+    <output>/runs/<run_id>/scores/*.parquet   the ranked score table (sorted by split, rank)
+    <output>/runs/<run_id>/classes.parquet    per split and class: count, mean, std, error rate
+    <output>/runs/<run_id>/rejected.parquet   rows that could not be scored, with the reason
+    <output>/runs/<run_id>/report.*, figures/ written by ``vog-ray report``
+    <output>/runs/<run_id>/_SUCCESS           written LAST: a run without it is not published
+    <output>/LATEST                           the id of the newest published run
+
+A reader (:func:`open_run`, :func:`list_runs`) never sees a run without ``_SUCCESS``, so a crash
+or a failed upload never exposes a half-written run. Every run has its own id, so rerunning
+never appends duplicate rows to an earlier run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .storage import StorageOptions, join, resolve
+
+__all__ = ["Run", "new_run_id", "open_run", "list_runs", "latest_run", "RunNotFound", "SUCCESS",
+           "write_json", "read_json", "write_table", "publish"]
+
+SUCCESS = "_SUCCESS"
+
+
+class RunNotFound(FileNotFoundError):
+    """No published run at that URL."""
+
+
+def new_run_id(prefix: str = "") -> str:
+    ts = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{prefix}{ts}-{secrets.token_hex(3)}"
+
+
+def write_json(url: str, obj: Any, storage: StorageOptions | None = None) -> None:
+    fs, path = resolve(url, storage)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+
+def read_json(url: str, storage: StorageOptions | None = None) -> Any:
+    fs, path = resolve(url, storage)
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_table(url: str, table: pa.Table, storage: StorageOptions | None = None) -> None:
+    fs, path = resolve(url, storage)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
+
+
+def publish(run_url: str, output_url: str, run_id: str, storage: StorageOptions | None = None) -> None:
+    """Mark a fully written run as published: ``_SUCCESS`` last, then ``LATEST``."""
+    fs, path = resolve(join(run_url, SUCCESS), storage)
+    with fs.open(path, "w") as f:
+        f.write(run_id + "\n")
+    fs2, latest = resolve(join(output_url, "LATEST"), storage)
+    with fs2.open(latest, "w") as f:
+        f.write(run_id + "\n")
+
+
+@dataclass
+class Run:
+    """A published run, opened for reading."""
+
+    url: str
+    manifest: dict[str, Any]
+    storage: StorageOptions | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest.get("run_id", self.url.rstrip("/").rsplit("/", 1)[-1])
+
+    def path(self, *parts: str) -> str:
+        return join(self.url, *parts)
+
+    def _read(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        fs, path = resolve(self.path(rel), self.storage)
+        if fs.isdir(path):
+            files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+            if not files:
+                return pa.table({})
+            tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
+            return pa.concat_tables(tables, promote_options="default")
+        return pq.read_table(path, columns=columns, filesystem=fs)
+
+    def scores(self, columns: list[str] | None = None) -> pa.Table:
+        """The score table, sorted by (split, rank)."""
+        t = self._read("scores", columns)
+        if t.num_rows and (columns is None or {"split", "rank"} <= set(columns)):
+            t = t.sort_by([("split", "ascending"), ("rank", "ascending")])
+        return t
+
+    def iter_scores(self, columns: list[str] | None = None, batch_size: int = 65536):
+        """Stream the score table in record batches (for tables that do not fit in memory)."""
+        fs, path = resolve(self.path("scores"), self.storage)
+        for f in sorted(x for x in fs.find(path) if x.endswith(".parquet")):
+            pf = pq.ParquetFile(fs.open(f, "rb"))
+            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+
+    def classes(self) -> pa.Table:
+        return self._read("classes.parquet")
+
+    def rejected(self) -> pa.Table:
+        return self._read("rejected.parquet")
+
+
+def open_run(url: str, storage: StorageOptions | None = None) -> Run:
+    """Open a published run: a run directory, or an output URL (opens its ``LATEST`` run)."""
+    fs, path = resolve(url, storage)
+    if fs.exists(path + "/" + SUCCESS):
+        return Run(url.rstrip("/"), read_json(join(url, "manifest.json"), storage), storage)
+    if fs.exists(path + "/LATEST"):
+        with fs.open(path + "/LATEST", "r") as f:
+            rid = f.read().strip()
+        return open_run(join(url, "runs", rid), storage)
+    if fs.exists(path + "/manifest.json") or fs.exists(path):
+        raise RunNotFound(f"{url!r} is not a published run (no {SUCCESS} marker: the run is "
+                          "incomplete, still being written, or failed)")
+    raise RunNotFound(f"no run at {url!r}")
+
+
+def list_runs(output_url: str, storage: StorageOptions | None = None) -> list[str]:
+    """Ids of the published runs under an output URL, oldest first."""
+    fs, path = resolve(join(output_url, "runs"), storage)
+    if not fs.exists(path):
+        return []
+    out = []
+    for d in fs.ls(path, detail=False):
+        if fs.exists(d.rstrip("/") + "/" + SUCCESS):
+            out.append(d.rstrip("/").rsplit("/", 1)[-1])
+    return sorted(out)
+
+
+def latest_run(output_url: str, storage: StorageOptions | None = None) -> Run:
+    return open_run(output_url, storage)
