@@ -1,0 +1,140 @@
+"""``vog-ray``: the command line.
+
+::
+
+    vog-ray audit CONFIG.yaml [--set compute.batch_size=128] [--address ray://…] [--no-report] [--incremental]
+    vog-ray report RUN_URL
+    vog-ray compare RUN_A RUN_B [--out compare.json]
+    vog-ray runs OUTPUT_URL
+    vog-ray validate CONFIG.yaml [--set …]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from .config import ConfigError, load_config
+from .storage import StorageOptions
+
+__all__ = ["main"]
+
+
+def _storage(args: argparse.Namespace) -> StorageOptions:
+    return StorageOptions(endpoint_url=getattr(args, "endpoint_url", None),
+                          anonymous=getattr(args, "anonymous", False))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vog-ray", description="Rank every example of a dataset by Variance of Gradients, on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    a = sub.add_parser("audit", help="run an audit described by a YAML config")
+    a.add_argument("config")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set compute.batch_size=128 (repeatable)")
+    a.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else start Ray here)")
+    a.add_argument("--no-report", action="store_true", help="skip the report")
+    a.add_argument("--incremental", action="store_true",
+                   help="fold only new checkpoints into the persisted moments (scheduled audits)")
+
+    v = sub.add_parser("validate", help="validate a config and print it with defaults filled in")
+    v.add_argument("config")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    for name, hlp in (("report", "write report.json / report.html for a published run"),):
+        r = sub.add_parser(name, help=hlp)
+        r.add_argument("run", help="a run URL, or an output URL (its latest run)")
+        r.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (or AWS_ENDPOINT_URL)")
+        r.add_argument("--anonymous", action="store_true")
+
+    c = sub.add_parser("compare", help="rank stability between two runs")
+    c.add_argument("run_a")
+    c.add_argument("run_b")
+    c.add_argument("--out", default=None, help="where to write compare.json (default: print only)")
+    c.add_argument("--endpoint-url", default=None)
+    c.add_argument("--anonymous", action="store_true")
+
+    ls = sub.add_parser("runs", help="list the published runs under an output URL")
+    ls.add_argument("output")
+    ls.add_argument("--endpoint-url", default=None)
+    ls.add_argument("--anonymous", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError, PermissionError, OSError) as e:
+        print(f"error: {_root_message(e)}", file=sys.stderr)
+        return 1
+
+
+def _root_message(e: BaseException) -> str:
+    """The user's error, not Ray's wrapper around it."""
+    seen = e
+    while getattr(seen, "cause", None) is not None or seen.__cause__ is not None:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is seen:
+            break
+        seen = nxt
+    msg = str(seen) if str(seen) else type(seen).__name__
+    return msg
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "validate":
+        cfg = load_config(args.config, args.overrides)
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    if args.cmd == "audit":
+        cfg = load_config(args.config, args.overrides)
+        if args.incremental:
+            from .incremental import run_incremental
+
+            res = run_incremental(cfg, address=args.address, report=not args.no_report)
+            if res is None:
+                print("up to date: no new checkpoint")
+                return 0
+        else:
+            from .pipeline import run_audit
+
+            res = run_audit(cfg, address=args.address, report=False if args.no_report else None)
+        print(res.summary())
+        if cfg.report.enabled and not args.no_report:
+            print(f"report: {res.run_url}/report.html")
+        return 0
+    if args.cmd == "report":
+        from .report import build_report
+
+        out = build_report(args.run, storage=_storage(args))
+        where = out.get("html_url") if isinstance(out, dict) else None
+        print(f"report written{': ' + where if where else ''}")
+        return 0
+    if args.cmd == "compare":
+        from .report import compare_runs
+
+        res = compare_runs(args.run_a, args.run_b, storage=_storage(args), out=args.out)
+        print(res.get("text", json.dumps(res, indent=2)) if isinstance(res, dict) else res)
+        return 0
+    if args.cmd == "runs":
+        from .runs import list_runs
+
+        for rid in list_runs(args.output, _storage(args)):
+            print(rid)
+        return 0
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,547 @@
+"""The distributed audit on Ray Data (DESIGN.md §2–3).
+
+Stage 1 (score): read every split → decode/normalise (CPU tasks) → scorer actors (GPU or CPU,
+an autoscaling pool; each loads its checkpoints once, in ``__init__``, from their URLs) → the
+raw per-example table, written as Parquet to a work prefix keyed by the config (a crashed
+run resumes from it).
+
+* **Fused** (default): one actor holds every checkpoint; only per-example scalars leave it.
+* **Checkpoint-sharded** (``compute.checkpoint_groups: G``): G groups of actors each emit
+  per-example partial pixel moments; a reduce merges them by example id (Chan), in group order.
+
+Stage 2 (reduce): class moments per block (float64) merged in a deterministic order → class
+z-scores → a distributed sort → global and per-class ranks from block offsets → the ranked
+score table, ``classes.parquet``, ``rejected.parquet`` and ``manifest.json``; ``_SUCCESS`` is
+written last. Nothing per-example is collected into the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import __version__
+from .checkpoints import CheckpointInfo, list_checkpoints
+from .config import AuditConfig, redact
+from .engine import SIGNALS, BatchResult, resolve_windows
+from .moments import PixelMoments
+from .reduce import (SORT_KEYS, assign_ranks, block_counts, class_lookup, merge_class_moments, normalize,
+                     partial_class_moments, vog_col)
+from .runs import SUCCESS, new_run_id, publish, write_json, write_table
+from .score import VogOptions, load_checkpoints, make_engine, result_to_table
+from .storage import StorageOptions, join, resolve
+
+__all__ = ["run_audit", "AuditResult", "ScorerActor", "checkpoint_groups", "ensure_ray"]
+
+log = logging.getLogger("vog_ray")
+
+
+@dataclass
+class AuditResult:
+    run_url: str
+    run_id: str
+    manifest: dict[str, Any]
+    top: dict[str, list[str]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        m = self.manifest
+        r = m["rows"]
+        lines = [
+            f"run: {self.run_url}",
+            f"rows: {r['in']} in = {r['scored']} scored + {r['rejected']} rejected",
+            f"checkpoints: {m['num_checkpoints']}  windows: {', '.join(m['windows'])}  "
+            f"targets: {', '.join(m['targets'])}  ranked by: {m['primary']}",
+            f"wall time: {m['wall_time_s']:.1f} s  throughput: "
+            f"{m['throughput']['examples_per_s']:.1f} examples/s "
+            f"({m['throughput']['example_checkpoints_per_s']:.1f} example×checkpoints/s)",
+        ]
+        for split, ids in self.top.items():
+            lines.append(f"highest VoG in {split}: {', '.join(ids)}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- ray setup
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (``address`` / ``RAY_ADDRESS``) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def checkpoint_groups(num_checkpoints: int, groups: int) -> list[list[int]]:
+    """Split checkpoint indices into ``groups`` contiguous, near-equal groups."""
+    groups = max(1, min(groups, num_checkpoints))
+    bounds = np.linspace(0, num_checkpoints, groups + 1).round().astype(int)
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(groups)]
+
+
+# --------------------------------------------------------------------------- scorer actor
+class ScorerActor:
+    """A stateful Ray Data UDF: loads its checkpoints once, scores batches with the engine.
+
+    Takes only URLs and plain options (no object refs), so Ray can restart it after a crash.
+    """
+
+    def __init__(self, *, model: Any, checkpoints: list[str], indices: list[int], num_checkpoints: int,
+                 vog: dict[str, Any], device: str, storage: dict[str, Any], emit: str = "vog",
+                 group: int = 0):
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ.get("VOG_RAY_TORCH_THREADS", "0")) or torch.get_num_threads()))
+        self.storage = StorageOptions(**storage)
+        self.opts = VogOptions(**vog)
+        self.emit = emit
+        self.group = group
+        self.K = num_checkpoints
+        loaded = load_checkpoints(model, checkpoints, self.storage, indices=indices)
+        predict_sd = None
+        if self.opts.label_mode == "predicted" and (num_checkpoints - 1) not in indices:
+            predict_sd = load_checkpoints(model, checkpoints, self.storage, indices=[num_checkpoints - 1]).state_dicts[0]
+        dev = device
+        if device in ("auto", "cuda"):
+            dev = "cuda" if torch.cuda.is_available() else "cpu"  # fake GPUs: schedule, run on CPU
+        self.engine = make_engine(loaded, self.opts, dev, indices=indices, num_checkpoints=num_checkpoints,
+                                  predict_state_dict=predict_sd)
+        self.keys = self.engine.keys()
+        self.windows = self.engine.windows
+        self.num_classes: int | None = None
+
+    def _classes(self, x: np.ndarray) -> int:
+        if self.num_classes is None:
+            import torch
+
+            with torch.no_grad():
+                out = self.engine._forward(self.engine.models[0], self.engine._prepare(x[:1]))
+            self.num_classes = int(out.shape[1])
+        return self.num_classes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["id"])
+        status = np.asarray(batch["status"]).astype(object)
+        labels = np.asarray(batch["label"]).astype(np.int64)
+        x = np.asarray(batch["x"])
+        ok = status == "ok"
+        if ok.any():
+            C = self._classes(x[ok])
+            bad = ok & ((labels >= C) | (labels < -1))
+            status[bad] = [f"label_out_of_range: {int(v)} not in [0, {C})" for v in labels[bad]]
+            if self.opts.label_mode == "true":
+                miss = ok & (labels == -1)
+                status[miss] = "missing_label"
+            ok = status == "ok"
+        keep = [c for c in batch if c not in ("x", "id", "split", "label", "status")]
+        parts = []
+        if ok.any():
+            res = self.engine.run(x[ok], labels[ok], emit="vog" if self.emit == "vog" else "moments")
+            eng_status = res.status
+            t = self._table(res, batch, ok, keep)
+            parts.append(t)
+            del eng_status
+        if (~ok).any():
+            parts.append(self._rejected(batch, ~ok, status, keep))
+        out = pa.concat_tables(parts, promote_options="default") if len(parts) > 1 else parts[0]
+        assert out.num_rows == n
+        return out
+
+    def _table(self, res: BatchResult, batch: dict[str, np.ndarray], ok: np.ndarray, keep: list[str]) -> pa.Table:
+        ids = np.asarray(batch["id"])[ok]
+        splits = np.asarray(batch["split"])[ok]
+        labels = np.asarray(batch["label"]).astype(np.int64)[ok]
+        extra = {c: np.asarray(batch[c])[ok] for c in keep}
+        if self.emit == "vog":
+            return result_to_table(res, ids=list(ids), split=list(splits), labels=labels, keys=self.keys,
+                                   extra=extra)
+        # checkpoint-sharded: partial pixel moments per example
+        n = int(ok.sum())
+        cols: dict[str, Any] = {
+            "id": pa.array([str(i) for i in ids], pa.string()),
+            "split": pa.array([str(s) for s in splits], pa.string()),
+            "label": pa.array(labels, pa.int64()),
+            "status": pa.array(list(res.status), pa.string()),
+            "group": pa.array(np.full(n, self.group, np.int64)),
+            "target_label": pa.array(res.target_label, pa.int64()),
+            "pred": pa.array(res.pred if res.pred is not None else np.full(n, -1, np.int64), pa.int64()),
+        }
+        pix = None
+        for st in res.moments.values():
+            pix = int(np.prod(st.mean.shape[1:]))
+        for k in self.keys:
+            st = res.moments.get(k)
+            if st is None:  # this group holds no checkpoint of that window
+                mean = np.zeros((n, pix or 1)); m2 = mean; cnt = 0
+            else:
+                mean = st.mean.reshape(n, -1).astype(np.float64); m2 = st.m2.reshape(n, -1).astype(np.float64); cnt = st.n
+            P = mean.shape[1]
+            cols[f"mn_{k}"] = pa.array(np.full(n, cnt, np.int64))
+            cols[f"mmean_{k}"] = pa.FixedSizeListArray.from_arrays(pa.array(mean.ravel()), P)
+            cols[f"mm2_{k}"] = pa.FixedSizeListArray.from_arrays(pa.array(m2.ravel()), P)
+        for s in SIGNALS:
+            v = res.signals[s]
+            cols[f"sig_{s}"] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1])
+        for c in keep:
+            cols[c] = pa.array(np.asarray(batch[c])[ok])
+        return pa.table(cols)
+
+    def _rejected(self, batch: dict[str, np.ndarray], mask: np.ndarray, status: np.ndarray, keep: list[str]) -> pa.Table:
+        cols: dict[str, Any] = {
+            "id": pa.array([str(i) for i in np.asarray(batch["id"])[mask]], pa.string()),
+            "split": pa.array([str(s) for s in np.asarray(batch["split"])[mask]], pa.string()),
+            "label": pa.array(np.asarray(batch["label"]).astype(np.int64)[mask], pa.int64()),
+            "status": pa.array([str(s) for s in status[mask]], pa.string()),
+        }
+        if self.emit != "vog":
+            cols["group"] = pa.array(np.full(int(mask.sum()), self.group, np.int64))
+        for c in keep:
+            cols[c] = pa.array(np.asarray(batch[c])[mask])
+        return pa.table(cols)
+
+
+# --------------------------------------------------------------------------- sharded merge
+def merge_group_rows(t: pa.Table, vog_keys: list[str], num_groups: int) -> pa.Table:
+    """Merge the partial pixel moments of one example's rows (one per checkpoint group).
+
+    Rows are merged in group order with Chan's formula; signals are concatenated in checkpoint
+    order. Returns one fused-format row.
+    """
+    t = t.sort_by([("group", "ascending")])
+    d = t.to_pydict()
+    if len(d["group"]) != num_groups:
+        raise RuntimeError(f"example {d['id'][0]!r}: expected {num_groups} partial rows, got {len(d['group'])}")
+    # the prediction of the run's last checkpoint comes from the last group
+    res = BatchResult(status=np.array(["ok"], object), target_label=np.array([d["target_label"][0]], np.int64),
+                      pred=np.array([d["pred"][-1]], np.int64))
+    keys = vog_keys
+    for k in keys:
+        st = PixelMoments(0, np.zeros(1), np.zeros(1))
+        for i in range(len(d["group"])):
+            part = PixelMoments(int(d[f"mn_{k}"][i]), np.asarray(d[f"mmean_{k}"][i])[None],
+                                np.asarray(d[f"mm2_{k}"][i])[None])
+            st = st.merge(part) if st.n else (part if part.n else st)
+        res.vog[k] = st.finalize().astype(np.float64)
+    for s in SIGNALS:
+        res.signals[s] = np.concatenate([np.asarray(d[f"sig_{s}"][i]) for i in range(len(d["group"]))])[None]
+    extra = {c: [d[c][0]] for c in t.column_names
+             if c not in ("id", "split", "label", "status", "group", "target_label", "pred")
+             and not c.startswith(("mn_", "mmean_", "mm2_", "sig_"))}
+    return result_to_table(res, ids=[d["id"][0]], split=[d["split"][0]], labels=np.array([d["label"][0]]),
+                           keys=keys, extra=extra)
+
+
+# --------------------------------------------------------------------------- helpers
+def _work_key(cfg: AuditConfig, ckpts: list[CheckpointInfo]) -> str:
+    """Identity of an audit's stage-1 work: same config + same checkpoints ⇒ resumable."""
+    d = cfg.to_dict()
+    d.pop("output", None); d.pop("report", None); d["compute"] = {"checkpoint_groups": cfg.compute.checkpoint_groups}
+    payload = json.dumps({"cfg": d, "ck": [c.sha256 for c in ckpts]}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _hash_checkpoints(urls: list[str], storage: StorageOptions) -> list[CheckpointInfo]:
+    out = []
+    for u in urls:
+        fs, path = resolve(u, storage)
+        h = hashlib.sha256()
+        size = 0
+        with fs.open(path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 22)
+                if not chunk:
+                    break
+                h.update(chunk); size += len(chunk)
+        out.append(CheckpointInfo(u, size, h.hexdigest()))
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import pyarrow
+    import ray
+    import torch
+
+    return {"vog_ray": __version__, "ray": ray.__version__, "torch": torch.__version__,
+            "numpy": np.__version__, "pyarrow": pyarrow.__version__, "python": platform.python_version()}
+
+
+def _filter_status(t: pa.Table, ok: bool) -> pa.Table:
+    m = pc.equal(t["status"], "ok")
+    return t.filter(m if ok else pc.invert(m))
+
+
+def _rejected_of_group0(t: pa.Table) -> pa.Table:
+    t = _filter_status(t, ok=False)
+    t = t.filter(pc.equal(t["group"], 0))
+    return t.select([c for c in t.column_names if c == "id" or c in ("split", "label", "status")
+                     or not (c.startswith(("mn_", "mmean_", "mm2_", "sig_")) or c in ("group", "target_label", "pred"))])
+
+
+def _drop_status(t: pa.Table) -> pa.Table:
+    return t.drop_columns(["status"]) if "status" in t.column_names else t
+
+
+def _sigs_to_lists(t: pa.Table) -> pa.Table:
+    """Ray may hand list columns back as tensor extensions; store plain fixed-size lists."""
+    for i, f in enumerate(t.schema):
+        if isinstance(f.type, pa.ExtensionType):
+            arr = t.column(i).combine_chunks()
+            try:
+                np_arr = arr.to_numpy_ndarray()
+            except AttributeError:
+                np_arr = np.stack(arr.to_pylist())
+            flat = pa.array(np_arr.reshape(len(np_arr), -1).ravel())
+            t = t.set_column(i, f.name, pa.FixedSizeListArray.from_arrays(flat, int(np.prod(np_arr.shape[1:])) or 1))
+    return t
+
+
+# --------------------------------------------------------------------------- the audit
+def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | None = None,
+              report: bool | None = None) -> AuditResult:
+    """Run a whole audit on Ray and publish it. Returns where it went and the manifest."""
+    import ray
+    import ray.data
+
+    from . import readers
+
+    t0 = time.time()
+    ensure_ray(address)
+    storage = cfg.storage.options()
+    opts = cfg.vog.options()
+    urls = list_checkpoints(cfg.checkpoints, storage)
+    K = len(urls)
+    windows = resolve_windows(opts.windows, K)
+    keys = opts.keys(windows)
+    primary = opts.primary(windows)
+    infos = _hash_checkpoints(urls, storage)
+    # validate every checkpoint against the model in the driver once (clear errors before any actor starts)
+    load_checkpoints(cfg.model, urls, storage)
+    run_id = run_id or new_run_id()
+    out_url = cfg.output.url.rstrip("/")
+    run_url = join(out_url, "runs", run_id)
+    work_url = join(out_url, "_work", _work_key(cfg, infos))
+    fs_out, _ = resolve(out_url, storage)
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic batches ⇒ byte-identical reruns
+    ctx.max_errored_blocks = cfg.compute.max_errored_blocks
+
+    device = cfg.compute.device
+    gpus = 0.0
+    if device in ("auto", "cuda"):
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        if device == "cuda" and not has_gpu:
+            raise RuntimeError("compute.device is 'cuda' but the Ray cluster has no GPU")
+        gpus = cfg.compute.gpus_per_actor if has_gpu else 0.0
+    groups = checkpoint_groups(K, cfg.compute.checkpoint_groups)
+    sharded = len(groups) > 1
+    vog_kwargs = {"windows": dict(opts.windows), "targets": list(opts.targets), "label_mode": opts.label_mode,
+                  "normalization": opts.normalization, "rank_by": opts.rank_by, "accum_dtype": opts.accum_dtype}
+    storage_kwargs = {"endpoint_url": storage.endpoint_url, "anonymous": storage.anonymous, "region": storage.region}
+
+    # ---------------- stage 1: score
+    raw_url = join(work_url, "raw")
+    fs_raw, raw_path = resolve(raw_url, storage)
+    done_marker = raw_path + "/" + SUCCESS
+    t_score = time.time()
+    rows_in_src = readers.count_rows(cfg, storage)  # rows per split, counted from the source
+    if not fs_raw.exists(done_marker):
+        if fs_raw.exists(raw_path):
+            fs_raw.rm(raw_path, recursive=True)
+        scored_parts = []
+        for gi, idx in enumerate(groups):
+            ds = readers.dataset_from_config(cfg, storage)
+            ds = readers.decode(ds, cfg)
+            pool = ray.data.ActorPoolStrategy(min_size=cfg.compute.actors.min, max_size=cfg.compute.actors.max)
+            remote_args: dict[str, Any] = {"num_cpus": cfg.compute.cpus_per_actor}
+            if gpus:
+                remote_args["num_gpus"] = gpus
+            ds = ds.map_batches(
+                ScorerActor, compute=pool, batch_size=cfg.compute.batch_size, batch_format="numpy",
+                fn_constructor_kwargs=dict(model=cfg.model, checkpoints=urls, indices=idx, num_checkpoints=K,
+                                           vog=vog_kwargs, device=device, storage=storage_kwargs,
+                                           emit="moments" if sharded else "vog", group=gi),
+                **remote_args)
+            scored_parts.append(ds)
+        if sharded:
+            # every group's partial moments once to storage, then the merge by example id
+            parts_url = join(work_url, "parts")
+            scored_parts[0].union(*scored_parts[1:]).write_parquet(parts_url, filesystem=fs_raw, mode="overwrite")
+            allp = ray.data.read_parquet(parts_url, filesystem=fs_raw)
+            ok = allp.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
+            bad = allp.map_batches(_rejected_of_group0, batch_format="pyarrow")
+            merged = ok.groupby("id", num_partitions=_partitions(sum(rows_in_src.values()), 20_000)).map_groups(merge_group_rows, fn_kwargs={"vog_keys": keys, "num_groups": len(groups)},
+                                                 batch_format="pyarrow")
+            merged.union(bad).write_parquet(raw_url, filesystem=fs_raw, mode="overwrite")
+            fs_raw.rm(resolve(parts_url, storage)[1], recursive=True)
+        else:
+            scored_parts[0].write_parquet(raw_url, filesystem=fs_raw, mode="overwrite")
+        with fs_raw.open(done_marker, "w") as f:
+            json.dump({"wall_time_s": time.time() - t_score}, f)
+        resumed = False
+    else:
+        resumed = True
+    with fs_raw.open(done_marker, "r") as f:
+        try:
+            stage1 = json.load(f)
+        except ValueError:
+            stage1 = {}
+    score_wall = time.time() - t_score
+
+    # ---------------- stage 2: reduce
+    raw = ray.data.read_parquet(raw_url, filesystem=fs_raw)
+    raw = raw.map_batches(_sigs_to_lists, batch_format="pyarrow")
+    ok = raw.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
+    rejected = raw.map_batches(_filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow").materialize()
+    n_scored = ok.count()
+    n_rejected = rejected.count()
+    # rows in, per split, counted from the source (independently of the scorer's output)
+    rows_in = rows_in_src
+    n_in = sum(rows_in.values())
+    if n_in != n_scored + n_rejected:
+        raise RuntimeError(f"row accounting failed: {n_in} rows in != {n_scored} scored + {n_rejected} rejected")
+    if n_scored == 0:
+        raise RuntimeError("no row could be scored (see rejected rows for the reasons)")
+    partials = ok.map_batches(partial_class_moments, fn_kwargs={"keys": keys}, batch_format="pyarrow",
+                              batch_size=None).take_all()
+    partial_table = pa.Table.from_pylist(partials) if partials else None
+    classes = merge_class_moments(partial_table if partial_table is not None else [], keys)
+    lookup = class_lookup(classes, keys)
+    normalized = ok.map_batches(_normalize_block, fn_kwargs={"lookup": lookup, "keys": keys,
+                                                             "method": opts.normalization, "primary": primary},
+                                batch_format="pyarrow")
+    ctx.default_hash_shuffle_parallelism = _partitions(n_scored)
+    ranked, split_counts = _rank(normalized)
+
+    # ---------------- publish
+    ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
+    rej_cols = ["id", "split", "label", "status"]
+    rejected.map_batches(lambda t: t.select([c for c in rej_cols if c in t.column_names])
+                         .rename_columns([("reason" if c == "status" else c) for c in rej_cols if c in t.column_names]),
+                         batch_format="pyarrow").repartition(1).write_parquet(
+        join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")
+    if n_rejected == 0:
+        write_table(join(run_url, "rejected.parquet", "empty.parquet"),
+                    pa.table({"id": pa.array([], pa.string()), "split": pa.array([], pa.string()),
+                              "label": pa.array([], pa.int64()), "reason": pa.array([], pa.string())}), storage)
+    write_table(join(run_url, "classes.parquet"), classes, storage)
+    rejected_by_split = _split_counts(rejected) if n_rejected else {}
+    score_wall = stage1.get("wall_time_s", score_wall)
+    wall = time.time() - t0
+    manifest = {
+        "run_id": run_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": redact(cfg.to_dict()),
+        "checkpoints": [i.as_dict() for i in infos],
+        "num_checkpoints": K,
+        "windows": windows,
+        "targets": list(opts.targets),
+        "keys": keys,
+        "primary": primary,
+        "label_mode": opts.label_mode,
+        "normalization": opts.normalization,
+        "mode": "checkpoint-sharded" if sharded else "fused",
+        "checkpoint_groups": groups,
+        "rows": {"in": n_in, "scored": n_scored, "rejected": n_rejected},
+        "splits": {s: {"rows_in": rows_in.get(s, 0), "rows_scored": split_counts.get(s, 0),
+                       "rows_rejected": int(rejected_by_split.get(s, 0))} for s in cfg.data.splits},
+        "wall_time_s": wall,
+        "score_wall_time_s": score_wall,
+        "resumed_from_work": resumed,
+        "throughput": {"examples_per_s": n_in / max(score_wall, 1e-9),
+                       "example_checkpoints_per_s": n_in * K / max(score_wall, 1e-9)},
+        "versions": _versions(),
+        "work_url": work_url,
+    }
+    write_json(join(run_url, "manifest.json"), manifest, storage)
+    publish(run_url, out_url, run_id, storage)  # _SUCCESS last: the tables are complete
+    top = _top_ids(run_url, storage, list(cfg.data.splits))
+    result = AuditResult(run_url=run_url, run_id=run_id, manifest=manifest, top=top)
+    if cfg.report.enabled if report is None else report:
+        from .report import build_report
+
+        build_report(run_url, storage=storage)
+    return result
+
+
+def _normalize_block(t: pa.Table, lookup, keys, method, primary) -> pa.Table:
+    return normalize(_drop_status(t), lookup, keys, method, primary)
+
+
+def _split_counts(ds) -> dict[str, int]:
+    """Rows per split (per-block counts summed in the driver: no shuffle)."""
+    out: dict[str, int] = {}
+    for row in ds.map_batches(_count_block, batch_format="pyarrow", batch_size=None).take_all():
+        out[row["split"]] = out.get(row["split"], 0) + int(row["n"])
+    return out
+
+
+def _count_block(t: pa.Table) -> pa.Table:
+    s_counts, _ = block_counts(t)
+    return pa.table({"split": pa.array(list(s_counts), pa.string()), "n": pa.array(list(s_counts.values()), pa.int64())})
+
+
+def _partitions(n_rows: int, rows_per_partition: int = 100_000) -> int:
+    return int(max(1, min(200, -(-n_rows // rows_per_partition))))
+
+
+def _rank(ds):
+    """Distributed sort by (split, score desc, id), then ranks from per-block offsets."""
+    import ray
+    import ray.data
+
+    sorted_ds = ds.sort([k for k, _ in SORT_KEYS], descending=[d == "descending" for _, d in SORT_KEYS])
+    refs = sorted_ds.to_arrow_refs()  # blocks in sorted order; the data stays in the object store
+
+    @ray.remote
+    def _counts(block):
+        return block_counts(block)
+
+    @ray.remote
+    def _assign(block, so, co, sizes):
+        return assign_ranks(block, so, co, sizes)
+
+    counts = ray.get([_counts.remote(r) for r in refs])
+    sizes: dict[str, int] = {}
+    for s_c, _ in counts:
+        for s, v in s_c.items():
+            sizes[s] = sizes.get(s, 0) + v
+    s_off: dict[str, int] = {}
+    c_off: dict[tuple[str, int], int] = {}
+    out_refs = []
+    for r, (s_c, c_c) in zip(refs, counts):
+        out_refs.append(_assign.remote(r, dict(s_off), dict(c_off), sizes))
+        for s, v in s_c.items():
+            s_off[s] = s_off.get(s, 0) + v
+        for k, v in c_c.items():
+            c_off[k] = c_off.get(k, 0) + v
+    return ray.data.from_arrow_refs(out_refs), sizes
+
+
+def _top_ids(run_url: str, storage: StorageOptions, splits: list[str], k: int = 10) -> dict[str, list[str]]:
+    from .runs import Run, read_json
+
+    run = Run(run_url, read_json(join(run_url, "manifest.json"), storage), storage)
+    out: dict[str, list[str]] = {}
+    best: dict[str, list[tuple[int, str]]] = {}
+    for b in run.iter_scores(columns=["id", "split", "rank"]):
+        d = b.to_pydict()
+        for i, s, r in zip(d["id"], d["split"], d["rank"]):
+            if r <= k:
+                best.setdefault(s, []).append((r, i))
+    for s in splits:
+        out[s] = [i for _, i in sorted(best.get(s, []))]
+    return out
