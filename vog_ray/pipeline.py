@@ -309,36 +309,56 @@ def _sigs_to_lists(t: pa.Table) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- the audit
-def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | None = None,
-              report: bool | None = None) -> AuditResult:
-    """Run a whole audit on Ray and publish it. Returns where it went and the manifest."""
+@dataclass
+class Plan:
+    """Everything the stages share: resolved checkpoints, windows, keys, storage."""
+
+    cfg: AuditConfig
+    storage: StorageOptions
+    opts: VogOptions
+    urls: list[str]
+    infos: list[CheckpointInfo]
+    windows: dict[str, list[int]]
+    keys: list[str]
+    primary: str
+    out_url: str
+    rows_in: dict[str, int]
+
+    @property
+    def K(self) -> int:
+        return len(self.urls)
+
+
+def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] | None = None) -> Plan:
+    """Connect to Ray, list and validate checkpoints, resolve windows, count the input rows."""
+    import ray.data
+
+    from . import readers
+
+    ensure_ray(address)
+    storage = cfg.storage.options()
+    opts = cfg.vog.options()
+    urls = urls if urls is not None else list_checkpoints(cfg.checkpoints, storage)
+    windows = resolve_windows(opts.windows, len(urls))
+    keys = opts.keys(windows)
+    infos = _hash_checkpoints(urls, storage)
+    # every checkpoint checked against the model once, here: clear errors before any actor starts
+    load_checkpoints(cfg.model, urls, storage)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic batches => byte-identical reruns
+    ctx.max_errored_blocks = cfg.compute.max_errored_blocks
+    return Plan(cfg, storage, opts, urls, infos, windows, keys, opts.primary(windows),
+                cfg.output.url.rstrip("/"), readers.count_rows(cfg, storage))
+
+
+def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str) -> None:
+    """Stage 1: read → decode → scorer actors for each checkpoint group → Parquet at ``out_url``."""
     import ray
     import ray.data
 
     from . import readers
 
-    t0 = time.time()
-    ensure_ray(address)
-    storage = cfg.storage.options()
-    opts = cfg.vog.options()
-    urls = list_checkpoints(cfg.checkpoints, storage)
-    K = len(urls)
-    windows = resolve_windows(opts.windows, K)
-    keys = opts.keys(windows)
-    primary = opts.primary(windows)
-    infos = _hash_checkpoints(urls, storage)
-    # validate every checkpoint against the model in the driver once (clear errors before any actor starts)
-    load_checkpoints(cfg.model, urls, storage)
-    run_id = run_id or new_run_id()
-    out_url = cfg.output.url.rstrip("/")
-    run_url = join(out_url, "runs", run_id)
-    work_url = join(out_url, "_work", _work_key(cfg, infos))
-    fs_out, _ = resolve(out_url, storage)
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic batches ⇒ byte-identical reruns
-    ctx.max_errored_blocks = cfg.compute.max_errored_blocks
-
+    cfg = plan.cfg
     device = cfg.compute.device
     gpus = 0.0
     if device in ("auto", "cuda"):
@@ -346,135 +366,159 @@ def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | Non
         if device == "cuda" and not has_gpu:
             raise RuntimeError("compute.device is 'cuda' but the Ray cluster has no GPU")
         gpus = cfg.compute.gpus_per_actor if has_gpu else 0.0
-    groups = checkpoint_groups(K, cfg.compute.checkpoint_groups)
-    sharded = len(groups) > 1
-    vog_kwargs = {"windows": dict(opts.windows), "targets": list(opts.targets), "label_mode": opts.label_mode,
-                  "normalization": opts.normalization, "rank_by": opts.rank_by, "accum_dtype": opts.accum_dtype}
-    storage_kwargs = {"endpoint_url": storage.endpoint_url, "anonymous": storage.anonymous, "region": storage.region}
+    o = plan.opts
+    vog_kwargs = {"windows": dict(o.windows), "targets": list(o.targets), "label_mode": o.label_mode,
+                  "normalization": o.normalization, "rank_by": o.rank_by, "accum_dtype": o.accum_dtype}
+    st = plan.storage
+    storage_kwargs = {"endpoint_url": st.endpoint_url, "anonymous": st.anonymous, "region": st.region}
+    parts = []
+    for gi, idx in enumerate(groups):
+        ds = readers.decode(readers.dataset_from_config(cfg, plan.storage), cfg)
+        pool = ray.data.ActorPoolStrategy(min_size=cfg.compute.actors.min, max_size=cfg.compute.actors.max)
+        remote_args: dict[str, Any] = {"num_cpus": cfg.compute.cpus_per_actor}
+        if gpus:
+            remote_args["num_gpus"] = gpus
+        parts.append(ds.map_batches(
+            ScorerActor, compute=pool, batch_size=cfg.compute.batch_size, batch_format="numpy",
+            fn_constructor_kwargs=dict(model=cfg.model, checkpoints=plan.urls, indices=idx,
+                                       num_checkpoints=plan.K, vog=vog_kwargs, device=device,
+                                       storage=storage_kwargs, emit=emit, group=gi),
+            **remote_args))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    fs, _ = resolve(out_url, plan.storage)
+    ds.write_parquet(out_url, filesystem=fs, mode="overwrite")
 
-    # ---------------- stage 1: score
+
+def merge_sharded(plan: Plan, parts_url: str, raw_url: str, num_groups: int) -> None:
+    """Merge per-group partial moments by example id into the fused raw table."""
+    import ray.data
+
+    fs, _ = resolve(parts_url, plan.storage)
+    allp = ray.data.read_parquet(parts_url, filesystem=fs)
+    ok = allp.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
+    bad = allp.map_batches(_rejected_of_group0, batch_format="pyarrow")
+    merged = ok.groupby("id", num_partitions=_partitions(sum(plan.rows_in.values()), 20_000)).map_groups(
+        merge_group_rows, fn_kwargs={"vog_keys": plan.keys, "num_groups": num_groups}, batch_format="pyarrow")
+    merged.union(bad).write_parquet(raw_url, filesystem=fs, mode="overwrite")
+
+
+def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | None = None,
+              report: bool | None = None) -> AuditResult:
+    """Run a whole audit on Ray and publish it. Returns where it went and the manifest."""
+    t0 = time.time()
+    plan = plan_audit(cfg, address)
+    groups = checkpoint_groups(plan.K, cfg.compute.checkpoint_groups)
+    sharded = len(groups) > 1
+    work_url = join(plan.out_url, "_work", _work_key(cfg, plan.infos))
     raw_url = join(work_url, "raw")
-    fs_raw, raw_path = resolve(raw_url, storage)
+    fs_raw, raw_path = resolve(raw_url, plan.storage)
     done_marker = raw_path + "/" + SUCCESS
     t_score = time.time()
-    rows_in_src = readers.count_rows(cfg, storage)  # rows per split, counted from the source
-    if not fs_raw.exists(done_marker):
+    resumed = fs_raw.exists(done_marker)
+    if not resumed:
         if fs_raw.exists(raw_path):
             fs_raw.rm(raw_path, recursive=True)
-        scored_parts = []
-        for gi, idx in enumerate(groups):
-            ds = readers.dataset_from_config(cfg, storage)
-            ds = readers.decode(ds, cfg)
-            pool = ray.data.ActorPoolStrategy(min_size=cfg.compute.actors.min, max_size=cfg.compute.actors.max)
-            remote_args: dict[str, Any] = {"num_cpus": cfg.compute.cpus_per_actor}
-            if gpus:
-                remote_args["num_gpus"] = gpus
-            ds = ds.map_batches(
-                ScorerActor, compute=pool, batch_size=cfg.compute.batch_size, batch_format="numpy",
-                fn_constructor_kwargs=dict(model=cfg.model, checkpoints=urls, indices=idx, num_checkpoints=K,
-                                           vog=vog_kwargs, device=device, storage=storage_kwargs,
-                                           emit="moments" if sharded else "vog", group=gi),
-                **remote_args)
-            scored_parts.append(ds)
         if sharded:
-            # every group's partial moments once to storage, then the merge by example id
             parts_url = join(work_url, "parts")
-            scored_parts[0].union(*scored_parts[1:]).write_parquet(parts_url, filesystem=fs_raw, mode="overwrite")
-            allp = ray.data.read_parquet(parts_url, filesystem=fs_raw)
-            ok = allp.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
-            bad = allp.map_batches(_rejected_of_group0, batch_format="pyarrow")
-            merged = ok.groupby("id", num_partitions=_partitions(sum(rows_in_src.values()), 20_000)).map_groups(merge_group_rows, fn_kwargs={"vog_keys": keys, "num_groups": len(groups)},
-                                                 batch_format="pyarrow")
-            merged.union(bad).write_parquet(raw_url, filesystem=fs_raw, mode="overwrite")
-            fs_raw.rm(resolve(parts_url, storage)[1], recursive=True)
+            score_stage(plan, groups, "moments", parts_url)
+            merge_sharded(plan, parts_url, raw_url, len(groups))
+            fs_raw.rm(resolve(parts_url, plan.storage)[1], recursive=True)
         else:
-            scored_parts[0].write_parquet(raw_url, filesystem=fs_raw, mode="overwrite")
+            score_stage(plan, groups, "vog", raw_url)
         with fs_raw.open(done_marker, "w") as f:
             json.dump({"wall_time_s": time.time() - t_score}, f)
-        resumed = False
-    else:
-        resumed = True
     with fs_raw.open(done_marker, "r") as f:
-        try:
-            stage1 = json.load(f)
-        except ValueError:
-            stage1 = {}
-    score_wall = time.time() - t_score
+        stage1 = json.load(f)
+    extra = {"mode": "checkpoint-sharded" if sharded else "fused", "checkpoint_groups": groups,
+             "resumed_from_work": resumed, "work_url": work_url}
+    return reduce_and_publish(plan, raw_url, run_id=run_id, t0=t0, score_wall=stage1["wall_time_s"],
+                              extra=extra, report=report)
 
-    # ---------------- stage 2: reduce
+
+def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: float, score_wall: float,
+                       extra: dict[str, Any], report: bool | None = None,
+                       scored_checkpoints: int | None = None) -> AuditResult:
+    """Stage 2: class moments → z → ranks → the published run (``_SUCCESS`` last), then the report."""
+    import ray
+    import ray.data
+
+    cfg, storage, keys = plan.cfg, plan.storage, plan.keys
+    fs_raw, _ = resolve(raw_url, storage)
+    run_id = run_id or new_run_id()
+    run_url = join(plan.out_url, "runs", run_id)
+    fs_out, _ = resolve(plan.out_url, storage)
+    ctx = ray.data.DataContext.get_current()
+
     raw = ray.data.read_parquet(raw_url, filesystem=fs_raw)
     raw = raw.map_batches(_sigs_to_lists, batch_format="pyarrow")
     ok = raw.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
     rejected = raw.map_batches(_filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow").materialize()
     n_scored = ok.count()
     n_rejected = rejected.count()
-    # rows in, per split, counted from the source (independently of the scorer's output)
-    rows_in = rows_in_src
-    n_in = sum(rows_in.values())
+    n_in = sum(plan.rows_in.values())
     if n_in != n_scored + n_rejected:
         raise RuntimeError(f"row accounting failed: {n_in} rows in != {n_scored} scored + {n_rejected} rejected")
     if n_scored == 0:
-        raise RuntimeError("no row could be scored (see rejected rows for the reasons)")
+        raise RuntimeError("no row could be scored (see the rejected rows for the reasons)")
     partials = ok.map_batches(partial_class_moments, fn_kwargs={"keys": keys}, batch_format="pyarrow",
                               batch_size=None).take_all()
-    partial_table = pa.Table.from_pylist(partials) if partials else None
-    classes = merge_class_moments(partial_table if partial_table is not None else [], keys)
+    classes = merge_class_moments(pa.Table.from_pylist(partials) if partials else [], keys)
     lookup = class_lookup(classes, keys)
     normalized = ok.map_batches(_normalize_block, fn_kwargs={"lookup": lookup, "keys": keys,
-                                                             "method": opts.normalization, "primary": primary},
+                                                             "method": plan.opts.normalization,
+                                                             "primary": plan.primary},
                                 batch_format="pyarrow")
     ctx.default_hash_shuffle_parallelism = _partitions(n_scored)
     ranked, split_counts = _rank(normalized)
 
-    # ---------------- publish
+    # ---------------- publish: tables, manifest, then _SUCCESS
     ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
-    rej_cols = ["id", "split", "label", "status"]
-    rejected.map_batches(lambda t: t.select([c for c in rej_cols if c in t.column_names])
-                         .rename_columns([("reason" if c == "status" else c) for c in rej_cols if c in t.column_names]),
-                         batch_format="pyarrow").repartition(1).write_parquet(
+    rejected.map_batches(_rejected_columns, batch_format="pyarrow").repartition(1).write_parquet(
         join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")
     if n_rejected == 0:
-        write_table(join(run_url, "rejected.parquet", "empty.parquet"),
-                    pa.table({"id": pa.array([], pa.string()), "split": pa.array([], pa.string()),
-                              "label": pa.array([], pa.int64()), "reason": pa.array([], pa.string())}), storage)
+        write_table(join(run_url, "rejected.parquet", "empty.parquet"), _rejected_columns(None), storage)
     write_table(join(run_url, "classes.parquet"), classes, storage)
     rejected_by_split = _split_counts(rejected) if n_rejected else {}
-    score_wall = stage1.get("wall_time_s", score_wall)
-    wall = time.time() - t0
+    K = scored_checkpoints or plan.K
     manifest = {
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": redact(cfg.to_dict()),
-        "checkpoints": [i.as_dict() for i in infos],
-        "num_checkpoints": K,
-        "windows": windows,
-        "targets": list(opts.targets),
+        "checkpoints": [i.as_dict() for i in plan.infos],
+        "num_checkpoints": plan.K,
+        "windows": plan.windows,
+        "targets": list(plan.opts.targets),
         "keys": keys,
-        "primary": primary,
-        "label_mode": opts.label_mode,
-        "normalization": opts.normalization,
-        "mode": "checkpoint-sharded" if sharded else "fused",
-        "checkpoint_groups": groups,
+        "primary": plan.primary,
+        "label_mode": plan.opts.label_mode,
+        "normalization": plan.opts.normalization,
         "rows": {"in": n_in, "scored": n_scored, "rejected": n_rejected},
-        "splits": {s: {"rows_in": rows_in.get(s, 0), "rows_scored": split_counts.get(s, 0),
+        "splits": {s: {"rows_in": plan.rows_in.get(s, 0), "rows_scored": split_counts.get(s, 0),
                        "rows_rejected": int(rejected_by_split.get(s, 0))} for s in cfg.data.splits},
-        "wall_time_s": wall,
+        "wall_time_s": time.time() - t0,
         "score_wall_time_s": score_wall,
-        "resumed_from_work": resumed,
         "throughput": {"examples_per_s": n_in / max(score_wall, 1e-9),
-                       "example_checkpoints_per_s": n_in * K / max(score_wall, 1e-9)},
+                       "example_checkpoints_per_s": n_in * K / max(score_wall, 1e-9),
+                       "checkpoints_scored": K},
         "versions": _versions(),
-        "work_url": work_url,
+        **extra,
     }
     write_json(join(run_url, "manifest.json"), manifest, storage)
-    publish(run_url, out_url, run_id, storage)  # _SUCCESS last: the tables are complete
-    top = _top_ids(run_url, storage, list(cfg.data.splits))
-    result = AuditResult(run_url=run_url, run_id=run_id, manifest=manifest, top=top)
+    publish(run_url, plan.out_url, run_id, storage)
+    result = AuditResult(run_url=run_url, run_id=run_id, manifest=manifest,
+                         top=_top_ids(run_url, storage, list(cfg.data.splits)))
     if cfg.report.enabled if report is None else report:
         from .report import build_report
 
         build_report(run_url, storage=storage)
     return result
+
+
+def _rejected_columns(t: pa.Table | None) -> pa.Table:
+    schema = pa.schema([("id", pa.string()), ("split", pa.string()), ("label", pa.int64()), ("reason", pa.string())])
+    if t is None:
+        return schema.empty_table()
+    return pa.table({"id": t["id"], "split": t["split"], "label": t["label"], "reason": t["status"]}, schema=schema)
 
 
 def _normalize_block(t: pa.Table, lookup, keys, method, primary) -> pa.Table:
