@@ -1,0 +1,24 @@
+"""Ray job entrypoint for one audit (and its report).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/audit.py CONFIG.yaml [--set k=v]
+
+Connects to the cluster the job runs in (``RAY_ADDRESS`` is set by ``ray job submit``), runs the
+audit and the report, and exits non-zero with a clear message on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from vog_ray.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args or args[0].startswith("-"):
+        print("usage: python jobs/audit.py CONFIG.yaml [--set key=value ...]", file=sys.stderr)
+        sys.exit(2)
+    address = ["--address", "auto"] if not os.environ.get("RAY_ADDRESS") and os.environ.get("VOG_RAY_IN_CLUSTER") else []
+    sys.exit(main(["audit", *args, *address]))
