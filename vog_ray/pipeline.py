@@ -214,34 +214,87 @@ class ScorerActor:
 
 
 # --------------------------------------------------------------------------- sharded merge
-def merge_group_rows(t: pa.Table, vog_keys: list[str], num_groups: int) -> pa.Table:
-    """Merge the partial pixel moments of one example's rows (one per checkpoint group).
+_MOMENT_PREFIXES = ("mn_", "mmean_", "mm2_")
+_STATE_META = ("id", "split", "label", "status", "group", "target_label", "pred")
 
-    Rows are merged in group order with Chan's formula; signals are concatenated in checkpoint
-    order. Returns one fused-format row.
+
+def _fsl(values: np.ndarray) -> pa.Array:
+    """A 2-D array as a fixed-size-list column."""
+    values = np.asarray(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), max(1, values.shape[1]))
+
+
+def _list_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list column as a 2-D numpy array."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(arr.type, pa.ExtensionType):
+        arr = arr.storage
+    n = len(arr)
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(n, -1) if n else flat.reshape(0, 0)
+
+
+def merge_moment_rows(t: pa.Table, vog_keys: list[str], num_groups: int | None = None) -> pa.Table:
+    """Merge the partial pixel moments of ONE example's rows into one moment row.
+
+    Rows are merged in ``group`` order with Chan's formula (so the result does not depend on
+    scheduling); signals are concatenated in checkpoint order; the prediction and target come
+    from the last group (the run's last checkpoint). Used by checkpoint-sharded audits (one row
+    per group) and incremental audits (persisted state + the new checkpoints).
     """
     t = t.sort_by([("group", "ascending")])
-    d = t.to_pydict()
-    if len(d["group"]) != num_groups:
-        raise RuntimeError(f"example {d['id'][0]!r}: expected {num_groups} partial rows, got {len(d['group'])}")
-    # the prediction of the run's last checkpoint comes from the last group
-    res = BatchResult(status=np.array(["ok"], object), target_label=np.array([d["target_label"][0]], np.int64),
-                      pred=np.array([d["pred"][-1]], np.int64))
-    keys = vog_keys
-    for k in keys:
-        st = PixelMoments(0, np.zeros(1), np.zeros(1))
-        for i in range(len(d["group"])):
-            part = PixelMoments(int(d[f"mn_{k}"][i]), np.asarray(d[f"mmean_{k}"][i])[None],
-                                np.asarray(d[f"mm2_{k}"][i])[None])
-            st = st.merge(part) if st.n else (part if part.n else st)
-        res.vog[k] = st.finalize().astype(np.float64)
+    if num_groups is not None and t.num_rows != num_groups:
+        raise RuntimeError(f"example {t['id'][0].as_py()!r}: expected {num_groups} partial rows, got {t.num_rows}")
+    cols: dict[str, Any] = {c: t[c].slice(t.num_rows - 1, 1) for c in t.column_names
+                            if c in ("id", "split", "label", "status", "target_label", "pred")}
+    cols["group"] = pa.array([0], pa.int64())
+    for k in vog_keys:
+        st = PixelMoments(0, np.zeros((1, 1)), np.zeros((1, 1)))
+        ns = t[f"mn_{k}"].to_numpy()
+        means, m2s = _list_values(t[f"mmean_{k}"]), _list_values(t[f"mm2_{k}"])
+        for i in range(t.num_rows):
+            if ns[i] == 0:
+                continue
+            part = PixelMoments(int(ns[i]), means[i:i + 1].astype(np.float64), m2s[i:i + 1].astype(np.float64))
+            st = st.merge(part) if st.n else part
+        if st.n == 0:
+            st = PixelMoments(0, np.zeros((1, means.shape[1])), np.zeros((1, means.shape[1])))
+        cols[f"mn_{k}"] = pa.array([st.n], pa.int64())
+        cols[f"mmean_{k}"] = _fsl(st.mean)
+        cols[f"mm2_{k}"] = _fsl(st.m2)
+    for c in t.column_names:
+        if c.startswith("sig_"):
+            v = _list_values(t[c])
+            cols[c] = _fsl(v.reshape(1, -1))
+    for c in t.column_names:
+        if c not in cols and c not in _STATE_META and not c.startswith(_MOMENT_PREFIXES):
+            cols[c] = t[c].slice(0, 1)
+    return pa.table(cols)
+
+
+def moments_to_table(t: pa.Table, vog_keys: list[str]) -> pa.Table:
+    """Moment rows (ok rows of a state or merged shards) → fused-format score rows (raw VoG)."""
+    n = t.num_rows
+    res = BatchResult(status=np.array(["ok"] * n, object),
+                      target_label=t["target_label"].to_numpy().astype(np.int64),
+                      pred=t["pred"].to_numpy().astype(np.int64))
+    for k in vog_keys:
+        cnt = t[f"mn_{k}"].to_numpy().astype(np.float64)
+        m2 = _list_values(t[f"mm2_{k}"]).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            std = np.sqrt(np.maximum(m2 / cnt[:, None], 0))
+        res.vog[k] = np.where(cnt > 0, std.mean(axis=1) if n else np.zeros(0), np.nan)
     for s in SIGNALS:
-        res.signals[s] = np.concatenate([np.asarray(d[f"sig_{s}"][i]) for i in range(len(d["group"]))])[None]
-    extra = {c: [d[c][0]] for c in t.column_names
-             if c not in ("id", "split", "label", "status", "group", "target_label", "pred")
-             and not c.startswith(("mn_", "mmean_", "mm2_", "sig_"))}
-    return result_to_table(res, ids=[d["id"][0]], split=[d["split"][0]], labels=np.array([d["label"][0]]),
-                           keys=keys, extra=extra)
+        res.signals[s] = _list_values(t[f"sig_{s}"])
+    extra = {c: t[c] for c in t.column_names if c not in _STATE_META and not c.startswith(_MOMENT_PREFIXES)
+             and not c.startswith("sig_")}
+    return result_to_table(res, ids=t["id"].to_pylist(), split=t["split"].to_pylist(),
+                           labels=t["label"].to_numpy().astype(np.int64), keys=vog_keys, extra=extra)
+
+
+def merge_group_rows(t: pa.Table, vog_keys: list[str], num_groups: int) -> pa.Table:
+    """Checkpoint-sharded: one example's per-group rows → one fused-format row."""
+    return moments_to_table(merge_moment_rows(t, vog_keys, num_groups), vog_keys)
 
 
 # --------------------------------------------------------------------------- helpers

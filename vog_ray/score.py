@@ -139,7 +139,7 @@ def result_to_table(res: BatchResult, *, ids: Sequence[str], split: Sequence[str
         flat = pa.array(v.reshape(-1).astype(typ.to_pandas_dtype()), typ)
         cols[f"sig_{s}"] = pa.FixedSizeListArray.from_arrays(flat, v.shape[1])
     for name, vals in (extra or {}).items():
-        cols[name] = pa.array(np.asarray(vals)) if not isinstance(vals, pa.Array) else vals
+        cols[name] = vals if isinstance(vals, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(vals))
     return pa.table(cols)
 
 
