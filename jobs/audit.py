@@ -2,8 +2,9 @@
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/audit.py CONFIG.yaml [--set k=v]
 
-Connects to the cluster the job runs in (``RAY_ADDRESS`` is set by ``ray job submit``), runs the
-audit and the report, and exits non-zero with a clear message on failure.
+Connects to the cluster the job runs in (``ray job submit`` sets ``RAY_ADDRESS`` for the job's
+driver), runs the audit and the report, and exits non-zero with a clear message on failure.
+Same as ``vog-ray audit CONFIG.yaml``.
 """
 
 from __future__ import annotations
@@ -20,5 +21,4 @@ if __name__ == "__main__":
     if not args or args[0].startswith("-"):
         print("usage: python jobs/audit.py CONFIG.yaml [--set key=value ...]", file=sys.stderr)
         sys.exit(2)
-    address = ["--address", "auto"] if not os.environ.get("RAY_ADDRESS") and os.environ.get("VOG_RAY_IN_CLUSTER") else []
-    sys.exit(main(["audit", *args, *address]))
+    sys.exit(main(["audit", *args]))

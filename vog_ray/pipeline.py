@@ -263,8 +263,8 @@ def merge_moment_rows(t: pa.Table, vog_keys: list[str], num_groups: int | None =
         cols[f"mmean_{k}"] = _fsl(st.mean)
         cols[f"mm2_{k}"] = _fsl(st.m2)
     for c in t.column_names:
-        if c.startswith("sig_"):
-            v = _list_values(t[c])
+        if c.startswith("sig_"):  # rows may hold different numbers of checkpoints
+            v = np.concatenate([np.asarray(r) for r in t[c].to_pylist()])
             cols[c] = _fsl(v.reshape(1, -1))
     for c in t.column_names:
         if c not in cols and c not in _STATE_META and not c.startswith(_MOMENT_PREFIXES):
@@ -526,9 +526,10 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
 
     # ---------------- publish: tables, manifest, then _SUCCESS
     ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
-    rejected.map_batches(_rejected_columns, batch_format="pyarrow").repartition(1).write_parquet(
-        join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")
-    if n_rejected == 0:
+    if n_rejected:  # an empty write on S3 fails: Ray then deletes a prefix that never existed
+        rejected.map_batches(_rejected_columns, batch_format="pyarrow").repartition(1).write_parquet(
+            join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")
+    else:
         write_table(join(run_url, "rejected.parquet", "empty.parquet"), _rejected_columns(None), storage)
     write_table(join(run_url, "classes.parquet"), classes, storage)
     rejected_by_split = _split_counts(rejected) if n_rejected else {}

@@ -31,6 +31,13 @@ RANK_COLUMNS = ("rank", "class_rank", "percentile", "decile")
 rank_columns = RANK_COLUMNS
 
 
+def _classes_of(table: pa.Table) -> np.ndarray:
+    """The class column as int64 (-1 where null, e.g. rejected rows)."""
+    if "target_label" not in table.column_names:
+        return np.full(table.num_rows, -1, np.int64)
+    return pc.fill_null(table.column("target_label"), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def vog_col(key: str) -> str:
     return f"vog_{key}"
 
@@ -47,7 +54,7 @@ def partial_class_moments(table: pa.Table, keys: Sequence[str]) -> pa.Table:
     if table.num_rows == 0:
         return _empty_partials(keys)
     splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    cls = table.column("target_label").to_numpy(zero_copy_only=False).astype(np.int64)
+    cls = _classes_of(table)
     ids = table.column("id").to_numpy(zero_copy_only=False).astype(str)
     correct = table.column("correct")
     known = pc.is_valid(correct).to_numpy(zero_copy_only=False)
@@ -155,7 +162,7 @@ def normalize(table: pa.Table, lookup: dict[str, dict[str, np.ndarray]], keys: S
               method: str, primary: str) -> pa.Table:
     """Add ``z_<key>`` for every key and ``score`` (= ``z_<primary>``)."""
     splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    cls = table.column("target_label").to_numpy(zero_copy_only=False).astype(np.int64)
+    cls = _classes_of(table)
     zs = {k: np.zeros(table.num_rows) for k in keys}
     for s in np.unique(splits):
         rows = splits == s
@@ -182,7 +189,7 @@ def assign_ranks(sorted_table: pa.Table, split_offset: dict[str, int], class_off
     each split (and split × class) that precede the block."""
     n = sorted_table.num_rows
     splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    cls = sorted_table.column("target_label").to_numpy(zero_copy_only=False).astype(np.int64)
+    cls = sorted__classes_of(table)
     rank = _cumcount(splits) + np.array([split_offset.get(s, 0) for s in splits], np.int64)
     pairs = np.char.add(np.char.add(splits, "\x00"), cls.astype(str)) if n else splits
     crank = _cumcount(pairs) + np.array(
@@ -215,7 +222,7 @@ def _cumcount(keys: np.ndarray) -> np.ndarray:
 def block_counts(sorted_table: pa.Table) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
     """Rows per split and per (split, class) in a block."""
     splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    cls = sorted_table.column("target_label").to_numpy(zero_copy_only=False).astype(np.int64)
+    cls = sorted__classes_of(table)
     s_counts = {str(k): int(v) for k, v in zip(*np.unique(splits, return_counts=True))}
     c_counts: dict[tuple[str, int], int] = {}
     if len(splits):

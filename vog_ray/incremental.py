@@ -1,0 +1,245 @@
+"""Incremental (scheduled) audits: fold only the new checkpoints of a training run in.
+
+State at ``<output>/_incremental/``::
+
+    state.json            generation, the checkpoints folded so far (URL, size, sha256), the
+                          config key, and where the per-example pixel moments of that generation live
+    gen-<g>-<token>/moments/*.parquet   per example: (n, mean, M2) per window and target over the
+                          checkpoints folded so far, and the per-checkpoint signals
+    lock                  held (exclusive create) while a run folds checkpoints in
+
+A run lists the checkpoint prefix, compares it with ``state.json``, computes gradient maps for
+the **new checkpoints only**, merges them into the persisted moments (Chan), publishes a new
+ranked run (and its report), and then commits the next generation. Nothing new: it says so and
+writes nothing.
+
+Rules, enforced with clear errors:
+
+* ``vog.label`` must be ``true``: with predicted labels the target index depends on the last
+  checkpoint, which changes every time a checkpoint arrives, so earlier gradient maps would be
+  of the wrong target.
+* Windows must not slide: ``all``, ``first:N``, ``a:`` / ``a:b`` slices with a non-negative start
+  and explicit index lists are fine; ``last:N`` (and negative slices) move as checkpoints
+  arrive, so they cannot be folded incrementally — run a full audit for them.
+* Checkpoints only get appended: a folded checkpoint that changed or disappeared is an error.
+* Two runs at once: the lock (exclusive create, also on S3 via conditional writes) lets one
+  proceed; the other fails saying who holds it. The commit is also a compare-and-swap on the
+  state's generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from .checkpoints import list_checkpoints
+from .config import AuditConfig
+from .pipeline import (AuditResult, Plan, _filter_status, _hash_checkpoints, _rejected_of_group0, _partitions,
+                       merge_moment_rows, moments_to_table, plan_audit, reduce_and_publish, score_stage)
+from .storage import StorageOptions, join, resolve
+
+__all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config"]
+
+
+class IncrementalError(RuntimeError):
+    """The incremental state cannot be advanced (changed checkpoints, changed config, lost race)."""
+
+
+class LockHeld(IncrementalError):
+    """Another incremental audit holds the lock."""
+
+
+def _sliding(spec: Any) -> bool:
+    if isinstance(spec, str):
+        s = spec.strip()
+        return bool(re.fullmatch(r"(last|late):\d+", s) or re.fullmatch(r"-\d+:-?\d*", s) or re.fullmatch(r"\d*:-\d+", s))
+    return any(int(i) < 0 for i in spec)
+
+
+def check_incremental_config(cfg: AuditConfig) -> None:
+    if cfg.vog.label != "true":
+        raise IncrementalError(
+            "incremental audits require vog.label: true — with predicted labels the target index "
+            "comes from the last checkpoint, which changes as checkpoints arrive (run a full audit instead)")
+    bad = [f"{n} = {s!r}" for n, s in cfg.vog.windows.items() if _sliding(s)]
+    if bad:
+        raise IncrementalError(
+            f"incremental audits need windows that do not slide as checkpoints arrive; {', '.join(bad)} "
+            "moves with the newest checkpoint (use 'all', 'first:N', 'a:' or explicit indices, or run a full audit)")
+
+
+def _config_key(cfg: AuditConfig) -> str:
+    d = cfg.to_dict()
+    keep = {"data": d["data"], "model": d["model"], "vog": d["vog"]}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_state(state_url: str, storage: StorageOptions | None) -> dict[str, Any] | None:
+    fs, path = resolve(join(state_url, "state.json"), storage)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+class StateLock:
+    """An exclusive lock file (``open(..., "xb")``: O_EXCL locally, If-None-Match on S3)."""
+
+    def __init__(self, state_url: str, storage: StorageOptions | None):
+        self.fs, self.path = resolve(join(state_url, "lock"), storage)
+        self.token = secrets.token_hex(8)
+
+    def __enter__(self) -> "StateLock":
+        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+        info = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            with self.fs.open(self.path, "xb") as f:
+                f.write(json.dumps(info).encode())
+        except (FileExistsError, OSError) as e:
+            if not self.fs.exists(self.path):
+                raise
+            try:
+                with self.fs.open(self.path, "rb") as f:
+                    held = json.loads(f.read().decode() or "{}")
+            except Exception:  # noqa: BLE001 - best effort description
+                held = {}
+            raise LockHeld(
+                f"another incremental audit holds the lock {self.path} (host {held.get('host')}, pid "
+                f"{held.get('pid')}, since {held.get('since')}); if that audit died, delete the lock file") from e
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            with self.fs.open(self.path, "rb") as f:
+                mine = json.loads(f.read().decode() or "{}").get("token") == self.token
+            if mine:
+                self.fs.rm(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _new_checkpoints(plan_urls: list[str], infos: list[Any], state: dict[str, Any] | None) -> list[int]:
+    done = state["checkpoints"] if state else []
+    if len(done) > len(plan_urls):
+        raise IncrementalError(f"{len(done)} checkpoints were folded in before, but only {len(plan_urls)} are listed now")
+    for i, d in enumerate(done):
+        if plan_urls[i] != d["url"] or infos[i].sha256 != d["sha256"]:
+            raise IncrementalError(
+                f"checkpoint {i} changed since it was folded in: was {d['url']} (sha256 {d['sha256'][:12]}…), "
+                f"now {plan_urls[i]} (sha256 {infos[i].sha256[:12]}…); checkpoints may only be appended — "
+                "start a new output URL to audit a different run")
+    return list(range(len(done), len(plan_urls)))
+
+
+def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: bool | None = None,
+                    run_id: str | None = None) -> AuditResult | None:
+    """Fold new checkpoints into the persisted moments and publish a new run; ``None`` if up to date."""
+    import ray.data
+
+    t0 = time.time()
+    check_incremental_config(cfg)
+    storage = cfg.storage.options()
+    out_url = cfg.output.url.rstrip("/")
+    state_url = join(out_url, "_incremental")
+    urls = list_checkpoints(cfg.checkpoints, storage)
+    state = read_state(state_url, storage)
+    if state and state.get("config_key") != _config_key(cfg):
+        raise IncrementalError(
+            "the config's data/model/vog settings changed since the incremental state was created; "
+            f"use a new output URL (or delete {state_url} to start over)")
+    if state and len(state["checkpoints"]) == len(urls):
+        infos = _hash_checkpoints(urls, storage)
+        _new_checkpoints(urls, infos, state)  # raises if a folded checkpoint changed
+        return None
+    with StateLock(state_url, storage):
+        state = read_state(state_url, storage)  # re-read under the lock
+        generation = state["generation"] if state else 0
+        plan = plan_audit(cfg, address, urls=urls)
+        new_idx = _new_checkpoints(plan.urls, plan.infos, state)
+        if not new_idx:
+            return None
+        t_score = time.time()
+        gen_url = join(state_url, f"gen-{generation + 1:06d}-{secrets.token_hex(3)}")
+        parts_url = join(gen_url, "parts")
+        score_stage(plan, [new_idx], "moments", parts_url)
+        moments_url = join(gen_url, "moments")
+        _fold(plan, state, parts_url, moments_url)
+        raw_url = join(gen_url, "raw")
+        _moments_to_raw(plan, moments_url, raw_url)
+        score_wall = time.time() - t_score
+        result = reduce_and_publish(
+            plan, raw_url, run_id=run_id, t0=t0, score_wall=score_wall, report=report,
+            scored_checkpoints=len(new_idx),
+            extra={"mode": "incremental", "generation": generation + 1,
+                   "new_checkpoints": [plan.urls[i] for i in new_idx], "state_url": state_url})
+        # commit: compare-and-swap on the generation, then drop what the old generation held
+        current = read_state(state_url, storage)
+        if (current["generation"] if current else 0) != generation:
+            raise IncrementalError("the incremental state advanced while this run was folding (lost a race); "
+                                   "the published run stands, the state was not overwritten")
+        new_state = {"generation": generation + 1, "config_key": _config_key(cfg),
+                     "checkpoints": [i.as_dict() for i in plan.infos], "moments_url": moments_url,
+                     "windows": plan.windows, "keys": plan.keys, "last_run": result.run_id,
+                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        fs, path = resolve(join(state_url, "state.json"), storage)
+        tmp = path + f".tmp-{secrets.token_hex(3)}"
+        with fs.open(tmp, "w") as f:
+            json.dump(new_state, f, indent=2)
+        fs.mv(tmp, path)
+        for p in (parts_url, raw_url):
+            _rm(p, storage)
+        if state and state.get("moments_url"):
+            _rm(state["moments_url"].rsplit("/", 1)[0], storage)
+        return result
+
+
+def _rm(url: str, storage: StorageOptions) -> None:
+    fs, path = resolve(url, storage)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url: str) -> None:
+    """The next generation's moments: previous moments (group 0) ⊕ new checkpoints (group 1)."""
+    import ray.data
+
+    fs, _ = resolve(parts_url, plan.storage)
+    new = ray.data.read_parquet(parts_url, filesystem=fs)
+    if state is None:
+        new.write_parquet(moments_url, filesystem=fs, mode="overwrite")
+        return
+    old = ray.data.read_parquet(state["moments_url"], filesystem=fs)
+    new_ok = new.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
+        _set_group, fn_kwargs={"group": 1}, batch_format="pyarrow")
+    old_ok = old.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
+        _set_group, fn_kwargs={"group": 0}, batch_format="pyarrow")
+    rejected = new.map_batches(_filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
+    merged = old_ok.union(new_ok).groupby("id", num_partitions=_partitions(sum(plan.rows_in.values()), 20_000)) \
+        .map_groups(merge_moment_rows, fn_kwargs={"vog_keys": plan.keys, "num_groups": 2}, batch_format="pyarrow")
+    merged.union(rejected).write_parquet(moments_url, filesystem=fs, mode="overwrite")
+
+
+def _set_group(t: pa.Table, group: int) -> pa.Table:
+    i = t.schema.get_field_index("group")
+    col = pa.array([group] * t.num_rows, pa.int64())
+    return t.set_column(i, "group", col) if i >= 0 else t.append_column("group", col)
+
+
+def _moments_to_raw(plan: Plan, moments_url: str, raw_url: str) -> None:
+    import ray.data
+
+    fs, _ = resolve(moments_url, plan.storage)
+    ds = ray.data.read_parquet(moments_url, filesystem=fs)
+    ok = ds.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow") \
+        .map_batches(moments_to_table, fn_kwargs={"vog_keys": plan.keys}, batch_format="pyarrow")
+    bad = ds.map_batches(_rejected_of_group0, batch_format="pyarrow")
+    ok.union(bad).write_parquet(raw_url, filesystem=fs, mode="overwrite")
