@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .engine import check_window_spec
-from .score import VogOptions
+from .single import VogOptions
 from .storage import StorageOptions as _StorageOptions
 
 __all__ = ["AuditConfig", "ConfigError", "load_config", "apply_overrides", "SplitSpec", "redact"]

@@ -21,10 +21,19 @@ from typing import Any
 
 import numpy as np
 
-try:  # torch is a hard dependency of the package, but the math works on numpy alone
-    import torch
-except ImportError:  # pragma: no cover
-    torch = None  # type: ignore[assignment]
+import sys
+
+
+class _LazyTorch:
+    """torch, imported only when a torch tensor is actually used (the reduce runs without it)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import torch
+
+        return getattr(torch, name)
+
+
+torch = _LazyTorch()
 
 __all__ = [
     "PixelMoments",
@@ -38,7 +47,8 @@ NORMALIZATIONS = ("zscore", "abs_zscore", "none")
 
 
 def _is_torch(x: Any) -> bool:
-    return torch is not None and isinstance(x, torch.Tensor)
+    t = sys.modules.get("torch")  # a tensor exists only if torch was imported
+    return t is not None and isinstance(x, t.Tensor)
 
 
 def _zeros_like(x: Any, dtype: Any = None) -> Any:

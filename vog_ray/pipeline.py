@@ -35,10 +35,11 @@ from .checkpoints import CheckpointInfo, list_checkpoints
 from .config import AuditConfig, redact
 from .engine import SIGNALS, BatchResult, resolve_windows
 from .moments import PixelMoments
-from .reduce import (SORT_KEYS, assign_ranks, block_counts, class_lookup, merge_class_moments, normalize,
+from .reduce import (_count_block, _drop_status, _filter_status, _normalize_block, _rejected_columns,
+                     _rejected_of_group0, _sigs_to_lists, SORT_KEYS, assign_ranks, block_counts, class_lookup, merge_class_moments, normalize,
                      partial_class_moments, vog_col)
 from .runs import SUCCESS, new_run_id, publish, write_json, write_table
-from .score import VogOptions, load_checkpoints, make_engine, result_to_table
+from .single import VogOptions, load_checkpoints, make_engine, result_to_table
 from .storage import StorageOptions, join, resolve
 
 __all__ = ["run_audit", "AuditResult", "ScorerActor", "checkpoint_groups", "ensure_ray"]
@@ -331,36 +332,6 @@ def _versions() -> dict[str, str]:
             "numpy": np.__version__, "pyarrow": pyarrow.__version__, "python": platform.python_version()}
 
 
-def _filter_status(t: pa.Table, ok: bool) -> pa.Table:
-    m = pc.equal(t["status"], "ok")
-    return t.filter(m if ok else pc.invert(m))
-
-
-def _rejected_of_group0(t: pa.Table) -> pa.Table:
-    t = _filter_status(t, ok=False)
-    t = t.filter(pc.equal(t["group"], 0))
-    return t.select([c for c in t.column_names if c == "id" or c in ("split", "label", "status")
-                     or not (c.startswith(("mn_", "mmean_", "mm2_", "sig_")) or c in ("group", "target_label", "pred"))])
-
-
-def _drop_status(t: pa.Table) -> pa.Table:
-    return t.drop_columns(["status"]) if "status" in t.column_names else t
-
-
-def _sigs_to_lists(t: pa.Table) -> pa.Table:
-    """Ray may hand list columns back as tensor extensions; store plain fixed-size lists."""
-    for i, f in enumerate(t.schema):
-        if isinstance(f.type, pa.ExtensionType):
-            arr = t.column(i).combine_chunks()
-            try:
-                np_arr = arr.to_numpy_ndarray()
-            except AttributeError:
-                np_arr = np.stack(arr.to_pylist())
-            flat = pa.array(np_arr.reshape(len(np_arr), -1).ravel())
-            t = t.set_column(i, f.name, pa.FixedSizeListArray.from_arrays(flat, int(np.prod(np_arr.shape[1:])) or 1))
-    return t
-
-
 # --------------------------------------------------------------------------- the audit
 @dataclass
 class Plan:
@@ -388,7 +359,6 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
 
     from . import readers
 
-    ensure_ray(address)
     storage = cfg.storage.options()
     opts = cfg.vog.options()
     urls = urls if urls is not None else list_checkpoints(cfg.checkpoints, storage)
@@ -397,6 +367,7 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
     infos = _hash_checkpoints(urls, storage)
     # every checkpoint checked against the model once, here: clear errors before any actor starts
     load_checkpoints(cfg.model, urls, storage)
+    ensure_ray(address)  # after the checks: a bad checkpoint URL fails without starting Ray
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic batches => byte-identical reruns
     ctx.max_errored_blocks = cfg.compute.max_errored_blocks
@@ -404,8 +375,13 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
                 cfg.output.url.rstrip("/"), readers.count_rows(cfg, storage))
 
 
-def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str) -> None:
-    """Stage 1: read → decode → scorer actors for each checkpoint group → Parquet at ``out_url``."""
+def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *, done: Any = None,
+                mode: str = "overwrite") -> None:
+    """Stage 1: read → decode → scorer actors for each checkpoint group → Parquet at ``out_url``.
+
+    ``done`` (resume, :mod:`vog_ray.resume`): sorted ``split/id`` keys of rows already in
+    ``out_url``; they are dropped right after the read and the new rows appended (``mode``).
+    """
     import ray
     import ray.data
 
@@ -426,7 +402,13 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str) ->
     storage_kwargs = {"endpoint_url": st.endpoint_url, "anonymous": st.anonymous, "region": st.region}
     parts = []
     for gi, idx in enumerate(groups):
-        ds = readers.decode(readers.dataset_from_config(cfg, plan.storage), cfg)
+        ds = readers.dataset_from_config(cfg, plan.storage)
+        if done is not None:
+            from .resume import skip_done
+
+            ds = ds.map_batches(skip_done, fn_kwargs={"done": done}, batch_format="pyarrow", batch_size=None,
+                                zero_copy_batch=True)
+        ds = readers.decode(ds, cfg)
         pool = ray.data.ActorPoolStrategy(min_size=cfg.compute.actors.min, max_size=cfg.compute.actors.max)
         remote_args: dict[str, Any] = {"num_cpus": cfg.compute.cpus_per_actor}
         if gpus:
@@ -439,7 +421,7 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str) ->
             **remote_args))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     fs, _ = resolve(out_url, plan.storage)
-    ds.write_parquet(out_url, filesystem=fs, mode="overwrite")
+    ds.write_parquet(out_url, filesystem=fs, mode=mode)
 
 
 def merge_sharded(plan: Plan, parts_url: str, raw_url: str, num_groups: int) -> None:
@@ -450,7 +432,7 @@ def merge_sharded(plan: Plan, parts_url: str, raw_url: str, num_groups: int) -> 
     allp = ray.data.read_parquet(parts_url, filesystem=fs)
     ok = allp.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
     bad = allp.map_batches(_rejected_of_group0, batch_format="pyarrow")
-    merged = ok.groupby("id", num_partitions=_partitions(sum(plan.rows_in.values()), 20_000)).map_groups(
+    merged = ok.groupby(["split", "id"], num_partitions=_partitions(sum(plan.rows_in.values()), 20_000)).map_groups(
         merge_group_rows, fn_kwargs={"vog_keys": plan.keys, "num_groups": num_groups}, batch_format="pyarrow")
     merged.union(bad).write_parquet(raw_url, filesystem=fs, mode="overwrite")
 
@@ -469,21 +451,34 @@ def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | Non
     t_score = time.time()
     resumed = fs_raw.exists(done_marker)
     if not resumed:
-        if fs_raw.exists(raw_path):
+        from .resume import PartialRaw, count_new_rows, scan_partial_raw
+
+        # fused: keep the finished blocks of an interrupted run (per-block resume, vog_ray.resume)
+        partial = scan_partial_raw(fs_raw, raw_path) if not sharded else PartialRaw()
+        if not partial.files and fs_raw.exists(raw_path):
             fs_raw.rm(raw_path, recursive=True)
         if sharded:
             parts_url = join(work_url, "parts")
             score_stage(plan, groups, "moments", parts_url)
             merge_sharded(plan, parts_url, raw_url, len(groups))
             fs_raw.rm(resolve(parts_url, plan.storage)[1], recursive=True)
-        else:
-            score_stage(plan, groups, "vog", raw_url)
+        elif partial.rows < sum(plan.rows_in.values()):
+            if partial.files:
+                log.info("resuming stage 1: %d rows in %d files from an earlier run are kept (%d half-written "
+                         "files removed)", partial.rows, len(partial.files), len(partial.removed))
+            score_stage(plan, groups, "vog", raw_url, done=partial.done,
+                        mode="append" if partial.files else "overwrite")
+        now = count_new_rows(fs_raw, raw_path, partial.files)
         with fs_raw.open(done_marker, "w") as f:
-            json.dump({"wall_time_s": time.time() - t_score}, f)
+            json.dump({"wall_time_s": time.time() - t_score, "rows": partial.rows + now,
+                       "resume": {"rows_scored_now": now, "rows_from_earlier": partial.rows,
+                                  "files_removed": len(partial.removed)}}, f)
     with fs_raw.open(done_marker, "r") as f:
         stage1 = json.load(f)
+    resume = stage1.get("resume", {}) if not resumed else {
+        "rows_scored_now": 0, "rows_from_earlier": stage1.get("rows"), "files_removed": 0}
     extra = {"mode": "checkpoint-sharded" if sharded else "fused", "checkpoint_groups": groups,
-             "resumed_from_work": resumed, "work_url": work_url}
+             "resumed_from_work": resumed, "work_url": work_url, "resume": resume}
     return reduce_and_publish(plan, raw_url, run_id=run_id, t0=t0, score_wall=stage1["wall_time_s"],
                               extra=extra, report=report)
 
@@ -509,12 +504,12 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
     n_scored = ok.count()
     n_rejected = rejected.count()
     n_in = sum(plan.rows_in.values())
+    _check_unique_ids(raw, n_in)
     if n_in != n_scored + n_rejected:
         raise RuntimeError(f"row accounting failed: {n_in} rows in != {n_scored} scored + {n_rejected} rejected")
     if n_scored == 0:
         raise RuntimeError("no row could be scored (see the rejected rows for the reasons)")
-    partials = ok.map_batches(partial_class_moments, fn_kwargs={"keys": keys}, batch_format="pyarrow",
-                              batch_size=None).take_all()
+    partials = _class_partials(ok, keys, n_scored)
     classes = merge_class_moments(pa.Table.from_pylist(partials) if partials else [], keys)
     lookup = class_lookup(classes, keys)
     normalized = ok.map_batches(_normalize_block, fn_kwargs={"lookup": lookup, "keys": keys,
@@ -525,40 +520,43 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
     ranked, split_counts = _rank(normalized)
 
     # ---------------- publish: tables, manifest, then _SUCCESS
-    ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
-    if n_rejected:  # an empty write on S3 fails: Ray then deletes a prefix that never existed
-        rejected.map_batches(_rejected_columns, batch_format="pyarrow").repartition(1).write_parquet(
-            join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")
-    else:
-        write_table(join(run_url, "rejected.parquet", "empty.parquet"), _rejected_columns(None), storage)
-    write_table(join(run_url, "classes.parquet"), classes, storage)
-    rejected_by_split = _split_counts(rejected) if n_rejected else {}
-    K = scored_checkpoints or plan.K
-    manifest = {
-        "run_id": run_id,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": redact(cfg.to_dict()),
-        "checkpoints": [i.as_dict() for i in plan.infos],
-        "num_checkpoints": plan.K,
-        "windows": plan.windows,
-        "targets": list(plan.opts.targets),
-        "keys": keys,
-        "primary": plan.primary,
-        "label_mode": plan.opts.label_mode,
-        "normalization": plan.opts.normalization,
-        "rows": {"in": n_in, "scored": n_scored, "rejected": n_rejected},
-        "splits": {s: {"rows_in": plan.rows_in.get(s, 0), "rows_scored": split_counts.get(s, 0),
-                       "rows_rejected": int(rejected_by_split.get(s, 0))} for s in cfg.data.splits},
-        "wall_time_s": time.time() - t0,
-        "score_wall_time_s": score_wall,
-        "throughput": {"examples_per_s": n_in / max(score_wall, 1e-9),
-                       "example_checkpoints_per_s": n_in * K / max(score_wall, 1e-9),
-                       "checkpoints_scored": K},
-        "versions": _versions(),
-        **extra,
-    }
-    write_json(join(run_url, "manifest.json"), manifest, storage)
-    publish(run_url, plan.out_url, run_id, storage)
+    try:
+        ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
+        if n_rejected:  # an empty write on S3 fails: Ray then deletes a prefix that never existed
+            rejected.map_batches(_rejected_columns, batch_format="pyarrow").repartition(1).write_parquet(
+                join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")
+        else:
+            write_table(join(run_url, "rejected.parquet", "empty.parquet"), _rejected_columns(None), storage)
+        write_table(join(run_url, "classes.parquet"), classes, storage)
+        rejected_by_split = _split_counts(rejected) if n_rejected else {}
+        K = scored_checkpoints or plan.K
+        manifest = {
+            "run_id": run_id,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": redact(cfg.to_dict()),
+            "checkpoints": [i.as_dict() for i in plan.infos],
+            "num_checkpoints": plan.K,
+            "windows": plan.windows,
+            "targets": list(plan.opts.targets),
+            "keys": keys,
+            "primary": plan.primary,
+            "label_mode": plan.opts.label_mode,
+            "normalization": plan.opts.normalization,
+            "rows": {"in": n_in, "scored": n_scored, "rejected": n_rejected},
+            "splits": {s: {"rows_in": plan.rows_in.get(s, 0), "rows_scored": split_counts.get(s, 0),
+                           "rows_rejected": int(rejected_by_split.get(s, 0))} for s in cfg.data.splits},
+            "wall_time_s": time.time() - t0,
+            "score_wall_time_s": score_wall,
+            "throughput": {"examples_per_s": n_in / max(score_wall, 1e-9),
+                           "example_checkpoints_per_s": n_in * K / max(score_wall, 1e-9),
+                           "checkpoints_scored": K},
+            "versions": _versions(),
+            **extra,
+        }
+        write_json(join(run_url, "manifest.json"), manifest, storage)
+        publish(run_url, plan.out_url, run_id, storage)
+    except Exception as e:  # noqa: BLE001 - any failure to write the run is reported the same way
+        raise _publish_failed(run_url, run_id, storage, e) from None
     result = AuditResult(run_url=run_url, run_id=run_id, manifest=manifest,
                          top=_top_ids(run_url, storage, list(cfg.data.splits)))
     if cfg.report.enabled if report is None else report:
@@ -568,15 +566,48 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
     return result
 
 
-def _rejected_columns(t: pa.Table | None) -> pa.Table:
-    schema = pa.schema([("id", pa.string()), ("split", pa.string()), ("label", pa.int64()), ("reason", pa.string())])
-    if t is None:
-        return schema.empty_table()
-    return pa.table({"id": t["id"], "split": t["split"], "label": t["label"], "reason": t["status"]}, schema=schema)
+def _check_unique_ids(raw, n_rows: int) -> None:
+    """Ids must be unique within a split: a duplicate is an error naming it (one hash shuffle of
+    the ``split``/``id`` columns; nothing per-example is collected)."""
+    from .reduce import _duplicates_only
+
+    dups = (raw.select_columns(["split", "id"])
+            .groupby(["split", "id"], num_partitions=_partitions(n_rows, 200_000)).count()
+            .map_batches(_duplicates_only, batch_format="pyarrow", batch_size=None).take(5))
+    if dups:
+        listed = ", ".join(f"{d['id']!r} in split {d['split']!r} ({d['n']} rows)" for d in dups)
+        raise ValueError(f"duplicate example ids: {listed}; ids must be unique within a split "
+                         "(check the split's id_column)")
 
 
-def _normalize_block(t: pa.Table, lookup, keys, method, primary) -> pa.Table:
-    return normalize(_drop_status(t), lookup, keys, method, primary)
+def _class_partials(ok, keys: list[str], n_rows: int) -> list[dict[str, Any]]:
+    """Partial class moments, one per (split, class), each over its rows in id order: the class
+    table does not depend on how the raw table is blocked (see ``reduce._class_partial_sorted``)."""
+    from .reduce import _class_partial_sorted
+
+    cols = ["id", "split", "target_label", "correct", *[vog_col(k) for k in keys]]
+    return (ok.select_columns(cols)
+            .groupby(["split", "target_label"], num_partitions=_partitions(n_rows, 200_000))
+            .map_groups(_class_partial_sorted, fn_kwargs={"keys": list(keys)}, batch_format="pyarrow")
+            .take_all())
+
+
+def _publish_failed(run_url: str, run_id: str, storage: StorageOptions, e: BaseException) -> RuntimeError:
+    """The error for a run that could not be written; removes what was written (best effort)."""
+    root: BaseException = e
+    while (getattr(root, "cause", None) or root.__cause__) not in (None, root):
+        root = getattr(root, "cause", None) or root.__cause__
+    msg = redact(str(root) or type(root).__name__)
+    where = redact(run_url)
+    try:
+        fs, path = resolve(run_url, storage)
+        if fs.exists(path + "/" + SUCCESS):
+            return RuntimeError(f"run {run_id} was published at {where}, but LATEST could not be updated: {msg}")
+        fs.rm(path, recursive=True)
+    except Exception:  # noqa: BLE001 - the store may be unreachable: readers ignore it anyway
+        pass
+    return RuntimeError(f"could not publish run {run_id} to {where}: {msg}; nothing was published "
+                        f"(a run without {SUCCESS} is never listed or opened)")
 
 
 def _split_counts(ds) -> dict[str, int]:
@@ -585,11 +616,6 @@ def _split_counts(ds) -> dict[str, int]:
     for row in ds.map_batches(_count_block, batch_format="pyarrow", batch_size=None).take_all():
         out[row["split"]] = out.get(row["split"], 0) + int(row["n"])
     return out
-
-
-def _count_block(t: pa.Table) -> pa.Table:
-    s_counts, _ = block_counts(t)
-    return pa.table({"split": pa.array(list(s_counts), pa.string()), "n": pa.array(list(s_counts.values()), pa.int64())})
 
 
 def _partitions(n_rows: int, rows_per_partition: int = 100_000) -> int:

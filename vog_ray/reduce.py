@@ -189,7 +189,7 @@ def assign_ranks(sorted_table: pa.Table, split_offset: dict[str, int], class_off
     each split (and split × class) that precede the block."""
     n = sorted_table.num_rows
     splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    cls = sorted__classes_of(table)
+    cls = _classes_of(sorted_table)
     rank = _cumcount(splits) + np.array([split_offset.get(s, 0) for s in splits], np.int64)
     pairs = np.char.add(np.char.add(splits, "\x00"), cls.astype(str)) if n else splits
     crank = _cumcount(pairs) + np.array(
@@ -222,7 +222,7 @@ def _cumcount(keys: np.ndarray) -> np.ndarray:
 def block_counts(sorted_table: pa.Table) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
     """Rows per split and per (split, class) in a block."""
     splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    cls = sorted__classes_of(table)
+    cls = _classes_of(sorted_table)
     s_counts = {str(k): int(v) for k, v in zip(*np.unique(splits, return_counts=True))}
     c_counts: dict[tuple[str, int], int] = {}
     if len(splits):
@@ -237,3 +237,68 @@ def rank_table(table: pa.Table) -> pa.Table:
     t = table.sort_by(SORT_KEYS)
     s_counts, _ = block_counts(t)
     return assign_ranks(t, {}, {}, s_counts)
+
+
+# ---------------------------------------------------------------- per-block UDFs of the Ray reduce
+# (here, not in pipeline.py: a Ray worker that runs them imports only numpy/pyarrow, never torch)
+def _filter_status(t: pa.Table, ok: bool) -> pa.Table:
+    m = pc.equal(t["status"], "ok")
+    return t.filter(m if ok else pc.invert(m))
+
+
+def _rejected_of_group0(t: pa.Table) -> pa.Table:
+    t = _filter_status(t, ok=False)
+    t = t.filter(pc.equal(t["group"], 0))
+    return t.select([c for c in t.column_names if c == "id" or c in ("split", "label", "status")
+                     or not (c.startswith(("mn_", "mmean_", "mm2_", "sig_")) or c in ("group", "target_label", "pred"))])
+
+
+def _drop_status(t: pa.Table) -> pa.Table:
+    return t.drop_columns(["status"]) if "status" in t.column_names else t
+
+
+def _sigs_to_lists(t: pa.Table) -> pa.Table:
+    """Ray may hand list columns back as tensor extensions; store plain fixed-size lists."""
+    for i, f in enumerate(t.schema):
+        if isinstance(f.type, pa.ExtensionType):
+            arr = t.column(i).combine_chunks()
+            try:
+                np_arr = arr.to_numpy_ndarray()
+            except AttributeError:
+                np_arr = np.stack(arr.to_pylist())
+            flat = pa.array(np_arr.reshape(len(np_arr), -1).ravel())
+            t = t.set_column(i, f.name, pa.FixedSizeListArray.from_arrays(flat, int(np.prod(np_arr.shape[1:])) or 1))
+    return t
+
+
+def _rejected_columns(t: pa.Table | None) -> pa.Table:
+    schema = pa.schema([("id", pa.string()), ("split", pa.string()), ("label", pa.int64()), ("reason", pa.string())])
+    if t is None:
+        return schema.empty_table()
+    return pa.table({"id": t["id"], "split": t["split"], "label": t["label"], "reason": t["status"]}, schema=schema)
+
+
+def _normalize_block(t: pa.Table, lookup, keys, method, primary) -> pa.Table:
+    return normalize(_drop_status(t), lookup, keys, method, primary)
+
+
+def _count_block(t: pa.Table) -> pa.Table:
+    s_counts, _ = block_counts(t)
+    return pa.table({"split": pa.array(list(s_counts), pa.string()), "n": pa.array(list(s_counts.values()), pa.int64())})
+
+
+def _class_partial_sorted(group: pa.Table, keys: Sequence[str]) -> pa.Table:
+    """Class moments of ONE (split, class) group, its rows in id order first.
+
+    The Ray reduce groups the scored rows by (split, class) and calls this once per group, so the
+    class table — and every z-score — is the same bit for bit however the raw table was split
+    into blocks (a resumed stage 1, a retried block, another number of read tasks).
+    """
+    return partial_class_moments(group.sort_by([("id", "ascending")]), keys)
+
+
+def _duplicates_only(t: pa.Table) -> pa.Table:
+    """Rows of a ``groupby(["split", "id"]).count()`` result whose count is above 1."""
+    count_col = next(c for c in t.column_names if c not in ("split", "id"))
+    return t.filter(pc.greater(t[count_col], 1)).rename_columns(
+        ["n" if c == count_col else c for c in t.column_names])
