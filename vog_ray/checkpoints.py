@@ -79,7 +79,9 @@ def _unwrap(obj: Any, url: str) -> dict[str, torch.Tensor]:
 
 def _strip_prefixes(sd: dict[str, torch.Tensor], model: nn.Module | None) -> dict[str, torch.Tensor]:
     expected = set(model.state_dict().keys()) if model is not None else None
-    for prefix in ("model.", "module.", "net."):
+    # Without a model to check against, "model." / "net." may be the architecture's own
+    # attribute names (vog_ray's MLP keys all start with "net."): strip only DataParallel's.
+    for prefix in (("model.", "module.", "net.") if expected is not None else ("module.",)):
         if expected is not None and set(sd) <= expected:
             break
         if all(k.startswith(prefix) for k in sd):
