@@ -1,0 +1,22 @@
+"""Audit reports for published runs: statistics, OoD evaluation, figures, HTML, run comparison.
+
+::
+
+    from vog_ray.report import build_report, compare_runs
+    rep = build_report("s3://bucket/audits/runs/<run_id>")   # report.json, figures/*.png, report.html
+    rep["html_url"]                                           # where the page went
+    cmp = compare_runs(run_a_url, run_b_url, out="compare.json"); print(cmp["text"])
+
+Modules: :mod:`.frame` (streaming read of the needed columns), :mod:`.stats` (error by VoG,
+flag tests, agreement), :mod:`.ood` (Table-1 metrics and score orientation), :mod:`.figures`
+(matplotlib Agg / Pillow), :mod:`.html` (the self-contained page), :mod:`.compare`,
+:mod:`.build` (``build_report``). Bad input raises :class:`ReportError` before anything is written.
+"""
+
+from .common import ReportError
+from .build import CONVENTIONS, build_report
+from .compare import compare_runs, format_comparison
+from .ood import ORIENTATION, fpr_at_tpr, ood_metrics
+
+__all__ = ["build_report", "compare_runs", "format_comparison", "ReportError", "CONVENTIONS",
+           "ood_metrics", "fpr_at_tpr", "ORIENTATION"]
