@@ -39,7 +39,7 @@ from .reduce import (_count_block, _drop_status, _filter_status, _normalize_bloc
                      _rejected_of_group0, _sigs_to_lists, SORT_KEYS, assign_ranks, block_counts, class_lookup, merge_class_moments, normalize,
                      partial_class_moments, vog_col)
 from .runs import SUCCESS, new_run_id, publish, write_json, write_table
-from .single import VogOptions, load_checkpoints, make_engine, result_to_table
+from .single import VogOptions, keep_array, load_checkpoints, make_engine, result_to_table
 from .storage import StorageOptions, join, resolve
 
 __all__ = ["run_audit", "AuditResult", "ScorerActor", "checkpoint_groups", "ensure_ray"]
@@ -197,7 +197,7 @@ class ScorerActor:
             v = res.signals[s]
             cols[f"sig_{s}"] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1])
         for c in keep:
-            cols[c] = pa.array(np.asarray(batch[c])[ok])
+            cols[c] = keep_array(np.asarray(batch[c])[ok])
         return pa.table(cols)
 
     def _rejected(self, batch: dict[str, np.ndarray], mask: np.ndarray, status: np.ndarray, keep: list[str]) -> pa.Table:
@@ -210,7 +210,7 @@ class ScorerActor:
         if self.emit != "vog":
             cols["group"] = pa.array(np.full(int(mask.sum()), self.group, np.int64))
         for c in keep:
-            cols[c] = pa.array(np.asarray(batch[c])[mask])
+            cols[c] = keep_array(np.asarray(batch[c])[mask])
         return pa.table(cols)
 
 
@@ -367,12 +367,46 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
     infos = _hash_checkpoints(urls, storage)
     # every checkpoint checked against the model once, here: clear errors before any actor starts
     load_checkpoints(cfg.model, urls, storage)
+    _check_writable(cfg.output.url, storage)
     ensure_ray(address)  # after the checks: a bad checkpoint URL fails without starting Ray
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic batches => byte-identical reruns
     ctx.max_errored_blocks = cfg.compute.max_errored_blocks
+    _retry_transient_s3_errors(ctx)
     return Plan(cfg, storage, opts, urls, infos, windows, keys, opts.primary(windows),
                 cfg.output.url.rstrip("/"), readers.count_rows(cfg, storage))
+
+
+# s3fs/botocore (which vog-ray's filesystems use) retry throttling and 5xx answers themselves; when
+# those retries run out, Ray Data retries the whole file read/write on these messages as well (its
+# defaults name only the messages of pyarrow's own S3 client)
+_TRANSIENT_S3_ERRORS = ("SlowDown", "[Rr]educe your request rate", "Service ?Unavailable", "InternalError",
+                        "RequestTimeout")
+
+
+def _retry_transient_s3_errors(ctx) -> None:
+    missing = [p for p in _TRANSIENT_S3_ERRORS if p not in ctx.retried_io_errors]
+    if missing:
+        import warnings
+
+        with warnings.catch_warnings():  # "substring matching will be deprecated": these are regexes
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.retried_io_errors = [*ctx.retried_io_errors, *missing]
+
+
+def _check_writable(url: str, storage: StorageOptions) -> None:
+    """Write and delete a probe object under ``<output>/_work``: an output that cannot be written
+    fails here, before any work, with an error naming it."""
+    probe = join(url.rstrip("/"), "_work", f".probe-{os.getpid()}-{time.time_ns()}")
+    try:
+        fs, path = resolve(probe, storage)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(b"ok")
+        fs.rm(path)
+    except Exception as e:  # noqa: BLE001 - permission, missing bucket, a file in the way, no network …
+        raise PermissionError(f"output.url {redact(url)!r} cannot be written: "
+                              f"{type(e).__name__}: {redact(str(e))}") from None
 
 
 def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *, done: Any = None,
@@ -497,7 +531,9 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
     fs_out, _ = resolve(plan.out_url, storage)
     ctx = ray.data.DataContext.get_current()
 
-    raw = ray.data.read_parquet(raw_url, filesystem=fs_raw)
+    # a few large blocks, not one per raw file: every shuffle below (sorts) has as many partitions
+    raw = ray.data.read_parquet(raw_url, filesystem=fs_raw,
+                                override_num_blocks=_partitions(sum(plan.rows_in.values()), 50_000))
     raw = raw.map_batches(_sigs_to_lists, batch_format="pyarrow")
     ok = raw.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
     rejected = raw.map_batches(_filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow").materialize()
@@ -509,8 +545,7 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
         raise RuntimeError(f"row accounting failed: {n_in} rows in != {n_scored} scored + {n_rejected} rejected")
     if n_scored == 0:
         raise RuntimeError("no row could be scored (see the rejected rows for the reasons)")
-    partials = _class_partials(ok, keys, n_scored)
-    classes = merge_class_moments(pa.Table.from_pylist(partials) if partials else [], keys)
+    classes = _class_table_exact(ok, keys)
     lookup = class_lookup(classes, keys)
     normalized = ok.map_batches(_normalize_block, fn_kwargs={"lookup": lookup, "keys": keys,
                                                              "method": plan.opts.normalization,
@@ -567,29 +602,36 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
 
 
 def _check_unique_ids(raw, n_rows: int) -> None:
-    """Ids must be unique within a split: a duplicate is an error naming it (one hash shuffle of
-    the ``split``/``id`` columns; nothing per-example is collected)."""
-    from .reduce import _duplicates_only
+    """Ids must be unique within a split: a duplicate is an error naming it. One distributed sort
+    of the ``split``/``id`` columns; each sorted block reports its repeats and its first and last
+    key (nothing per-example reaches the driver)."""
+    from .reduce import _adjacent_duplicates
 
-    dups = (raw.select_columns(["split", "id"])
-            .groupby(["split", "id"], num_partitions=_partitions(n_rows, 200_000)).count()
-            .map_batches(_duplicates_only, batch_format="pyarrow", batch_size=None).take(5))
+    found = (raw.select_columns(["split", "id"]).sort(["split", "id"])
+             .map_batches(_adjacent_duplicates, batch_format="pyarrow", batch_size=None).take_all())
+    dups = {(r["split"], r["id"]): r["n"] for r in found if r["kind"] == "dup"}
+    ends = sorted(((r["split"], r["id"]), r["kind"]) for r in found if r["kind"] != "dup")
+    for (k1, kind1), (k2, kind2) in zip(ends, ends[1:]):  # a key that ends one block and starts the next
+        if k1 == k2 and kind1 != kind2:
+            dups[k1] = dups.get(k1, 1) + 1
     if dups:
-        listed = ", ".join(f"{d['id']!r} in split {d['split']!r} ({d['n']} rows)" for d in dups)
-        raise ValueError(f"duplicate example ids: {listed}; ids must be unique within a split "
+        listed = ", ".join(f"{i!r} in split {s!r}" + (f" ({n} rows)" if n > 2 else "")
+                           for (s, i), n in sorted(dups.items())[:5])
+        more = f" and {len(dups) - 5} more" if len(dups) > 5 else ""
+        raise ValueError(f"duplicate example ids: {listed}{more}; ids must be unique within a split "
                          "(check the split's id_column)")
 
 
-def _class_partials(ok, keys: list[str], n_rows: int) -> list[dict[str, Any]]:
-    """Partial class moments, one per (split, class), each over its rows in id order: the class
-    table does not depend on how the raw table is blocked (see ``reduce._class_partial_sorted``)."""
-    from .reduce import _class_partial_sorted
+def _class_table_exact(ok, keys: list[str]) -> pa.Table:
+    """The class table from exact per-block sums (two passes over the scored rows): the same bit
+    for bit however the raw table is blocked (see ``reduce.exact_class_sums``)."""
+    from .reduce import exact_class_means, exact_class_sums, exact_class_table
 
-    cols = ["id", "split", "target_label", "correct", *[vog_col(k) for k in keys]]
-    return (ok.select_columns(cols)
-            .groupby(["split", "target_label"], num_partitions=_partitions(n_rows, 200_000))
-            .map_groups(_class_partial_sorted, fn_kwargs={"keys": list(keys)}, batch_format="pyarrow")
-            .take_all())
+    kw = {"batch_format": "pyarrow", "batch_size": None}
+    first = ok.map_batches(exact_class_sums, fn_kwargs={"vog_keys": list(keys)}, **kw).take_all()
+    means = exact_class_means(first, keys)
+    second = ok.map_batches(exact_class_sums, fn_kwargs={"vog_keys": list(keys), "means": means}, **kw).take_all()
+    return exact_class_table(first, second, keys)
 
 
 def _publish_failed(run_url: str, run_id: str, storage: StorageOptions, e: BaseException) -> RuntimeError:

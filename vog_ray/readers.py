@@ -1145,8 +1145,14 @@ def count_split_rows(spec: "SplitSpec", storage: StorageOptions | None = None) -
 
     def rows(f: SourceFile) -> int:
         if spec.format == "parquet":
-            with fs.open(f.path, "rb") as fh:
-                return pq.ParquetFile(fh).metadata.num_rows
+            try:
+                with fs.open(f.path, "rb") as fh:
+                    return pq.ParquetFile(fh).metadata.num_rows
+            except (pa.ArrowException, OSError) as e:  # truncated / corrupt / not Parquet at all
+                if isinstance(e, FileNotFoundError):
+                    raise
+                raise ValueError(f"{f.rel} ({f.path}): not a readable Parquet file "
+                                 f"(truncated or corrupt?): {e}") from None
         if spec.format == "npz":
             return _npz_num_rows(fs, f, spec)
         return len(load_cifar_batch(fs.cat_file(f.path), f.rel)["data"])
@@ -1220,9 +1226,24 @@ def decode(ds: "ray.data.Dataset", cfg: "AuditConfig", *, input_shape: Sequence[
     """
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(cfg, storage)
     num_classes = len(cfg.data.class_names) if cfg.data.class_names else None
-    return ds.map_batches(decode_batch, batch_format="numpy", batch_size=cfg.compute.decode_batch_size,
+    # Arrow in, Arrow out: carried columns pass through untouched (a numpy round trip would turn
+    # an all-null string column into float NaN, and blocks of different splits would not unify)
+    return ds.map_batches(_decode_arrow, batch_format="pyarrow", batch_size=cfg.compute.decode_batch_size,
                           fn_kwargs=dict(transform=cfg.data.transform, input_shape=shape,
                                          num_classes=num_classes, allow_unlabeled=True))
+
+
+def _decode_arrow(batch: pa.Table, **kwargs: Any) -> pa.Table:
+    """:func:`decode_batch` on an Arrow batch; only ``image`` and ``label`` go through numpy."""
+    from ray.data.extensions import ArrowTensorArray
+
+    cols = {"image": batch.column("image").to_numpy(zero_copy_only=False)}
+    if "label" in batch.column_names:
+        cols["label"] = batch.column("label").to_numpy(zero_copy_only=False)
+    out = decode_batch(cols, **kwargs)
+    t = batch.drop_columns(["image"])
+    t = t.append_column("x", ArrowTensorArray.from_numpy(out["x"]))
+    return t.append_column("status", pa.array([str(v) for v in out["status"]], pa.string()))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -139,8 +139,21 @@ def result_to_table(res: BatchResult, *, ids: Sequence[str], split: Sequence[str
         flat = pa.array(v.reshape(-1).astype(typ.to_pandas_dtype()), typ)
         cols[f"sig_{s}"] = pa.FixedSizeListArray.from_arrays(flat, v.shape[1])
     for name, vals in (extra or {}).items():
-        cols[name] = vals if isinstance(vals, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(vals))
+        cols[name] = vals if isinstance(vals, (pa.Array, pa.ChunkedArray)) else keep_array(vals)
     return pa.table(cols)
+
+
+def keep_array(values: Any) -> pa.Array:
+    """A carried column as Arrow. All-missing values become a null-typed column, so blocks of
+    splits that lack the column unify with blocks that hold it (string, bool, …)."""
+    v = np.asarray(values)
+    if v.dtype == object:
+        if all(x is None or (isinstance(x, float) and np.isnan(x)) for x in v):
+            return pa.nulls(len(v))
+        return pa.array(list(v), from_pandas=True)
+    if v.dtype.kind == "f" and len(v) and np.isnan(v).all():
+        return pa.nulls(len(v))
+    return pa.array(v)
 
 
 def finish(table: pa.Table, keys: Sequence[str], opts: VogOptions, primary: str) -> tuple[pa.Table, pa.Table]:

@@ -17,6 +17,7 @@ from .common import ReportError
 from .build import CONVENTIONS, build_report
 from .compare import compare_runs, format_comparison
 from .ood import ORIENTATION, fpr_at_tpr, ood_metrics
+from .summary import summary_lines
 
 __all__ = ["build_report", "compare_runs", "format_comparison", "ReportError", "CONVENTIONS",
-           "ood_metrics", "fpr_at_tpr", "ORIENTATION"]
+           "ood_metrics", "fpr_at_tpr", "ORIENTATION", "summary_lines"]
