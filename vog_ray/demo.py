@@ -92,7 +92,8 @@ def prepare(out: Path, sizes: DemoSizes, seed: int = 0) -> dict[str, Any]:
         ood_x.append(corrupt(sub, name, seed=seed))
         ood_g += [name] * len(sub)
         ood_y.append(yte[:sizes.n_ood])
-    ood_ids = np.array([f"{g}-{i:05d}" for g, i in zip(ood_g, np.tile(np.arange(sizes.n_ood), len(names)))])
+    n_sub = len(ood_g) // max(1, len(names))
+    ood_ids = np.array([f"{g}-{i % n_sub:05d}" for i, g in enumerate(ood_g)])
     write_parquet_split(str(store / "data" / "ood"), np.concatenate(ood_x), np.concatenate(ood_y),
                         extra_columns={"id": ood_ids, "corruption": np.array(ood_g)})
     _say(f"[2/4] OoD: {len(names)} MNIST-C corruptions × {sizes.n_ood} test images ({time.time() - t0:.1f} s)")

@@ -10,7 +10,10 @@ For a batch ``x`` and checkpoints ``θ_1..θ_K`` (DESIGN.md §1):
   parameters have ``requires_grad=False``, so no weight-gradient product is computed;
 * the gradient is averaged over input channels (the signed map, never ``abs()``) and folded
   (Welford) into the pixel moments of every named window containing that checkpoint;
-* the forward pass gives per-checkpoint signals for free (loss, confidence, margin, …).
+* the forward pass gives per-checkpoint signals for free (loss, confidence, margin, …);
+* execution choices that change no result beyond float rounding: small models may run all
+  checkpoints as one vmapped call (:mod:`vog_ray.stacked`, ``stacked="auto"`` picks it when
+  faster), and convnets on CPU run in ``channels_last`` (bench/engine.py measures both).
 
 Nothing here imports Ray: the scorer actor wraps this class.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .moments import PixelMoments
+from .stacked import StackedCheckpoints, param_bytes
 
 __all__ = ["GradientEngine", "resolve_windows", "TARGETS", "LABEL_MODES", "SIGNALS",
            "BatchResult", "DEFAULT_WINDOWS", "InputError"]
@@ -38,6 +43,12 @@ LABEL_MODES = ("true", "predicted")
 SIGNALS = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",
            "max_logit", "energy")
 DEFAULT_WINDOWS: dict[str, Any] = {"all": "all"}
+# stacked="auto": stack the checkpoints (vog_ray.stacked) only when all their parameters and
+# buffers together take at most this many bytes, and only if, timed on the first batch of at
+# least STACK_AUTO_MIN_BATCH examples, the stacked path is faster by STACK_AUTO_MARGIN
+STACK_AUTO_MAX_BYTES = 64 << 20
+STACK_AUTO_MIN_BATCH = 32
+STACK_AUTO_MARGIN = 0.9
 
 
 class InputError(ValueError):
@@ -91,6 +102,8 @@ def resolve_windows(spec: dict[str, Any] | None, num_checkpoints: int) -> dict[s
                 idx = list(range(K))[slice(int(a) if a else None, int(b) if b else None)]
                 if a and not -K <= int(a) < K:
                     raise ValueError(f"window {name!r} = {s!r} starts past the {K} checkpoints")
+                if b and not -K <= int(b) <= K:
+                    raise ValueError(f"window {name!r} = {s!r} ends past the {K} checkpoints")
             else:
                 raise ValueError(
                     f"window {name!r}: cannot parse {s!r} (use 'all', 'first:N', 'last:N', "
@@ -134,6 +147,54 @@ def _freeze(model: nn.Module, device: torch.device, channels_last: bool) -> nn.M
     return model
 
 
+def _first_moments(m: torch.Tensor, dtype: torch.dtype) -> PixelMoments:
+    """The moments of one observation (n = 1, M2 = 0)."""
+    return PixelMoments(1, m.to(dtype, copy=True), torch.zeros_like(m, dtype=dtype))
+
+
+def _welford_fold(st: PixelMoments, m: torch.Tensor) -> None:
+    """Fold one map into ``st`` in place: Welford's update in three tensor ops.
+
+    ``delta = x - mean``; ``mean += delta / n``; ``M2 += delta**2 (n - 1) / n`` — the same as
+    ``M2 += delta (x - mean_new)`` (:meth:`PixelMoments.update`) in exact arithmetic, with half
+    the passes over the maps (they dominate the engine's own cost for small models).
+    """
+    st.n += 1
+    delta = m.to(st.mean.dtype) - st.mean
+    st.mean.add_(delta, alpha=1.0 / st.n)
+    st.m2.addcmul_(delta, delta, value=(st.n - 1) / st.n)
+
+
+def _signals(lg: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-checkpoint signals (:data:`SIGNALS`) from logits ``[K, N, C]``: name -> ``[N, K]``.
+
+    All at the target index ``p``; ``correct`` is -1 where the true label ``y`` is unknown.
+    """
+    with torch.no_grad():
+        lg = lg.detach().float()
+        K, N, C = lg.shape
+        pi = p.view(1, N, 1).expand(K, N, 1)
+        logp = torch.log_softmax(lg, dim=2)
+        prob = logp.exp()
+        at = lg.gather(2, pi).squeeze(2)
+        other = (lg.scatter(2, pi, float("-inf")).amax(dim=2) if C > 1
+                 else torch.full_like(at, float("-inf")))
+        pred = lg.argmax(dim=2)
+        out = {
+            "loss": -logp.gather(2, pi).squeeze(2),
+            "label_logit": at,
+            "label_prob": prob.gather(2, pi).squeeze(2),
+            "margin": at - other,
+            "pred": pred,
+            "correct": torch.where(y >= 0, (pred == y).to(torch.int8),
+                                   torch.full_like(pred, -1, dtype=torch.int8)),
+            "max_prob": prob.amax(dim=2),
+            "max_logit": lg.amax(dim=2),
+            "energy": -torch.logsumexp(lg, dim=2),
+        }
+        return {s: out[s].t().contiguous() for s in SIGNALS}
+
+
 class GradientEngine:
     """Computes VoG moments and signals for batches, with all checkpoints of a group resident.
 
@@ -153,6 +214,14 @@ class GradientEngine:
         ``state_dicts`` (checkpoint-sharded audits): its weights, used forward-only.
     accum_dtype:
         dtype of the pixel moments on the device (``torch.float32`` default, or float64).
+    channels_last:
+        Run 4-D inputs and the models in ``torch.channels_last`` memory format. Default: on for
+        models with ``Conv2d`` layers on CPU, off otherwise.
+    stacked:
+        ``True``: run all checkpoints as one vmapped call (:mod:`vog_ray.stacked`; ``K`` times
+        the activation memory); ``False``: one checkpoint after the other; ``"auto"``
+        (default): stacked for small models (see ``STACK_AUTO_MAX_BYTES``) when it is faster,
+        timed on the first batch. Both give the same results up to float rounding.
     """
 
     def __init__(self, model: nn.Module, state_dicts: Sequence[dict[str, torch.Tensor]], *,
@@ -161,7 +230,7 @@ class GradientEngine:
                  num_checkpoints: int | None = None,
                  predict_state_dict: dict[str, torch.Tensor] | None = None,
                  device: str | torch.device = "cpu", accum_dtype: torch.dtype = torch.float32,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, stacked: bool | str = "auto"):
         if not state_dicts:
             raise ValueError("zero checkpoints: the engine needs at least one")
         targets = [targets] if isinstance(targets, str) else list(targets)
@@ -185,7 +254,13 @@ class GradientEngine:
             bad = [i for i in idx if not 0 <= i < self.num_checkpoints]
             if bad:
                 raise ValueError(f"window {w!r} names checkpoints {bad} outside 0..{self.num_checkpoints - 1}")
-        self.channels_last = bool(channels_last) if channels_last is not None else False
+        # channels_last (NHWC) convolutions: ~2x faster input gradients for LeNet-sized convnets
+        # on CPU, ~1.1x for ResNet-18 (bench/engine.py); default on for convnets on CPU only
+        self.channels_last = (bool(channels_last) if channels_last is not None else
+                              self.device.type == "cpu"
+                              and any(isinstance(m, nn.Conv2d) for m in model.modules()))
+        # a default (not asked-for) channels_last is dropped if the model cannot run on it
+        self._channels_last_unverified = channels_last is None and self.channels_last
         base = model
         self.models: list[nn.Module] = []
         for sd in state_dicts:
@@ -209,6 +284,20 @@ class GradientEngine:
         self.window_members = {w: [self._local[g] for g in idx if g in self._local]
                                for w, idx in self.windows.items()}
         self._num_classes: int | None = None
+        # stacked path: None = not decided yet ("auto" before its first large batch)
+        if stacked not in (True, False, "auto"):
+            raise ValueError(f"stacked must be True, False or 'auto', not {stacked!r}")
+        self._stack: StackedCheckpoints | None = None
+        self.stack_timing: tuple[float, float] | None = None   # (unstacked s, stacked s) of "auto"
+        if stacked is True or (stacked == "auto" and len(self.models) > 1
+                               and param_bytes(self.models) <= STACK_AUTO_MAX_BYTES):
+            try:
+                self._stack = StackedCheckpoints(self.models)
+            except Exception:  # noqa: BLE001 - e.g. a model torch.func cannot stack
+                if stacked is True:
+                    raise
+        self._use_stacked: bool | None = (None if stacked == "auto" and self._stack is not None
+                                          else self._stack is not None)
 
     # ------------------------------------------------------------------ helpers
     def keys(self) -> list[str]:
@@ -233,6 +322,111 @@ class GradientEngine:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _verify_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Run one example in channels_last; a model that cannot (e.g. ``.view(N, -1)`` after
+        a convolution) goes back to the contiguous format, so the default never breaks a model."""
+        try:
+            with torch.no_grad():
+                self.models[0](x[:1])
+        except RuntimeError:
+            self.channels_last = False
+            for m in self.models + ([self.predictor] if self.predictor is not None else []):
+                m.to(memory_format=torch.contiguous_format)
+            if self._stack is not None:
+                self._stack = StackedCheckpoints(self.models)
+            x = x.contiguous()
+        self._channels_last_unverified = False
+        return x
+
+    def _check_targets(self, p: torch.Tensor, C: int) -> None:
+        self._num_classes = C
+        bad = (p < 0) | (p >= C)
+        if bool(bad.any()):
+            vals = sorted(set(p[bad].tolist()))[:5]
+            raise InputError(f"labels outside [0, {C}) for {int(bad.sum())} examples "
+                             f"(e.g. {vals}); the model has {C} classes")
+
+    def _unstacked(self, x: torch.Tensor, p: torch.Tensor):
+        """Per checkpoint, in order: ``(local index, logits [N, C], {target: map})``."""
+        xg = x.detach().requires_grad_(True)
+        pi = p.view(-1, 1)
+        for i, model in enumerate(self.models):
+            logits = self._forward(model, xg)
+            if i == 0:
+                self._check_targets(p, logits.shape[1])
+            grads: dict[str, torch.Tensor] = {}
+            for j, t in enumerate(self.targets):
+                if t == "logit":
+                    score = logits.gather(1, pi).sum()
+                else:
+                    score = torch.softmax(logits, dim=1).gather(1, pi).sum()
+                (g,) = torch.autograd.grad(score, xg, retain_graph=j < len(self.targets) - 1)
+                # channel-averaged map [N, H, W]; a vector input's map is the gradient itself
+                grads[t] = g if g.ndim == 2 else g.mean(dim=1)
+            yield i, logits.detach(), grads
+
+    def _stacked(self, x: torch.Tensor, p: torch.Tensor):
+        """The same as :meth:`_unstacked`, all checkpoints computed in one vmapped call."""
+        assert self._stack is not None
+        if self._num_classes is None:  # learn C (and check the input shape) on one example
+            with torch.no_grad():
+                self._num_classes = self._forward(self.models[0], x[:1]).shape[1]
+        self._check_targets(p, self._num_classes)
+        try:
+            lg, grads = self._stack.input_grads(x, p, self.targets)
+        except RuntimeError as e:
+            raise InputError(
+                f"input of shape {tuple(x.shape[1:])} (per example) does not fit the model: {e}") from e
+        if lg.ndim != 3 or lg.shape[2] != self._num_classes:
+            raise InputError(f"model output must be [N, classes], got {tuple(lg.shape[1:])}")
+        maps = {t: g if g.ndim == 3 else g.mean(dim=2) for t, g in grads.items()}
+        for i in range(len(self.models)):
+            yield i, lg[i], {t: m[i] for t, m in maps.items()}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _checkpoint_grads(self, x: torch.Tensor, p: torch.Tensor):
+        """Pick the path (stacked or not) and yield its per-checkpoint outputs."""
+        N = x.shape[0]
+        if self._use_stacked and N > 0:
+            return self._stacked(x, p)
+        if self._use_stacked is None and N >= STACK_AUTO_MIN_BATCH:
+            return iter(self._choose_path(x, p))
+        return self._unstacked(x, p)
+
+    def _choose_path(self, x: torch.Tensor, p: torch.Tensor) -> list:
+        """``stacked="auto"``: time both paths on this batch, keep the faster one.
+
+        Returns this batch's outputs of the unstacked path (so the first batch's results do
+        not depend on the timing). A model the stacked path cannot run stays unstacked.
+        """
+        outs = list(self._unstacked(x, p))  # also validates the input and the labels
+        try:
+            list(self._stacked(x, p))  # warm-up: vmap tracing, kernel selection
+        except Exception:  # noqa: BLE001 - e.g. data-dependent control flow under vmap
+            self._use_stacked, self._stack = False, None
+            return outs
+
+        def timed(path) -> float:
+            self._sync()
+            t0 = time.perf_counter()
+            list(path(x, p))
+            self._sync()
+            return time.perf_counter() - t0
+
+        # two alternating rounds, best of each: robust to a noisy neighbour on the machine
+        t_s, t_u = float("inf"), float("inf")
+        for _ in range(2):
+            t_s = min(t_s, timed(self._stacked))
+            t_u = min(t_u, timed(self._unstacked))
+        self.stack_timing = (t_u, t_s)
+        self._use_stacked = t_s < STACK_AUTO_MARGIN * t_u
+        if not self._use_stacked:
+            self._stack = None  # free the stacked copy of the parameters
+        return outs
+
     # ------------------------------------------------------------------ main
     def run(self, x: Any, y: Any = None, *, emit: str = "vog") -> BatchResult:
         """Score one batch.
@@ -246,6 +440,8 @@ class GradientEngine:
         N = x.shape[0]
         if x.ndim < 2:
             raise InputError(f"a batch must have at least 2 dimensions [N, ...], got {tuple(x.shape)}")
+        if self._channels_last_unverified and x.ndim == 4 and N > 0:
+            x = self._verify_channels_last(x)
         if y is None:
             y_t = torch.full((N,), -1, dtype=torch.long, device=self.device)
         else:
@@ -268,31 +464,9 @@ class GradientEngine:
                 raise InputError("label_mode='true' needs a label for every example "
                                  "(found -1 / missing labels); use label_mode='predicted'")
             p = y_t
-        pred_last: torch.Tensor | None = None
-
-        sig: dict[str, list[torch.Tensor]] = {s: [] for s in SIGNALS}
         states: dict[str, PixelMoments] = {}
-        xg = x.detach().requires_grad_(True)
-        for i, model in enumerate(self.models):
-            logits = self._forward(model, xg)
-            C = logits.shape[1]
-            if i == 0:
-                self._num_classes = C
-                bad = (p < 0) | (p >= C)
-                if bool(bad.any()):
-                    vals = sorted(set(p[bad].tolist()))[:5]
-                    raise InputError(f"labels outside [0, {C}) for {int(bad.sum())} examples "
-                                     f"(e.g. {vals}); the model has {C} classes")
-            pi = p.view(-1, 1)
-            grads: dict[str, torch.Tensor] = {}
-            for j, t in enumerate(self.targets):
-                if t == "logit":
-                    score = logits.gather(1, pi).sum()
-                else:
-                    score = torch.softmax(logits, dim=1).gather(1, pi).sum()
-                (g,) = torch.autograd.grad(score, xg, retain_graph=j < len(self.targets) - 1)
-                # channel-averaged map [N, H, W]; a vector input's map is the gradient itself
-                grads[t] = g if g.ndim == 2 else g.mean(dim=1)
+        all_logits: list[torch.Tensor] = []
+        for i, logits, grads in self._checkpoint_grads(x, p):
             gid = self.ids[i]
             for w, idx in self.windows.items():
                 if gid not in idx:
@@ -300,30 +474,16 @@ class GradientEngine:
                 for t in self.targets:
                     key = f"{w}_{t}"
                     st = states.get(key)
-                    m = grads[t]
                     if st is None:
-                        st = states[key] = PixelMoments.empty(tuple(m.shape), like=m, dtype=self.accum_dtype)
-                    st.update(m)
-            with torch.no_grad():
-                lg = logits.detach().float()
-                logp = torch.log_softmax(lg, dim=1)
-                prob = logp.exp()
-                at = lg.gather(1, pi).squeeze(1)
-                other = lg.scatter(1, pi, float("-inf")).amax(dim=1) if C > 1 else torch.full_like(at, float("-inf"))
-                pred = lg.argmax(dim=1)
-                sig["loss"].append(-logp.gather(1, pi).squeeze(1))
-                sig["label_logit"].append(at)
-                sig["label_prob"].append(prob.gather(1, pi).squeeze(1))
-                sig["margin"].append(at - other)
-                sig["pred"].append(pred)
-                sig["correct"].append(torch.where(y_t >= 0, (pred == y_t).to(torch.int8),
-                                                  torch.full_like(pred, -1, dtype=torch.int8)))
-                sig["max_prob"].append(prob.amax(dim=1))
-                sig["max_logit"].append(lg.amax(dim=1))
-                sig["energy"].append(-torch.logsumexp(lg, dim=1))
-                if gid == self.num_checkpoints - 1:
-                    pred_last = pred
-        if pred_last is None and self.predictor is not None and self.label_mode == "predicted":
+                        states[key] = _first_moments(grads[t], self.accum_dtype)
+                    else:
+                        _welford_fold(st, grads[t])
+            all_logits.append(logits)
+        sig = _signals(torch.stack(all_logits), p, y_t)   # name -> [N, K_local]
+        pred_last: torch.Tensor | None = None
+        if self.num_checkpoints - 1 in self._local:
+            pred_last = sig["pred"][:, self._local[self.num_checkpoints - 1]]
+        elif self.predictor is not None and self.label_mode == "predicted":
             pred_last = p
 
         res = BatchResult(
@@ -332,7 +492,7 @@ class GradientEngine:
             pred=None if pred_last is None else pred_last.cpu().numpy().astype(np.int64),
         )
         for s, vals in sig.items():
-            res.signals[s] = torch.stack(vals, dim=1).cpu().numpy()
+            res.signals[s] = vals.cpu().numpy()
         bad_rows = status != "ok"
         for key, st in states.items():
             if emit in ("vog", "both"):

@@ -5,7 +5,8 @@ State at ``<output>/_incremental/``::
     state.json            generation, the checkpoints folded so far (URL, size, sha256), the
                           config key, and where the per-example pixel moments of that generation live
     gen-<g>-<token>/moments/*.parquet   per example: (n, mean, M2) per window and target over the
-                          checkpoints folded so far, and the per-checkpoint signals
+                          checkpoints folded so far, and the per-checkpoint signals (generation 1
+                          keeps them under ``gen-…/parts/``, the scorer's output, without a copy)
     lock                  held (exclusive create) while a run folds checkpoints in
 
 A run lists the checkpoint prefix, compares it with ``state.json``, computes gradient maps for
@@ -107,15 +108,26 @@ class StateLock:
         except (FileExistsError, OSError) as e:
             if not self.fs.exists(self.path):
                 raise
-            try:
-                with self.fs.open(self.path, "rb") as f:
-                    held = json.loads(f.read().decode() or "{}")
-            except Exception:  # noqa: BLE001 - best effort description
-                held = {}
+            held = self._holder()
             raise LockHeld(
                 f"another incremental audit holds the lock {self.path} (host {held.get('host')}, pid "
                 f"{held.get('pid')}, since {held.get('since')}); if that audit died, delete the lock file") from e
         return self
+
+    def _holder(self) -> dict[str, Any]:
+        """Who holds the lock (best effort: a local lock file is created before it is written)."""
+        for _ in range(20):
+            try:
+                with self.fs.open(self.path, "rb") as f:
+                    held = json.loads(f.read().decode() or "{}")
+                if held:
+                    return held
+            except FileNotFoundError:
+                return {}
+            except Exception:  # noqa: BLE001 - half-written: try again
+                pass
+            time.sleep(0.05)
+        return {}
 
     def __exit__(self, *exc: Any) -> None:
         try:
@@ -169,37 +181,58 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
             return None
         t_score = time.time()
         gen_url = join(state_url, f"gen-{generation + 1:06d}-{secrets.token_hex(3)}")
-        parts_url = join(gen_url, "parts")
-        score_stage(plan, [new_idx], "moments", parts_url)
-        moments_url = join(gen_url, "moments")
-        _fold(plan, state, parts_url, moments_url)
-        raw_url = join(gen_url, "raw")
-        _moments_to_raw(plan, moments_url, raw_url)
-        score_wall = time.time() - t_score
-        result = reduce_and_publish(
-            plan, raw_url, run_id=run_id, t0=t0, score_wall=score_wall, report=report,
-            scored_checkpoints=len(new_idx),
-            extra={"mode": "incremental", "generation": generation + 1,
-                   "new_checkpoints": [plan.urls[i] for i in new_idx], "state_url": state_url})
-        # commit: compare-and-swap on the generation, then drop what the old generation held
-        current = read_state(state_url, storage)
-        if (current["generation"] if current else 0) != generation:
-            raise IncrementalError("the incremental state advanced while this run was folding (lost a race); "
-                                   "the published run stands, the state was not overwritten")
-        new_state = {"generation": generation + 1, "config_key": _config_key(cfg),
-                     "checkpoints": [i.as_dict() for i in plan.infos], "moments_url": moments_url,
-                     "windows": plan.windows, "keys": plan.keys, "last_run": result.run_id,
-                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        fs, path = resolve(join(state_url, "state.json"), storage)
-        tmp = path + f".tmp-{secrets.token_hex(3)}"
-        with fs.open(tmp, "w") as f:
-            json.dump(new_state, f, indent=2)
-        fs.mv(tmp, path)
+        committed = False
+        try:
+            parts_url = join(gen_url, "parts")
+            score_stage(plan, [new_idx], "moments", parts_url)
+            if state is None:  # the first generation: the new checkpoints' moments ARE the state
+                moments_url = parts_url
+            else:
+                moments_url = join(gen_url, "moments")
+                _fold(plan, state, parts_url, moments_url)
+            raw_url = join(gen_url, "raw")
+            _moments_to_raw(plan, moments_url, raw_url)
+            score_wall = time.time() - t_score
+            result = reduce_and_publish(
+                plan, raw_url, run_id=run_id, t0=t0, score_wall=score_wall, report=report,
+                scored_checkpoints=len(new_idx),
+                extra={"mode": "incremental", "generation": generation + 1,
+                       "new_checkpoints": [plan.urls[i] for i in new_idx], "state_url": state_url})
+            # commit: compare-and-swap on the generation, then drop what the old generation held
+            current = read_state(state_url, storage)
+            if (current["generation"] if current else 0) != generation:
+                raise IncrementalError("the incremental state advanced while this run was folding (lost a race); "
+                                       "the published run stands, the state was not overwritten")
+            new_state = {"generation": generation + 1, "config_key": _config_key(cfg),
+                         "checkpoints": [i.as_dict() for i in plan.infos], "moments_url": moments_url,
+                         "windows": plan.windows, "keys": plan.keys, "last_run": result.run_id,
+                         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            fs, path = resolve(join(state_url, "state.json"), storage)
+            tmp = path + f".tmp-{secrets.token_hex(3)}"
+            with fs.open(tmp, "w") as f:
+                json.dump(new_state, f, indent=2)
+            fs.mv(tmp, path)
+            committed = True
+        finally:
+            if not committed:  # failed or lost the race: drop this generation's work files
+                _drop_uncommitted(state_url, gen_url, storage)
         for p in (parts_url, raw_url):
-            _rm(p, storage)
+            if p != moments_url:
+                _rm(p, storage)
         if state and state.get("moments_url"):
             _rm(state["moments_url"].rsplit("/", 1)[0], storage)
         return result
+
+
+def _drop_uncommitted(state_url: str, gen_url: str, storage: StorageOptions) -> None:
+    """Best effort: remove a generation that the state does not point at (never raises)."""
+    try:
+        cur = read_state(state_url, storage)
+        if cur and str(cur.get("moments_url", "")).startswith(gen_url + "/"):
+            return  # the state was written after all (e.g. a move that failed after its copy)
+        _rm(gen_url, storage)
+    except Exception:  # noqa: BLE001 - cleanup must not hide the original error
+        pass
 
 
 def _rm(url: str, storage: StorageOptions) -> None:
@@ -223,7 +256,7 @@ def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url:
     old_ok = old.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
         _set_group, fn_kwargs={"group": 0}, batch_format="pyarrow")
     rejected = new.map_batches(_filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
-    merged = old_ok.union(new_ok).groupby("id", num_partitions=_partitions(sum(plan.rows_in.values()), 20_000)) \
+    merged = old_ok.union(new_ok).groupby(["split", "id"], num_partitions=_partitions(sum(plan.rows_in.values()), 20_000)) \
         .map_groups(merge_moment_rows, fn_kwargs={"vog_keys": plan.keys, "num_groups": 2}, batch_format="pyarrow")
     merged.union(rejected).write_parquet(moments_url, filesystem=fs, mode="overwrite")
 

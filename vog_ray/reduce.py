@@ -287,18 +287,138 @@ def _count_block(t: pa.Table) -> pa.Table:
     return pa.table({"split": pa.array(list(s_counts), pa.string()), "n": pa.array(list(s_counts.values()), pa.int64())})
 
 
-def _class_partial_sorted(group: pa.Table, keys: Sequence[str]) -> pa.Table:
-    """Class moments of ONE (split, class) group, its rows in id order first.
+# ---------------------------------------------------------------- exact, layout-independent class moments
+# The Ray reduce sums per block and merges the blocks' sums. Floating-point sums depend on how the
+# rows were split into blocks (a resumed stage 1, a retried block, another number of read tasks);
+# these sums are EXACT — integers in units of 2**-_EXACT_SHIFT — so the merge is exactly
+# associative and the class table (and every z-score) is the same bit for bit however the raw
+# table is blocked. Two passes: exact sums of VoG give the means (correctly rounded), then exact
+# sums of the float64 squared deviations from them give M2.
+_EXACT_SHIFT = 1126  # 2**-1126 divides every float64 (smallest step 2**-1074, 53-bit mantissas)
 
-    The Ray reduce groups the scored rows by (split, class) and calls this once per group, so the
-    class table — and every z-score — is the same bit for bit however the raw table was split
-    into blocks (a resumed stage 1, a retried block, another number of read tasks).
-    """
-    return partial_class_moments(group.sort_by([("id", "ascending")]), keys)
+
+def _exact_group_sums(values: np.ndarray, groups: np.ndarray, num_groups: int) -> tuple[list[int], np.ndarray]:
+    """``(sums, bad)``: the exact sum of the finite ``values`` of each group (an int, in units of
+    2**-_EXACT_SHIFT) and whether the group holds a non-finite value."""
+    v = np.asarray(values, np.float64).ravel()
+    g = np.asarray(groups, np.int64).ravel()
+    finite = np.isfinite(v)
+    bad = np.bincount(g[~finite], minlength=num_groups) > 0
+    v, g = v[finite], g[finite]
+    out = [0] * num_groups
+    if v.size == 0:
+        return out, bad
+    m, e = np.frexp(v)                               # v = m * 2**e exactly, 0.5 <= |m| < 1
+    mant = (m * 9007199254740992.0).astype(np.int64)  # m * 2**53: an exact 53-bit integer
+    hi, lo = mant >> 26, mant & ((1 << 26) - 1)        # mant = hi * 2**26 + lo, |hi| < 2**27, 0 <= lo < 2**26
+    uk, inv = np.unique(g * 4096 + (e.astype(np.int64) + 2048), return_inverse=True)
+    # float64 bincount sums of integers below 2**27 are exact for < 2**26 rows per block
+    s_hi = np.bincount(inv, weights=hi.astype(np.float64))
+    s_lo = np.bincount(inv, weights=lo.astype(np.float64))
+    for k, a, b in zip(uk.tolist(), s_hi.tolist(), s_lo.tolist()):
+        grp, exp = divmod(k, 4096)
+        out[grp] += ((int(a) << 26) + int(b)) << (exp - 2048 - 53 + _EXACT_SHIFT)
+    return out, bad
 
 
-def _duplicates_only(t: pa.Table) -> pa.Table:
-    """Rows of a ``groupby(["split", "id"]).count()`` result whose count is above 1."""
-    count_col = next(c for c in t.column_names if c not in ("split", "id"))
-    return t.filter(pc.greater(t[count_col], 1)).rename_columns(
-        ["n" if c == count_col else c for c in t.column_names])
+def exact_class_sums(table: pa.Table, vog_keys: Sequence[str],
+                     means: dict[str, dict[str, list]] | None = None) -> pa.Table:
+    """One block's exact per-(split, class) sums: of raw VoG (``means`` None), else of the squared
+    deviations from ``means`` (``{"split": [...], "class": [...], "<key>": [...]}`` from
+    :func:`exact_class_means`). Sums travel as decimal strings."""
+    if table.num_rows == 0:
+        return pa.table({"split": pa.array([], pa.string()), "class": pa.array([], pa.int64())})
+    splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    cls = _classes_of(table)
+    pairs = np.rec.fromarrays([splits, cls], names="s,c")
+    uniq, inv = np.unique(pairs, return_inverse=True)
+    G = len(uniq)
+    out: dict[str, Any] = {"split": [str(u[0]) for u in uniq], "class": [int(u[1]) for u in uniq],
+                           "n": np.bincount(inv, minlength=G).astype(np.int64)}
+    if means is None:
+        correct = table.column("correct")
+        known = pc.is_valid(correct).to_numpy(zero_copy_only=False)
+        corr = pc.fill_null(correct, False).to_numpy(zero_copy_only=False).astype(bool)
+        out["n_labelled"] = np.bincount(inv, weights=known, minlength=G).astype(np.int64)
+        out["n_errors"] = np.bincount(inv, weights=known & ~corr, minlength=G).astype(np.int64)
+    else:
+        index = {(s, int(c)): i for i, (s, c) in enumerate(zip(means["split"], means["class"]))}
+        rows = np.array([index[(str(u[0]), int(u[1]))] for u in uniq], np.int64)
+    for k in vog_keys:
+        v = table.column(vog_col(k)).to_numpy(zero_copy_only=False).astype(np.float64)
+        if means is not None:
+            mu = np.asarray(means[k], np.float64)[rows][inv]
+            v = (v - mu) ** 2
+        sums, bad = _exact_group_sums(v, inv, G)
+        out[f"sum_{k}"] = [str(x) for x in sums]
+        out[f"bad_{k}"] = bad
+    return pa.table(out)
+
+
+def _merge_exact(rows: list[dict[str, Any]], vog_keys: Sequence[str]) -> dict[tuple[str, int], dict[str, Any]]:
+    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        m = merged.setdefault((r["split"], int(r["class"])), {"n": 0, "n_labelled": 0, "n_errors": 0,
+                                                              **{f"sum_{k}": 0 for k in vog_keys},
+                                                              **{f"bad_{k}": False for k in vog_keys}})
+        m["n"] += int(r["n"])
+        m["n_labelled"] += int(r.get("n_labelled") or 0)
+        m["n_errors"] += int(r.get("n_errors") or 0)
+        for k in vog_keys:
+            m[f"sum_{k}"] += int(r[f"sum_{k}"])
+            m[f"bad_{k}"] = m[f"bad_{k}"] or bool(r[f"bad_{k}"])
+    return merged
+
+
+def _exact_ratio(total: int, n: int) -> float:
+    from fractions import Fraction
+
+    return float(Fraction(total, n << _EXACT_SHIFT))  # correctly rounded
+
+
+def exact_class_means(pass1: list[dict[str, Any]], vog_keys: Sequence[str]) -> dict[str, list]:
+    """Class means (correctly rounded) from the blocks' :func:`exact_class_sums` (first pass)."""
+    merged = _merge_exact(pass1, vog_keys)
+    order = sorted(merged)
+    out: dict[str, list] = {"split": [g[0] for g in order], "class": [g[1] for g in order]}
+    for k in vog_keys:
+        out[k] = [float("nan") if merged[g][f"bad_{k}"] else _exact_ratio(merged[g][f"sum_{k}"], merged[g]["n"])
+                  for g in order]
+    return out
+
+
+def exact_class_table(pass1: list[dict[str, Any]], pass2: list[dict[str, Any]],
+                      vog_keys: Sequence[str]) -> pa.Table:
+    """The class table (as :func:`merge_class_moments` makes it) from both passes' exact sums."""
+    m1, m2 = _merge_exact(pass1, vog_keys), _merge_exact(pass2, vog_keys)
+    means = exact_class_means(pass1, vog_keys)
+    at = {(s, c): i for i, (s, c) in enumerate(zip(means["split"], means["class"]))}
+    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    for g, rec in m1.items():
+        out = {"count": rec["n"], "n_labelled": rec["n_labelled"], "n_errors": rec["n_errors"]}
+        for k in vog_keys:
+            bad = rec[f"bad_{k}"] or m2[g][f"bad_{k}"]
+            out[f"mean_{k}"] = float("nan") if bad else means[k][at[g]]
+            out[f"std_{k}"] = float("nan") if bad else float(np.sqrt(_exact_ratio(m2[g][f"sum_{k}"], rec["n"])))
+        merged[g] = out
+    return _class_table(merged, vog_keys)
+
+
+def _adjacent_duplicates(t: pa.Table) -> pa.Table:
+    """For one block of a table sorted by (split, id): the ids that repeat inside the block
+    (``kind = "dup"``, with their count) and the block's first and last (split, id), so that the
+    driver can see a repeat across two blocks (``kind = "first"``/``"last"``)."""
+    schema = pa.schema([("kind", pa.string()), ("split", pa.string()), ("id", pa.string()), ("n", pa.int64())])
+    if t.num_rows == 0:
+        return schema.empty_table()
+    s = t.column("split").to_numpy(zero_copy_only=False).astype(object)
+    i = t.column("id").to_numpy(zero_copy_only=False).astype(object)
+    same = (s[1:] == s[:-1]) & (i[1:] == i[:-1])
+    rows: dict[tuple[str, str], int] = {}
+    for j in np.flatnonzero(same):
+        key = (str(s[j]), str(i[j]))
+        rows[key] = rows.get(key, 1) + 1
+    kind = ["dup"] * len(rows) + ["first", "last"]
+    keys = list(rows) + [(str(s[0]), str(i[0])), (str(s[-1]), str(i[-1]))]
+    return pa.table({"kind": kind, "split": [k[0] for k in keys], "id": [k[1] for k in keys],
+                     "n": list(rows.values()) + [1, 1]}, schema=schema)
