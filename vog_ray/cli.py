@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 from typing import Sequence
 
 from .config import ConfigError, load_config
-from .storage import StorageOptions
+from .storage import StorageOptions, redact_url
 
 __all__ = ["main"]
 
@@ -70,14 +72,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _redact_log_records()
     try:
         return _dispatch(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_redact(str(e))}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, RuntimeError, PermissionError, OSError) as e:
-        print(f"error: {_root_message(e)}", file=sys.stderr)
+        print(f"error: {_redact(_root_message(e))}", file=sys.stderr)
         return 1
+
+
+# names of environment variables whose values are credentials (AWS_SECRET_ACCESS_KEY, *_TOKEN …)
+_SECRET_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|PRIVATE_KEY|SESSION_KEY)", re.I)
+
+
+def _secret_values() -> list[str]:
+    vals = {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 6}
+    return sorted(vals, key=len, reverse=True)
+
+
+def _redact(text: str) -> str:
+    """Mask URL userinfo and the values of secret environment variables in a text."""
+    text = redact_url(text)
+    for v in _secret_values():
+        text = text.replace(v, "***")
+    return text
+
+
+def _redact_log_records() -> None:
+    """Every log record of this process (ours, Ray's, fsspec's, botocore's — at any level, e.g.
+    with ``-v``) is created with its message redacted: third-party debug logs print URLs with
+    their userinfo and request headers."""
+    if getattr(logging.getLogRecordFactory(), "_vog_redacting", False):
+        return
+    old = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        rec = old(*args, **kwargs)
+        try:
+            msg = rec.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is the logging module's to report
+            return rec
+        red = _redact(msg)
+        if red != msg:
+            rec.msg, rec.args = red, ()
+        return rec
+
+    factory._vog_redacting = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
 
 
 def _root_message(e: BaseException) -> str:

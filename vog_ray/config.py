@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .engine import check_window_spec
 from .single import VogOptions
 from .storage import StorageOptions as _StorageOptions
+from .storage import redact_url
 
 __all__ = ["AuditConfig", "ConfigError", "load_config", "apply_overrides", "SplitSpec", "redact"]
 
@@ -184,7 +185,7 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     if isinstance(obj, str):
-        return re.sub(r"(://)[^/@\s:]+:[^/@\s]+@", r"\1***:***@", obj)
+        return redact_url(obj)
     return obj
 
 

@@ -134,7 +134,7 @@ class StateLock:
             with self.fs.open(self.path, "rb") as f:
                 mine = json.loads(f.read().decode() or "{}").get("token") == self.token
             if mine:
-                self.fs.rm(self.path)
+                self.fs.rm_file(self.path)  # never a glob: an output URL may hold [ ] * ?
         except FileNotFoundError:
             pass
 

@@ -569,7 +569,7 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
             "run_id": run_id,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config": redact(cfg.to_dict()),
-            "checkpoints": [i.as_dict() for i in plan.infos],
+            "checkpoints": [{**i.as_dict(), "url": redact(i.url)} for i in plan.infos],  # no userinfo
             "num_checkpoints": plan.K,
             "windows": plan.windows,
             "targets": list(plan.opts.targets),
@@ -610,10 +610,12 @@ def _check_unique_ids(raw, n_rows: int) -> None:
     found = (raw.select_columns(["split", "id"]).sort(["split", "id"])
              .map_batches(_adjacent_duplicates, batch_format="pyarrow", batch_size=None).take_all())
     dups = {(r["split"], r["id"]): r["n"] for r in found if r["kind"] == "dup"}
-    ends = sorted(((r["split"], r["id"]), r["kind"]) for r in found if r["kind"] != "dup")
-    for (k1, kind1), (k2, kind2) in zip(ends, ends[1:]):  # a key that ends one block and starts the next
-        if k1 == k2 and kind1 != kind2:
-            dups[k1] = dups.get(k1, 1) + 1
+    # sorted blocks hold disjoint key ranges, except that a repeated key may end one block and
+    # start the next: compare each block's last key with the next block's first
+    ranges = sorted(((r["split"], r["id"]), (r["last_split"], r["last_id"])) for r in found if r["kind"] == "range")
+    for (_, last), (first, _) in zip(ranges, ranges[1:]):
+        if last == first:
+            dups[last] = dups.get(last, 1) + 1
     if dups:
         listed = ", ".join(f"{i!r} in split {s!r}" + (f" ({n} rows)" if n > 2 else "")
                            for (s, i), n in sorted(dups.items())[:5])

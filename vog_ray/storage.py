@@ -15,7 +15,7 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["StorageOptions", "resolve", "join", "is_remote", "natural_key", "expand"]
+__all__ = ["StorageOptions", "resolve", "join", "is_remote", "natural_key", "expand", "redact_url"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,15 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     if proto in ("file", "local"):
         return path
     return f"{proto}://{path}"
+
+
+_USERINFO = re.compile(r"(://)([^/@\s:]+)(:[^/@\s]*)?@")
+
+
+def redact_url(text: str) -> str:
+    """Mask the userinfo of every URL in ``text``: ``https://user:pw@host`` → ``https://***:***@host``
+    (a token alone, ``https://tok@host``, → ``https://***@host``)."""
+    return _USERINFO.sub(lambda m: m.group(1) + ("***:***@" if m.group(3) is not None else "***@"), text)
 
 
 _num = re.compile(r"(\d+)")

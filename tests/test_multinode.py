@@ -1,0 +1,276 @@
+"""A real 2-node Ray cluster on this machine, an audit submitted as a Ray job, S3 on loopback.
+
+Two ``ray start`` processes (head + worker), each with 2 logical CPUs, 1 fake GPU (Ray schedules
+it; torch sees no CUDA, so the scorer falls back to the CPU), a custom resource naming the node,
+its own short ``--temp-dir`` and its own ports (so it cannot collide with another Ray on the
+machine). ``--node-ip-address 127.0.0.1`` is passed, but Ray 2.60's ``ray start`` rewrites a
+loopback address to the host's routable IP (``services.resolve_ip_for_localhost``) and its gRPC
+servers listen on all interfaces; the dashboard is bound to 127.0.0.1. Token auth is disabled in
+every process this test starts (``RAY_AUTH_MODE=disabled``; a ``~/.ray/auth_token`` on the machine
+would otherwise switch ``ray start`` to token mode).
+
+The audit (``jobs/audit.py``) is submitted with ``ray job submit --working-dir <repo>``; the S3
+credentials reach the job's driver and workers through ``--runtime-env-json`` only (the raylets
+are started without them). Two scorer actors with one GPU each must land one per node. The
+job's tables must equal a local ``run_audit`` of the same config.
+
+Teardown kills only the processes of this cluster: those whose command line names its unique
+temp dir, and their descendants (workers, the job driver). ``ray stop`` is never used: it
+would kill every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RAY = str(VENV_BIN / "ray")
+MODEL = {"name": "small_cnn", "size": 8, "width": 8, "num_classes": 10}  # conftest DIGITS_MODEL
+DIGITS = {"n_train": 160, "n_test": 48, "epochs": 3}
+EXCLUDES = [".venv", ".git", "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis", "demo-output",
+            "*.egg-info", "build"]
+
+
+# --------------------------------------------------------------------------- processes
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, command line) for every process we can read."""
+    out: dict[int, tuple[int, str]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        out[int(d)] = (ppid, cmd)
+    return out
+
+
+def cluster_pids(marker: str) -> set[int]:
+    """Processes whose command line contains ``marker`` (our unique temp dir) and all their
+    descendants (Ray workers rename themselves ``ray::…``; the job driver is a worker's child)."""
+    table = _proc_table()
+    pids = {p for p, (_, cmd) in table.items() if marker in cmd and p != os.getpid()}
+    grew = True
+    while grew:
+        kids = {p for p, (pp, _) in table.items() if pp in pids and p not in pids and p != os.getpid()}
+        grew = bool(kids)
+        pids |= kids
+    return pids
+
+
+def kill_cluster(marker: str, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL, the processes of this cluster only (never ``ray stop``)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = cluster_pids(marker)
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout
+        while time.time() < deadline and cluster_pids(marker):
+            time.sleep(0.5)
+        if not cluster_pids(marker):
+            return
+    left = cluster_pids(marker)
+    assert not left, f"processes of the test cluster survived SIGKILL: {sorted(left)}"
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def ray_env() -> dict[str, str]:
+    """The env of everything this test starts: the venv first on PATH, auth off, and no S3
+    credentials (they must come through the job's runtime env)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server_module):
+    """Head (node_a) + worker (node_b) on 127.0.0.1; yields the dashboard URL; always torn down."""
+    root = tempfile.mkdtemp(prefix=f"vmn{uuid.uuid4().hex[:6]}", dir="/tmp")  # short: socket paths
+    marker = root
+    gcs, dash, client, *ports = _free_ports(3 + 2 * 7)
+    node_ports = [ports[:7], ports[7:]]
+
+    def port_args(p: list[int]) -> list[str]:
+        return ["--node-manager-port", str(p[0]), "--object-manager-port", str(p[1]),
+                "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),
+                "--runtime-env-agent-port", str(p[4]), "--metrics-export-port", str(p[5])]
+
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "1",
+              "--disable-usage-stats", "--object-store-memory", str(200 * 1024 ** 2)]
+    dashboard = f"http://127.0.0.1:{dash}"
+    saved_env = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # this process talks to the cluster too (state API)
+    try:
+        run([RAY, "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash),
+             "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
+             "--ray-client-server-port", str(client), "--resources", json.dumps({"node_a": 1}),
+             "--temp-dir", os.path.join(root, "a"), *common, *port_args(node_ports[0])])
+        run([RAY, "start", "--address", f"127.0.0.1:{gcs}", "--resources", json.dumps({"node_b": 1}),
+             "--temp-dir", os.path.join(root, "b"), *common, *port_args(node_ports[1])])
+        nodes = wait_for_nodes(dashboard, 2)
+        yield {"dashboard": dashboard, "gcs": f"127.0.0.1:{gcs}", "root": root, "nodes": nodes}
+    finally:
+        try:
+            kill_cluster(marker)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def wait_for_nodes(dashboard: str, n: int, timeout: float = 120) -> dict[str, str]:
+    """node id -> 'node_a' / 'node_b' once ``n`` nodes are alive."""
+    from ray.util.state import list_nodes
+
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        try:
+            alive = [x for x in list_nodes(address=dashboard, detail=True) if x.state == "ALIVE"]
+            if len(alive) >= n:
+                return {x.node_id: next(r for r in x.resources_total if r.startswith("node_")) for x in alive}
+        except Exception as e:  # noqa: BLE001 - the dashboard may not be up yet
+            last = e
+        time.sleep(2)
+    raise AssertionError(f"{n} nodes not alive after {timeout} s (last error: {last!r})")
+
+
+# --------------------------------------------------------------------------- the test
+def audit_config(s3, out: str) -> dict[str, Any]:
+    return {
+        "name": "multinode-test",
+        "data": {"splits": {"train": {"format": "parquet", "url": s3.url("data/train")},
+                            "test": {"format": "parquet", "url": s3.url("data/test")}}},
+        "model": MODEL,
+        "checkpoints": s3.url("src/epoch_*.pt"),
+        "vog": {"windows": {"all": "all", "early": "first:2"}},
+        # two scorer actors with one (fake) GPU each: one per node. 4 read blocks, small
+        # batches: both actors get work.
+        "compute": {"device": "auto", "batch_size": 16, "actors": {"min": 2, "max": 2},
+                    "gpus_per_actor": 1, "cpus_per_actor": 1, "read_blocks": 4},
+        "storage": {"endpoint_url": s3.endpoint},
+        "output": {"url": s3.url(out)},
+        "report": {"enabled": False},
+    }
+
+
+def scores(s3, out: str):
+    from vog_ray.runs import open_run
+
+    return open_run(s3.url(out), s3.storage).scores().sort_by([("split", "ascending"), ("id", "ascending")])
+
+
+def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, cluster, tmp_path):
+    import ray
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_actors, list_tasks
+
+    from vog_ray.config import validate
+    from vog_ray.pipeline import run_audit
+
+    s3 = s3_server_module
+    assert digits_s3["model"] == MODEL
+    cfg_path = tmp_path / "audit.yaml"
+    cfg_path.write_text(yaml.safe_dump(audit_config(s3, "mn/job")))
+    sub_id = f"vog-mn-{uuid.uuid4().hex[:8]}"
+    runtime_env = {"env_vars": {**s3.env, "RAY_AUTH_MODE": "disabled"}, "excludes": EXCLUDES}
+    t0 = time.time()
+    run([RAY, "job", "submit", "--address", cluster["dashboard"], "--submission-id", sub_id, "--no-wait",
+         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
+         "--", "python", "jobs/audit.py", str(cfg_path)], timeout=120)
+
+    # meanwhile: the same config audited by a local Ray in this process (no GPU: CPU actors)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": s3.env})
+    try:
+        local = run_audit(validate(audit_config(s3, "mn/local")))
+    finally:
+        ray.shutdown()
+
+    client = JobSubmissionClient(cluster["dashboard"])
+    deadline = time.time() + 600
+    while (status := client.get_job_status(sub_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                             JobStatus.STOPPED) and time.time() < deadline:
+        time.sleep(2)
+    logs = client.get_job_logs(sub_id)
+    assert status == JobStatus.SUCCEEDED, f"job {sub_id}: {status}\n{logs[-6000:]}"
+    assert "rows: 208 in = 208 scored + 0 rejected" in logs, logs[-3000:]
+    print(f"job {sub_id} succeeded after {time.time() - t0:.0f} s")
+
+    # the scorer actors: one per node, and both of them scored batches
+    actors = [a for a in list_actors(address=cluster["dashboard"], detail=True, limit=10_000)
+              if "ScorerActor" in (a.class_name or "")]
+    by_node = {cluster["nodes"].get(a.node_id) for a in actors}
+    assert len(actors) == 2 and by_node == {"node_a", "node_b"}, [(a.class_name, a.node_id, a.state) for a in actors]
+    scorer_ids = {a.actor_id for a in actors}
+    tasks = [t for t in list_tasks(address=cluster["dashboard"], detail=True, limit=100_000,
+                                   filters=[("type", "=", "ACTOR_TASK")])
+             if t.actor_id in scorer_ids and t.state == "FINISHED" and "submit" in t.name]
+    ran_on = {cluster["nodes"].get(t.node_id) for t in tasks}
+    assert ran_on == {"node_a", "node_b"}, [(t.name, t.node_id) for t in tasks]
+
+    # the job's tables == the local audit's
+    job, loc = scores(s3, "mn/job"), scores(s3, "mn/local")
+    assert job.num_rows == loc.num_rows == DIGITS["n_train"] + DIGITS["n_test"]
+    assert job["id"].to_pylist() == loc["id"].to_pylist()
+    for col in ("vog_all_logit", "vog_early_logit"):
+        a, b = job[col].to_numpy(), loc[col].to_numpy()
+        assert np.all(b > 0), col
+        rel = float(np.max(np.abs(a - b) / b))
+        assert rel < 1e-6, f"{col}: max relative difference {rel:.3g}"
+    for col in ("rank", "class_rank", "decile", "pred", "target_label"):
+        assert job[col].to_pylist() == loc[col].to_pylist(), col
+    from vog_ray.runs import open_run
+
+    m = open_run(s3.url("mn/job"), s3.storage).manifest
+    assert m["rows"] == local.manifest["rows"] and m["num_checkpoints"] == DIGITS["epochs"]
