@@ -143,7 +143,7 @@ def main(argv=None) -> int:
               f"final training error {prep['train_error'][-1]:.3f}) in {time.perf_counter() - t:.0f} s]",
               file=sys.stderr, flush=True)
         ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
+                 log_to_driver=False, _system_config={"worker_register_timeout_seconds": 600})
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False

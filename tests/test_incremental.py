@@ -42,7 +42,10 @@ def s3(s3_server_module):
     if ray.is_initialized():  # another module's Ray: its workers lack this module's S3 env
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": s3_server_module.env})
+             runtime_env={"env_vars": s3_server_module.env},
+             # on a loaded machine a worker may need > 60 s to start; the default timeout then
+             # kills and restarts workers over and over
+             _system_config={"worker_register_timeout_seconds": 600})
     yield s3_server_module
     ray.shutdown()
 

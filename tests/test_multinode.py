@@ -21,6 +21,7 @@ would kill every Ray on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -117,7 +118,10 @@ def ray_env() -> dict[str, str]:
     credentials (they must come through the job's runtime env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
+               # a worker that needs > 60 s to start on a loaded machine is killed and restarted
+               # by default: workers then thrash instead of starting
+               RAY_worker_register_timeout_seconds="600")
     return env
 
 
@@ -128,9 +132,10 @@ def run(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
     return p
 
 
-@pytest.fixture(scope="module")
-def cluster(s3_server_module):
-    """Head (node_a) + worker (node_b) on 127.0.0.1; yields the dashboard URL; always torn down."""
+@contextlib.contextmanager
+def two_node_cluster():
+    """Head (node_a) + worker (node_b); yields ``{"dashboard", "gcs", "root", "nodes"}``
+    (``nodes``: node id -> "node_a"/"node_b"); always torn down, killing only its own processes."""
     root = tempfile.mkdtemp(prefix=f"vmn{uuid.uuid4().hex[:6]}", dir="/tmp")  # short: socket paths
     marker = root
     gcs, dash, client, *ports = _free_ports(3 + 2 * 7)
@@ -208,13 +213,15 @@ def scores(s3, out: str):
     return open_run(s3.url(out), s3.storage).scores().sort_by([("split", "ascending"), ("id", "ascending")])
 
 
-def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, cluster, tmp_path):
+@pytest.mark.timeout(3600)  # minutes on an idle 2-core machine; much longer when it is shared
+def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
     import ray
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors, list_tasks
 
     from vog_ray.config import validate
     from vog_ray.pipeline import run_audit
+    from vog_ray.runs import open_run
 
     s3 = s3_server_module
     assert digits_s3["model"] == MODEL
@@ -223,41 +230,44 @@ def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, cluster, tmp
     sub_id = f"vog-mn-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {**s3.env, "RAY_AUTH_MODE": "disabled"}, "excludes": EXCLUDES}
     t0 = time.time()
-    run([RAY, "job", "submit", "--address", cluster["dashboard"], "--submission-id", sub_id, "--no-wait",
-         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
-         "--", "python", "jobs/audit.py", str(cfg_path)], timeout=120)
+    with two_node_cluster() as cluster:
+        print(f"cluster up after {time.time() - t0:.0f} s: {cluster['nodes']}")
+        run([RAY, "job", "submit", "--address", cluster["dashboard"], "--submission-id", sub_id, "--no-wait",
+             "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
+             "--", "python", "jobs/audit.py", str(cfg_path)], timeout=300)
+        client = JobSubmissionClient(cluster["dashboard"])
+        deadline = time.time() + 3000
+        while (status := client.get_job_status(sub_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                 JobStatus.STOPPED) and time.time() < deadline:
+            time.sleep(2)
+        logs = client.get_job_logs(sub_id)
+        assert status == JobStatus.SUCCEEDED, f"job {sub_id}: {status}\n{logs[-6000:]}"
+        assert "rows: 208 in = 208 scored + 0 rejected" in logs, logs[-3000:]
+        print(f"job {sub_id} succeeded after {time.time() - t0:.0f} s")
 
-    # meanwhile: the same config audited by a local Ray in this process (no GPU: CPU actors)
+        # the scorer actors: one per node, and both of them scored batches
+        actors = [a for a in list_actors(address=cluster["dashboard"], detail=True, limit=10_000)
+                  if "ScorerActor" in (a.class_name or "")]
+        on = sorted(str(cluster["nodes"].get(a.node_id)) for a in actors)
+        assert on == ["node_a", "node_b"], [(a.class_name, a.node_id, a.state) for a in actors]
+        scorer_ids = {a.actor_id for a in actors}
+        tasks = [t for t in list_tasks(address=cluster["dashboard"], detail=True, limit=100_000,
+                                       filters=[("type", "=", "ACTOR_TASK")])
+                 if t.actor_id in scorer_ids and t.state == "FINISHED" and "submit" in t.name]
+        ran_on = {cluster["nodes"].get(t.node_id) for t in tasks}
+        assert ran_on == {"node_a", "node_b"}, [(t.name, t.node_id) for t in tasks]
+    t1 = time.time()
+
+    # the same config audited by a local Ray in this process (no GPU there: CPU actors)
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": s3.env})
+             runtime_env={"env_vars": s3.env}, _system_config={"worker_register_timeout_seconds": 600})
     try:
         local = run_audit(validate(audit_config(s3, "mn/local")))
     finally:
         ray.shutdown()
-
-    client = JobSubmissionClient(cluster["dashboard"])
-    deadline = time.time() + 600
-    while (status := client.get_job_status(sub_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                             JobStatus.STOPPED) and time.time() < deadline:
-        time.sleep(2)
-    logs = client.get_job_logs(sub_id)
-    assert status == JobStatus.SUCCEEDED, f"job {sub_id}: {status}\n{logs[-6000:]}"
-    assert "rows: 208 in = 208 scored + 0 rejected" in logs, logs[-3000:]
-    print(f"job {sub_id} succeeded after {time.time() - t0:.0f} s")
-
-    # the scorer actors: one per node, and both of them scored batches
-    actors = [a for a in list_actors(address=cluster["dashboard"], detail=True, limit=10_000)
-              if "ScorerActor" in (a.class_name or "")]
-    by_node = {cluster["nodes"].get(a.node_id) for a in actors}
-    assert len(actors) == 2 and by_node == {"node_a", "node_b"}, [(a.class_name, a.node_id, a.state) for a in actors]
-    scorer_ids = {a.actor_id for a in actors}
-    tasks = [t for t in list_tasks(address=cluster["dashboard"], detail=True, limit=100_000,
-                                   filters=[("type", "=", "ACTOR_TASK")])
-             if t.actor_id in scorer_ids and t.state == "FINISHED" and "submit" in t.name]
-    ran_on = {cluster["nodes"].get(t.node_id) for t in tasks}
-    assert ran_on == {"node_a", "node_b"}, [(t.name, t.node_id) for t in tasks]
+    print(f"local reference audit: {time.time() - t1:.0f} s")
 
     # the job's tables == the local audit's
     job, loc = scores(s3, "mn/job"), scores(s3, "mn/local")
@@ -270,7 +280,5 @@ def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, cluster, tmp
         assert rel < 1e-6, f"{col}: max relative difference {rel:.3g}"
     for col in ("rank", "class_rank", "decile", "pred", "target_label"):
         assert job[col].to_pylist() == loc[col].to_pylist(), col
-    from vog_ray.runs import open_run
-
     m = open_run(s3.url("mn/job"), s3.storage).manifest
     assert m["rows"] == local.manifest["rows"] and m["num_checkpoints"] == DIGITS["epochs"]

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -642,6 +643,9 @@ def _publish_failed(run_url: str, run_id: str, storage: StorageOptions, e: BaseE
     while (getattr(root, "cause", None) or root.__cause__) not in (None, root):
         root = getattr(root, "cause", None) or root.__cause__
     msg = redact(str(root) or type(root).__name__)
+    # Ray Data appends retry-tuning hints to I/O errors: keep the error and what failed
+    msg = "; ".join(x.strip() for x in re.split(r"\n(?:This looks like|To change retry)", msg)[0].splitlines()
+                    if x.strip())
     where = redact(run_url)
     try:
         fs, path = resolve(run_url, storage)
