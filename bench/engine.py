@@ -21,14 +21,17 @@ engine's VoG equals VoG computed from (b)'s maps; (c)'s maps are checked against
 Repetitions are interleaved (a, b, c, a, b, c, ...) after a warm-up, with a fixed
 ``torch.set_num_threads``; the rates are medians. The last line printed is one JSON object.
 
-    .venv/bin/python bench/engine.py --quick       # about a minute
-    .venv/bin/python bench/engine.py               # the full run (a few minutes on 2 cores)
+    .venv/bin/python bench/engine.py --quick       # ~45 s of CPU time (1 thread)
+    .venv/bin/python bench/engine.py               # the full run: ~5 min of CPU time
+    .venv/bin/python bench/engine.py --clock cpu   # headline ratios from CPU time (busy machine)
+
+On a machine shared with other jobs, wall-clock medians swing by 2x; the per-process CPU-time
+rates (printed too, and in the JSON) are the steadier comparison at ``--threads 1``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -41,7 +44,6 @@ import torch
 
 from vog_ray.engine import GradientEngine, resolve_windows
 from vog_ray.models import build_model
-from vog_ray.moments import PixelMoments
 
 MODELS = {
     # name: (model spec, input shape, classes)

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# the module's Ray runs ~5 audits; on a shared 2-core machine that is many minutes
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 MODEL = {"name": "small_cnn", "size": 8, "width": 8, "num_classes": 10}  # conftest DIGITS_MODEL
 

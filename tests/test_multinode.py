@@ -251,7 +251,7 @@ def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
         on = sorted(str(cluster["nodes"].get(a.node_id)) for a in actors)
         assert on == ["node_a", "node_b"], [(a.class_name, a.node_id, a.state) for a in actors]
         scorer_ids = {a.actor_id for a in actors}
-        tasks = [t for t in list_tasks(address=cluster["dashboard"], detail=True, limit=100_000,
+        tasks = [t for t in list_tasks(address=cluster["dashboard"], detail=True, limit=10_000,
                                        filters=[("type", "=", "ACTOR_TASK")])
                  if t.actor_id in scorer_ids and t.state == "FINISHED" and "submit" in t.name]
         ran_on = {cluster["nodes"].get(t.node_id) for t in tasks}
