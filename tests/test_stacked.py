@@ -183,7 +183,7 @@ def test_auto_falls_back_when_the_model_cannot_be_stacked():
 def test_auto_decides_on_the_first_large_batch():
     spec, shape, classes = MODELS["mlp"]
     sds = _state_dicts(spec, range(K))
-    eng = GradientEngine(build_model(spec), sds, windows=resolve_windows(WINDOWS, K))
+    eng = GradientEngine(build_model(spec), sds, windows=resolve_windows(WINDOWS, K), stacked="auto")
     plain = GradientEngine(build_model(spec), sds, windows=resolve_windows(WINDOWS, K),
                            stacked=False)
     x, y = _data(shape, classes, n=8)

@@ -12,8 +12,9 @@ For a batch ``x`` and checkpoints ``θ_1..θ_K`` (DESIGN.md §1):
   (Welford) into the pixel moments of every named window containing that checkpoint;
 * the forward pass gives per-checkpoint signals for free (loss, confidence, margin, …);
 * execution choices that change no result beyond float rounding: small models may run all
-  checkpoints as one vmapped call (:mod:`vog_ray.stacked`, ``stacked="auto"`` picks it when
-  faster), and convnets on CPU run in ``channels_last`` (bench/engine.py measures both).
+  checkpoints as one vmapped call (:mod:`vog_ray.stacked`; opt in with ``stacked=True`` or
+  ``"auto"``, which times both paths on the first batch — off by default, since a per-actor timing
+  choice would make reruns differ in the last bits), and convnets on CPU run in ``channels_last`` (bench/engine.py measures both).
 
 Nothing here imports Ray: the scorer actor wraps this class.
 """
@@ -230,7 +231,7 @@ class GradientEngine:
                  num_checkpoints: int | None = None,
                  predict_state_dict: dict[str, torch.Tensor] | None = None,
                  device: str | torch.device = "cpu", accum_dtype: torch.dtype = torch.float32,
-                 channels_last: bool | None = None, stacked: bool | str = "auto"):
+                 channels_last: bool | None = None, stacked: bool | str = False):
         if not state_dicts:
             raise ValueError("zero checkpoints: the engine needs at least one")
         targets = [targets] if isinstance(targets, str) else list(targets)
