@@ -223,14 +223,22 @@ class FaultProxy:
 def slow_small_cnn(delay: float = 0.0, **kwargs):
     """``vog_ray.models.SmallCNN`` (same weights, same numbers) whose forward sleeps ``delay`` s.
 
-    Named in a config as ``{"name": "tests.faultproxy:slow_small_cnn", "delay": 0.05, ...}``."""
+    Named in a config as ``{"name": "tests.faultproxy:slow_small_cnn", "delay": 0.05, ...}``.
+    With ``VOG_TEST_FORWARD_LOG`` set (in the workers' env), every forward call appends the pid of
+    its process to that file: a test sees how far scoring is, and which process scores."""
+    import os as _os
     import time as _time
 
     from vog_ray.models import SmallCNN
 
+    log = _os.environ.get("VOG_TEST_FORWARD_LOG")
+
     class SlowSmallCNN(SmallCNN):
         def forward(self, x):
             _time.sleep(delay)
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"{_os.getpid()}\n")
             return super().forward(x)
 
     return SlowSmallCNN(**kwargs)

@@ -195,6 +195,29 @@ def test_cli_up_to_date_exits_0_and_writes_nothing(s3, three_runs, tmp_path, cap
     assert snapshot(s3) == before
 
 
+def test_scheduled_audit_job_entrypoint_up_to_date(s3, three_runs, tmp_path):
+    """``python jobs/scheduled_audit.py CONFIG`` (what the CronJob / RayCronJob run): exit 0, "up to
+    date", nothing written; without a config: usage, exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = tmp_path / "scheduled.yaml"
+    cfg.write_text(yaml.safe_dump(config_dict(s3, three_runs["out"], three_runs["live"])))
+    env = {**os.environ, **s3.env}
+    env.pop("RAY_ADDRESS", None)
+    before = snapshot(s3)
+    p = subprocess.run([sys.executable, "jobs/scheduled_audit.py", str(cfg)], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "up to date" in p.stdout
+    assert snapshot(s3) == before
+    p = subprocess.run([sys.executable, "jobs/scheduled_audit.py"], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 2 and "usage" in p.stderr
+
+
 # --------------------------------------------------------------------------- refused configs
 @pytest.mark.parametrize("vog, message", [
     ({"label": "predicted"}, "incremental audits require vog.label: true"),

@@ -197,10 +197,11 @@ def audit_config(s3, out: str) -> dict[str, Any]:
         "model": MODEL,
         "checkpoints": s3.url("src/epoch_*.pt"),
         "vog": {"windows": {"all": "all", "early": "first:2"}},
-        # two scorer actors with one (fake) GPU each: one per node. 4 read blocks, small
-        # batches: both actors get work.
+        # two scorer actors with one (fake) GPU each: one per node. Small read blocks and
+        # small decode batches (the default 512 would make ONE block of these 208 rows, and
+        # one actor would get all of it): both actors get work.
         "compute": {"device": "auto", "batch_size": 16, "actors": {"min": 2, "max": 2},
-                    "gpus_per_actor": 1, "cpus_per_actor": 1, "read_blocks": 4},
+                    "gpus_per_actor": 1, "cpus_per_actor": 1, "read_blocks": 4, "decode_batch_size": 16},
         "storage": {"endpoint_url": s3.endpoint},
         "output": {"url": s3.url(out)},
         "report": {"enabled": False},
