@@ -83,7 +83,7 @@ def config(root: str, out: str, ckpts: str, batch_size: int, actors: int):
     })
 
 
-def link(src: list[str], dst_dir: str, count: int) -> None:
+def add_checkpoints(src: list[str], dst_dir: str, count: int) -> None:
     """Make the first ``count`` checkpoints appear under ``dst_dir`` (like a training run)."""
     os.makedirs(dst_dir, exist_ok=True)
     for i in range(count):
@@ -149,18 +149,18 @@ def main(argv=None) -> int:
         ctx.print_on_execution_start = False
 
         all_dir = os.path.join(root, "ckpt_all")
-        link(prep["checkpoints"], all_dir, K + 1)
+        add_checkpoints(prep["checkpoints"], all_dir, K + 1)
         inc_s, full_s, setup_s, details = [], [], [], []
         for r in range(args.reps):
             live = os.path.join(root, f"ckpt_live_{r}")
             inc_out, full_out = os.path.join(root, f"out_inc_{r}"), os.path.join(root, f"out_full_{r}")
-            link(prep["checkpoints"], live, K)
+            add_checkpoints(prep["checkpoints"], live, K)
             cfg_inc = config(root, inc_out, os.path.join(live, "epoch_*.pt"), s["batch_size"], args.actors)
             t = time.perf_counter()
             run_incremental(cfg_inc)  # untimed for the ratio: the K folded checkpoints (+ warm-up)
             setup_s.append(time.perf_counter() - t)
             assert read_state(os.path.join(inc_out, "_incremental"), None)["generation"] == 1
-            link(prep["checkpoints"], live, K + 1)  # the new checkpoint arrives
+            add_checkpoints(prep["checkpoints"], live, K + 1)  # the new checkpoint arrives
 
             def timed_inc():
                 t0 = time.perf_counter()

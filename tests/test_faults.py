@@ -12,7 +12,8 @@ digits, Parquet/PNG) and a tiny CNN with K = 3 checkpoints.
    (``manifest["resume"]`` counts the rows scored by each invocation; the first invocation's
    files are untouched) and the tables equal the undisturbed run's;
 4. S3 answers ``503 SlowDown`` to many requests (driver, read tasks, actors, writes) → retried,
-   the audit completes, identical tables;
+   the audit completes; its tables equal the baseline's up to float rounding (it runs with larger
+   batches, to keep the number of S3 requests down);
 5. the output store refuses writes under ``runs/`` at publish time → the command fails with a
    clear message, and no partial run is visible (``list_runs``/``LATEST`` unchanged,
    ``open_run`` raises ``RunNotFound``).
@@ -51,6 +52,9 @@ ROWS_PER_FILE = 80     # 4 input files …
 ROW_GROUP = 8          # … of 10 row groups: 40 read blocks of 8 rows = 40 scorer batches
 N_BLOCKS = N_ROWS // ROW_GROUP
 COMPUTE = {"device": "cpu", "batch_size": 8, "decode_batch_size": 8, "read_blocks": 40}
+# through the fault proxy: 4 blocks of 80 rows (every raw file is read ~6 times by the reduce; on S3
+# each read is a few requests, and every 25th request is faulted and backed off)
+S3_COMPUTE = {"device": "cpu", "batch_size": 80, "decode_batch_size": 80, "read_blocks": 4}
 SLOW_MODEL = {"name": "tests.faultproxy:slow_small_cnn", "delay": 0.02, "size": 8, "width": 4,
               "num_classes": 10}
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +75,7 @@ class FX:
 
     def config(self, out_url: str, *, s3: bool = False, model: dict | None = None) -> dict:
         split = {"format": "parquet", "url": self.s3_split if s3 else self.local_split}
-        extra: dict[str, Any] = {"compute": dict(COMPUTE)}
+        extra: dict[str, Any] = {"compute": dict(S3_COMPUTE if s3 else COMPUTE)}
         if s3:
             extra["storage"] = {"endpoint_url": self.proxy.url, "region": "us-east-1"}
         cfg = self.tiny.config({"train": split}, out_url, checkpoints=self.s3_ckpts if s3 else None, **extra)
@@ -155,6 +159,25 @@ def assert_same_tables(got: dict[str, pa.Table], want: dict[str, pa.Table], *, b
         assert got[name].equals(want[name]), f"{name}: {_diff(got[name], want[name])}"
         if bytes_too:
             assert _canonical_bytes(got[name]) == _canonical_bytes(want[name]), name
+
+
+def assert_close_tables(got: dict[str, pa.Table], want: dict[str, pa.Table], rtol: float = 1e-6) -> None:
+    """Equal up to float rounding (another batch size changes the last bits of VoG): the same rows,
+    rejected rows and classes; every float within ``rtol``; ranks may differ only among near-ties."""
+    for name in ("scores", "classes", "rejected"):
+        g, w = got[name], want[name]
+        assert g.schema == w.schema and g.num_rows == w.num_rows, name
+        if name == "scores":
+            g, w = g.sort_by([("split", "ascending"), ("id", "ascending")]), w.sort_by([("split", "ascending"), ("id", "ascending")])
+        for c in g.column_names:
+            if pa.types.is_floating(g.schema.field(c).type):
+                np.testing.assert_allclose(np.asarray(g[c].to_pylist(), float), np.asarray(w[c].to_pylist(), float),
+                                           rtol=rtol, atol=1e-12, err_msg=f"{name}.{c}")
+            elif c not in ("rank", "class_rank", "percentile", "decile") and not c.startswith("sig_"):
+                assert g[c].equals(w[c]), f"{name}.{c}"
+    # ranks: the scores in rank order agree, so any rank difference is a swap of near-equal scores
+    np.testing.assert_allclose(np.asarray(got["scores"]["score"].to_pylist(), float),
+                               np.asarray(want["scores"]["score"].to_pylist(), float), rtol=rtol, atol=1e-12)
 
 
 def assert_nothing_lost(manifest: dict[str, Any], tables: dict[str, pa.Table]) -> None:
@@ -352,7 +375,7 @@ def test_s3_slowdown_is_retried(fx):
     from tests.faultproxy import fail_every
 
     want = baseline(fx)
-    fx.proxy.rule = fail_every(25, first=6)  # the first 6 requests, then every 25th: 503 SlowDown
+    fx.proxy.rule = fail_every(15, first=6)  # the first 6 requests, then every 15th: 503 SlowDown
     fx.proxy.armed = True
     before = fx.proxy.injected
     try:
@@ -363,7 +386,7 @@ def test_s3_slowdown_is_retried(fx):
     assert injected >= 10, injected
     got = _tables(res.run_url, fx.s3.storage)
     assert_nothing_lost(res.manifest, got)
-    assert_same_tables(got, want)
+    assert_close_tables(got, want)  # another batch size than the baseline: equal to rounding
     fx.cache["s3_run"] = res.run_id
     REPORT["s3_slowdown"] = {"requests": fx.proxy.requests, "faults_injected": injected,
                              "faulted_requests_sample": fx.proxy.stats.injected_paths[:5], "rows_lost": 0}

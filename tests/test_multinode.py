@@ -194,14 +194,16 @@ def audit_config(s3, out: str) -> dict[str, Any]:
         "name": "multinode-test",
         "data": {"splits": {"train": {"format": "parquet", "url": s3.url("data/train")},
                             "test": {"format": "parquet", "url": s3.url("data/test")}}},
-        "model": MODEL,
+        # the same network and weights, with a forward that sleeps: a batch takes long enough that
+        # the second actor gets the next block while the first is busy (tests/ travels with the job)
+        "model": {**MODEL, "name": "tests.faultproxy:slow_small_cnn", "delay": 0.05},
         "checkpoints": s3.url("src/epoch_*.pt"),
         "vog": {"windows": {"all": "all", "early": "first:2"}},
-        # two scorer actors with one (fake) GPU each: one per node. Small read blocks and
-        # small decode batches (the default 512 would make ONE block of these 208 rows, and
-        # one actor would get all of it): both actors get work.
-        "compute": {"device": "auto", "batch_size": 16, "actors": {"min": 2, "max": 2},
-                    "gpus_per_actor": 1, "cpus_per_actor": 1, "read_blocks": 4, "decode_batch_size": 16},
+        # two scorer actors with one (fake) GPU each: one per node; several small blocks; scoring
+        # waits until both actors are up, and each holds one block at a time
+        "compute": {"device": "auto", "batch_size": 16,
+                    "actors": {"min": 2, "max": 2, "tasks_in_flight": 1, "wait_for_min_s": 600},
+                    "gpus_per_actor": 1, "cpus_per_actor": 1, "read_blocks": 8, "decode_batch_size": 16},
         "storage": {"endpoint_url": s3.endpoint},
         "output": {"url": s3.url(out)},
         "report": {"enabled": False},
@@ -246,17 +248,18 @@ def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
         assert "rows: 208 in = 208 scored + 0 rejected" in logs, logs[-3000:]
         print(f"job {sub_id} succeeded after {time.time() - t0:.0f} s")
 
-        # the scorer actors: one per node, and both of them scored batches
+        # the scorer actors: one per node (one fake GPU each), and both of them scored blocks
         actors = [a for a in list_actors(address=cluster["dashboard"], detail=True, limit=10_000)
                   if "ScorerActor" in (a.class_name or "")]
         on = sorted(str(cluster["nodes"].get(a.node_id)) for a in actors)
         assert on == ["node_a", "node_b"], [(a.class_name, a.node_id, a.state) for a in actors]
         scorer_ids = {a.actor_id for a in actors}
-        tasks = [t for t in list_tasks(address=cluster["dashboard"], detail=True, limit=10_000,
-                                       filters=[("type", "=", "ACTOR_TASK")])
-                 if t.actor_id in scorer_ids and t.state == "FINISHED" and "submit" in t.name]
-        ran_on = {cluster["nodes"].get(t.node_id) for t in tasks}
-        assert ran_on == {"node_a", "node_b"}, [(t.name, t.node_id) for t in tasks]
+        tasks = [t for t in list_tasks(address=cluster["dashboard"], detail=True, limit=10_000)
+                 if t.actor_id in scorer_ids and t.state == "FINISHED"]
+        batches = [t for t in tasks if t.type == "ACTOR_TASK" and "submit" in t.name]
+        per_node = {n: sum(cluster["nodes"].get(t.node_id) == n for t in batches) for n in ("node_a", "node_b")}
+        print("scorer batch tasks per node:", per_node)
+        assert all(per_node.values()), ("both scorer actors must score blocks", per_node)
     t1 = time.time()
 
     # the same config audited by a local Ray in this process (no GPU there: CPU actors)

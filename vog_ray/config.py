@@ -102,6 +102,12 @@ class VogSpec(_Strict):
 class ActorPool(_Strict):
     min: int = Field(default=1, ge=1)
     max: int = Field(default=1, ge=1)
+    tasks_in_flight: Optional[int] = Field(
+        default=None, ge=1, description="blocks queued per actor (Ray Data's default when unset); 1 spreads "
+        "few large blocks over every actor")
+    wait_for_min_s: int = Field(
+        default=0, ge=0, description="wait up to this many seconds for `min` actors before scoring starts "
+        "(0: start with the first actor ready)")
 
     @model_validator(mode="after")
     def _order(self) -> "ActorPool":

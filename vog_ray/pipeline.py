@@ -444,7 +444,10 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
             ds = ds.map_batches(skip_done, fn_kwargs={"done": done}, batch_format="pyarrow", batch_size=None,
                                 zero_copy_batch=True)
         ds = readers.decode(ds, cfg)
-        pool = ray.data.ActorPoolStrategy(min_size=cfg.compute.actors.min, max_size=cfg.compute.actors.max)
+        ap = cfg.compute.actors
+        pool = ray.data.ActorPoolStrategy(min_size=ap.min, max_size=ap.max, max_tasks_in_flight_per_actor=ap.tasks_in_flight)
+        if ap.wait_for_min_s:
+            ray.data.DataContext.get_current().wait_for_min_actors_s = ap.wait_for_min_s
         remote_args: dict[str, Any] = {"num_cpus": cfg.compute.cpus_per_actor}
         if gpus:
             remote_args["num_gpus"] = gpus
