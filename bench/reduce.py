@@ -46,8 +46,6 @@ class PeakRSS:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
         return 0
-        self._stop = threading.Event()
-        self.t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():

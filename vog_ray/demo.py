@@ -18,7 +18,6 @@ decile, the OoD table (VoG vs max-softmax), and where ``report.html`` is.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

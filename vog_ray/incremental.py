@@ -43,8 +43,8 @@ import pyarrow as pa
 
 from .checkpoints import list_checkpoints
 from .config import AuditConfig
-from .pipeline import (AuditResult, Plan, _filter_status, _hash_checkpoints, _rejected_of_group0, _partitions,
-                       merge_moment_rows, moments_to_table, plan_audit, reduce_and_publish, score_stage)
+from .pipeline import (AuditResult, Plan, _filter_status, _hash_checkpoints, _rejected_of_group0, merge_by_example,
+                       moments_to_table, plan_audit, reduce_and_publish, score_stage)
 from .storage import StorageOptions, join, resolve
 
 __all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config"]
@@ -256,9 +256,8 @@ def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url:
     old_ok = old.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
         _set_group, fn_kwargs={"group": 0}, batch_format="pyarrow")
     rejected = new.map_batches(_filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
-    merged = old_ok.union(new_ok).groupby(["split", "id"], num_partitions=_partitions(sum(plan.rows_in.values()), 20_000)) \
-        .map_groups(merge_moment_rows, fn_kwargs={"vog_keys": plan.keys, "num_groups": 2}, batch_format="pyarrow")
-    merged.union(rejected).write_parquet(moments_url, filesystem=fs, mode="overwrite")
+    merged = merge_by_example(old_ok.union(new_ok), plan.keys, 2, 2 * sum(plan.rows_in.values()))
+    (rejected if merged is None else merged.union(rejected)).write_parquet(moments_url, filesystem=fs, mode="overwrite")
 
 
 def _set_group(t: pa.Table, group: int) -> pa.Table:

@@ -17,6 +17,7 @@ written last. Nothing per-example is collected into the driver.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,16 +30,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from . import __version__
 from .checkpoints import CheckpointInfo, list_checkpoints
 from .config import AuditConfig, redact
 from .engine import SIGNALS, BatchResult, resolve_windows
 from .moments import PixelMoments
-from .reduce import (_count_block, _drop_status, _filter_status, _normalize_block, _rejected_columns,
-                     _rejected_of_group0, _sigs_to_lists, SORT_KEYS, assign_ranks, block_counts, class_lookup, merge_class_moments, normalize,
-                     partial_class_moments, vog_col)
+from .reduce import (_filter_splits, _filter_status, _normalize_block, _rejected_columns, _rejected_of_group0,
+                     _sigs_to_lists, _status_counts, SORT_KEYS, class_lookup)
 from .runs import SUCCESS, new_run_id, publish, write_json, write_table
 from .single import VogOptions, keep_array, load_checkpoints, make_engine, result_to_table
 from .storage import StorageOptions, join, resolve
@@ -46,6 +45,27 @@ from .storage import StorageOptions, join, resolve
 __all__ = ["run_audit", "AuditResult", "ScorerActor", "checkpoint_groups", "ensure_ray"]
 
 log = logging.getLogger("vog_ray")
+
+
+class _Steps:
+    """Wall time of each named step of an audit, logged as it ends (progress on long work) and
+    kept for the manifest (``timings_s``)."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def step():
+            t = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.t[name] = round(self.t.get(name, 0.0) + time.perf_counter() - t, 3)
+                log.info("%s: %.1f s", name, self.t[name])
+        return step()
 
 
 @dataclass
@@ -152,10 +172,8 @@ class ScorerActor:
         parts = []
         if ok.any():
             res = self.engine.run(x[ok], labels[ok], emit="vog" if self.emit == "vog" else "moments")
-            eng_status = res.status
             t = self._table(res, batch, ok, keep)
             parts.append(t)
-            del eng_status
         if (~ok).any():
             parts.append(self._rejected(batch, ~ok, status, keep))
         out = pa.concat_tables(parts, promote_options="default") if len(parts) > 1 else parts[0]
@@ -294,11 +312,6 @@ def moments_to_table(t: pa.Table, vog_keys: list[str]) -> pa.Table:
                            labels=t["label"].to_numpy().astype(np.int64), keys=vog_keys, extra=extra)
 
 
-def merge_group_rows(t: pa.Table, vog_keys: list[str], num_groups: int) -> pa.Table:
-    """Checkpoint-sharded: one example's per-group rows → one fused-format row."""
-    return moments_to_table(merge_moment_rows(t, vog_keys, num_groups), vog_keys)
-
-
 # --------------------------------------------------------------------------- helpers
 def _work_key(cfg: AuditConfig, ckpts: list[CheckpointInfo]) -> str:
     """Identity of an audit's stage-1 work: same config + same checkpoints ⇒ resumable."""
@@ -373,6 +386,8 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic batches => byte-identical reruns
     ctx.max_errored_blocks = cfg.compute.max_errored_blocks
+    # per audit, not left over from an earlier one in this process (-1: Ray's "do not wait")
+    ctx.wait_for_min_actors_s = cfg.compute.actors.wait_for_min_s or -1
     _retry_transient_s3_errors(ctx)
     return Plan(cfg, storage, opts, urls, infos, windows, keys, opts.primary(windows),
                 cfg.output.url.rstrip("/"), readers.count_rows(cfg, storage))
@@ -446,8 +461,6 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
         ds = readers.decode(ds, cfg)
         ap = cfg.compute.actors
         pool = ray.data.ActorPoolStrategy(min_size=ap.min, max_size=ap.max, max_tasks_in_flight_per_actor=ap.tasks_in_flight)
-        if ap.wait_for_min_s:
-            ray.data.DataContext.get_current().wait_for_min_actors_s = ap.wait_for_min_s
         remote_args: dict[str, Any] = {"num_cpus": cfg.compute.cpus_per_actor}
         if gpus:
             remote_args["num_gpus"] = gpus
@@ -470,9 +483,10 @@ def merge_sharded(plan: Plan, parts_url: str, raw_url: str, num_groups: int) -> 
     allp = ray.data.read_parquet(parts_url, filesystem=fs)
     ok = allp.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
     bad = allp.map_batches(_rejected_of_group0, batch_format="pyarrow")
-    merged = ok.groupby(["split", "id"], num_partitions=_partitions(sum(plan.rows_in.values()), 20_000)).map_groups(
-        merge_group_rows, fn_kwargs={"vog_keys": plan.keys, "num_groups": num_groups}, batch_format="pyarrow")
-    merged.union(bad).write_parquet(raw_url, filesystem=fs, mode="overwrite")
+    merged = merge_by_example(ok, plan.keys, num_groups, sum(plan.rows_in.values()) * num_groups)
+    out = bad if merged is None else merged.map_batches(moments_to_table, fn_kwargs={"vog_keys": plan.keys},
+                                                        batch_format="pyarrow").union(bad)
+    out.write_parquet(raw_url, filesystem=fs, mode="overwrite")
 
 
 def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | None = None,
@@ -533,32 +547,47 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
     run_id = run_id or new_run_id()
     run_url = join(plan.out_url, "runs", run_id)
     fs_out, _ = resolve(plan.out_url, storage)
-    ctx = ray.data.DataContext.get_current()
-
+    steps = _Steps()
     # a few large blocks, not one per raw file: every shuffle below (sorts) has as many partitions
     raw = ray.data.read_parquet(raw_url, filesystem=fs_raw,
                                 override_num_blocks=_partitions(sum(plan.rows_in.values()), 50_000))
     raw = raw.map_batches(_sigs_to_lists, batch_format="pyarrow")
+    with steps("reduce: read raw table"):
+        raw = raw.materialize()  # read once: every pass below reads the object store, not the files
+        scored_by_split: dict[str, int] = {}
+        rejected_by_split: dict[str, int] = {}
+        for row in raw.map_batches(_status_counts, batch_format="pyarrow", batch_size=None).take_all():
+            d = scored_by_split if row["ok"] else rejected_by_split
+            d[row["split"]] = d.get(row["split"], 0) + int(row["n"])
     ok = raw.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
-    rejected = raw.map_batches(_filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow").materialize()
-    n_scored = ok.count()
-    n_rejected = rejected.count()
+    rejected = raw.map_batches(_filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
+    n_scored, n_rejected = sum(scored_by_split.values()), sum(rejected_by_split.values())
     n_in = sum(plan.rows_in.values())
-    _check_unique_ids(raw, n_in)
+    # ids a reader makes ("<file>:<row>", image paths) are unique by construction; ids read from
+    # an id_column are checked (a distributed sort of those splits' ids)
+    id_splits = sorted(name for name, spec in cfg.data.splits.items() if spec.id_column)
+    if id_splits:
+        with steps("reduce: unique ids"):
+            _check_unique_ids(raw.map_batches(_filter_splits, fn_kwargs={"splits": id_splits},
+                                              batch_format="pyarrow"), n_in)
     if n_in != n_scored + n_rejected:
         raise RuntimeError(f"row accounting failed: {n_in} rows in != {n_scored} scored + {n_rejected} rejected")
     if n_scored == 0:
         raise RuntimeError("no row could be scored (see the rejected rows for the reasons)")
-    classes = _class_table_exact(ok, keys)
+    with steps("reduce: class moments"):
+        classes = _class_table_exact(ok, keys)
     lookup = class_lookup(classes, keys)
     normalized = ok.map_batches(_normalize_block, fn_kwargs={"lookup": lookup, "keys": keys,
                                                              "method": plan.opts.normalization,
                                                              "primary": plan.primary},
                                 batch_format="pyarrow")
-    ctx.default_hash_shuffle_parallelism = _partitions(n_scored)
-    ranked, split_counts = _rank(normalized)
+    with steps("reduce: z, sort, ranks"):
+        ranked, split_counts = _rank(normalized, n_scored)
+    if split_counts != scored_by_split:
+        raise RuntimeError(f"row accounting failed: ranked rows per split {split_counts} != scored {scored_by_split}")
 
     # ---------------- publish: tables, manifest, then _SUCCESS
+    t_publish = time.perf_counter()
     try:
         ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
         if n_rejected:  # an empty write on S3 fails: Ray then deletes a prefix that never existed
@@ -567,7 +596,6 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
         else:
             write_table(join(run_url, "rejected.parquet", "empty.parquet"), _rejected_columns(None), storage)
         write_table(join(run_url, "classes.parquet"), classes, storage)
-        rejected_by_split = _split_counts(rejected) if n_rejected else {}
         K = scored_checkpoints or plan.K
         manifest = {
             "run_id": run_id,
@@ -582,7 +610,7 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
             "label_mode": plan.opts.label_mode,
             "normalization": plan.opts.normalization,
             "rows": {"in": n_in, "scored": n_scored, "rejected": n_rejected},
-            "splits": {s: {"rows_in": plan.rows_in.get(s, 0), "rows_scored": split_counts.get(s, 0),
+            "splits": {s: {"rows_in": plan.rows_in.get(s, 0), "rows_scored": scored_by_split.get(s, 0),
                            "rows_rejected": int(rejected_by_split.get(s, 0))} for s in cfg.data.splits},
             "wall_time_s": time.time() - t0,
             "score_wall_time_s": score_wall,
@@ -590,12 +618,15 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
                            "example_checkpoints_per_s": n_in * K / max(score_wall, 1e-9),
                            "checkpoints_scored": K},
             "versions": _versions(),
+            "timings_s": {"score": round(score_wall, 3), **steps.t,
+                          "publish (tables)": round(time.perf_counter() - t_publish, 3)},
             **extra,
         }
         write_json(join(run_url, "manifest.json"), manifest, storage)
         publish(run_url, plan.out_url, run_id, storage)
     except Exception as e:  # noqa: BLE001 - any failure to write the run is reported the same way
         raise _publish_failed(run_url, run_id, storage, e) from None
+    log.info("publish: %.1f s", time.perf_counter() - t_publish)
     result = AuditResult(run_url=run_url, run_id=run_id, manifest=manifest,
                          top=_top_ids(run_url, storage, list(cfg.data.splits)))
     if cfg.report.enabled if report is None else report:
@@ -607,12 +638,14 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
 
 def _check_unique_ids(raw, n_rows: int) -> None:
     """Ids must be unique within a split: a duplicate is an error naming it. One distributed sort
-    of the ``split``/``id`` columns; each sorted block reports its repeats and its first and last
-    key (nothing per-example reaches the driver)."""
-    from .reduce import _adjacent_duplicates
+    of the ``split``/``id`` columns (:func:`_sample_sort`); each sorted partition reports its
+    repeats and its first and last key (nothing per-example reaches the driver)."""
+    import ray
 
-    found = (raw.select_columns(["split", "id"]).sort(["split", "id"])
-             .map_batches(_adjacent_duplicates, batch_format="pyarrow", batch_size=None).take_all())
+    keys = [("split", "ascending"), ("id", "ascending")]
+    refs = _block_refs(raw.select_columns(["split", "id"]))
+    found = [r for t in ray.get(_sample_sort(refs, keys, _partitions(n_rows, 1_000_000), "merge_dups"))
+             for r in t.to_pylist()]
     dups = {(r["split"], r["id"]): r["n"] for r in found if r["kind"] == "dup"}
     # sorted blocks hold disjoint key ranges, except that a repeated key may end one block and
     # start the next: compare each block's last key with the next block's first
@@ -661,35 +694,118 @@ def _publish_failed(run_url: str, run_id: str, storage: StorageOptions, e: BaseE
                         f"(a run without {SUCCESS} is never listed or opened)")
 
 
-def _split_counts(ds) -> dict[str, int]:
-    """Rows per split (per-block counts summed in the driver: no shuffle)."""
-    out: dict[str, int] = {}
-    for row in ds.map_batches(_count_block, batch_format="pyarrow", batch_size=None).take_all():
-        out[row["split"]] = out.get(row["split"], 0) + int(row["n"])
-    return out
-
-
 def _partitions(n_rows: int, rows_per_partition: int = 100_000) -> int:
     return int(max(1, min(200, -(-n_rows // rows_per_partition))))
 
 
-def _rank(ds):
-    """Distributed sort by (split, score desc, id), then ranks from per-block offsets."""
+@functools.cache
+def _sort_tasks():
+    """The Ray tasks of :func:`_sample_sort` (made once, when Ray is there)."""
+    import ray
+
+    from . import reduce as R
+
+    @ray.remote
+    def sample(block, sort_keys, k):
+        return R.sort_key_sample(block, sort_keys, k)
+
+    @ray.remote
+    def cut(block, sort_keys, boundaries):
+        parts = R.partition_block(block, sort_keys, boundaries)
+        return parts if len(parts) > 1 else parts[0]
+
+    @ray.remote(num_returns=2)
+    def merge_counted(sort_keys, *parts):
+        t = R.merge_sorted(list(parts), sort_keys)
+        return t, R.block_counts(t)
+
+    @ray.remote
+    def merge_dups(sort_keys, *parts):
+        return R._adjacent_duplicates(R.merge_sorted(list(parts), sort_keys))
+
+    @ray.remote
+    def assign(block, so, co, sizes):
+        return R.assign_ranks(block, so, co, sizes)
+
+    @ray.remote(num_returns=2)
+    def merge_examples(sort_keys, vog_keys, num_groups, *parts):
+        t = _merge_examples(R.merge_sorted(list(parts), sort_keys), vog_keys, num_groups)
+        return t, t.num_rows
+
+    return {"sample": sample, "cut": cut, "merge_counted": merge_counted, "merge_dups": merge_dups,
+            "assign": assign, "merge_examples": merge_examples}
+
+
+def _merge_examples(t: pa.Table, vog_keys: list[str], num_groups: int) -> pa.Table:
+    """A table sorted by (split, id, group) → one merged moment row per example
+    (:func:`merge_moment_rows` on each run of equal (split, id))."""
+    n = t.num_rows
+    if n == 0:
+        return t
+    s = t.column("split").to_numpy(zero_copy_only=False).astype(object)
+    i = t.column("id").to_numpy(zero_copy_only=False).astype(object)
+    starts = np.r_[0, np.flatnonzero((s[1:] != s[:-1]) | (i[1:] != i[:-1])) + 1, n]
+    return pa.concat_tables([merge_moment_rows(t.slice(a, b - a), vog_keys, num_groups)
+                             for a, b in zip(starts[:-1], starts[1:])], promote_options="default")
+
+
+def merge_by_example(ds, vog_keys: list[str], num_groups: int, num_rows: int):
+    """Partial moment rows (``group`` 0 … num_groups - 1 of each example) → one merged row per
+    example, as a dataset: a distributed sort by (split, id, group) (:func:`_sample_sort`), then
+    each sorted partition merges its runs of equal ids (Chan, in group order)."""
     import ray
     import ray.data
 
-    sorted_ds = ds.sort([k for k, _ in SORT_KEYS], descending=[d == "descending" for _, d in SORT_KEYS])
-    refs = sorted_ds.to_arrow_refs()  # blocks in sorted order; the data stays in the object store
+    keys = [("split", "ascending"), ("id", "ascending"), ("group", "ascending")]
+    merged = _sample_sort(_block_refs(ds), keys, _partitions(num_rows, 20_000), "merge_examples",
+                          args=(vog_keys, num_groups))
+    sizes = ray.get([m[1] for m in merged])
+    refs = [m[0] for m, n in zip(merged, sizes) if n]
+    return ray.data.from_arrow_refs(refs) if refs else None
 
-    @ray.remote
-    def _counts(block):
-        return block_counts(block)
 
-    @ray.remote
-    def _assign(block, so, co, sizes):
-        return assign_ranks(block, so, co, sizes)
+def _block_refs(ds) -> list:
+    """The blocks of a dataset as object refs, in order (it is executed; nothing reaches the driver)."""
+    return [r for bundle in ds.materialize().iter_internal_ref_bundles() for r in bundle.block_refs]
 
-    counts = ray.get([_counts.remote(r) for r in refs])
+
+def _sample_sort(refs: list, sort_keys: list[tuple[str, str]], partitions: int, merge: str,
+                 args: tuple = ()) -> list:
+    """A sample sort of the blocks ``refs`` into ``partitions`` sorted partitions, with Ray tasks
+    (the steps are :func:`reduce.sort_key_sample`, :func:`reduce.choose_boundaries`,
+    :func:`reduce.partition_block`, :func:`reduce.merge_sorted`). Returns what the ``merge`` task
+    gives for each partition, in sort order. The driver sees only the samples (``SORT_SAMPLES`` keys
+    per block) and the boundaries."""
+    import ray
+
+    T = _sort_tasks()
+    if partitions > 1 and refs:
+        samples = ray.get([T["sample"].remote(r, sort_keys, SORT_SAMPLES) for r in refs])
+        from .reduce import choose_boundaries
+
+        bounds = choose_boundaries(samples, sort_keys, partitions)
+        partitions = bounds.num_rows + 1
+    if partitions > 1 and refs:
+        bref = ray.put(bounds)
+        cut = [T["cut"].options(num_returns=partitions).remote(r, sort_keys, bref) for r in refs]
+        columns = [[c[p] for c in cut] for p in range(partitions)]
+    else:
+        columns = [list(refs)]
+    return [T[merge].remote(sort_keys, *args, *col) for col in columns]
+
+
+SORT_SAMPLES = 64  # sort keys sampled per block to choose the partition boundaries
+
+
+def _rank(ds, num_rows: int):
+    """Distributed sort by (split, score desc, id) (:func:`_sample_sort`), then ranks from
+    per-partition offsets. Returns the ranked dataset and the rows per split."""
+    import ray
+    import ray.data
+
+    merged = _sample_sort(_block_refs(ds), SORT_KEYS, _partitions(num_rows), "merge_counted")
+    sorted_refs = [m[0] for m in merged]
+    counts = ray.get([m[1] for m in merged])
     sizes: dict[str, int] = {}
     for s_c, _ in counts:
         for s, v in s_c.items():
@@ -697,8 +813,8 @@ def _rank(ds):
     s_off: dict[str, int] = {}
     c_off: dict[tuple[str, int], int] = {}
     out_refs = []
-    for r, (s_c, c_c) in zip(refs, counts):
-        out_refs.append(_assign.remote(r, dict(s_off), dict(c_off), sizes))
+    for r, (s_c, c_c) in zip(sorted_refs, counts):
+        out_refs.append(_sort_tasks()["assign"].remote(r, dict(s_off), dict(c_off), sizes))
         for s, v in s_c.items():
             s_off[s] = s_off.get(s, 0) + v
         for k, v in c_c.items():

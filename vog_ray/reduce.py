@@ -239,11 +239,68 @@ def rank_table(table: pa.Table) -> pa.Table:
     return assign_ranks(t, {}, {}, s_counts)
 
 
+# ---------------------------------------------------------------- sample sort (the steps of the Ray reduce's sort)
+# A distributed sort in three steps of per-block tasks, none of which sees more than one block or
+# one partition: (1) each block sends a few evenly spaced sort keys; (2) P - 1 boundaries are
+# picked from those samples and each block is cut into P parts by them (a row equal to boundary p
+# goes to part p, in every block); (3) part p of every block is merged and sorted. The P sorted
+# partitions, in order, are the sorted table.
+def sort_key_sample(t: pa.Table, sort_keys: list[tuple[str, str]], k: int) -> pa.Table:
+    """``k`` evenly spaced rows of the block's sort-key columns, in sort order."""
+    keys = t.select([c for c, _ in sort_keys])
+    if keys.num_rows <= k:
+        return keys.sort_by(sort_keys)
+    idx = pc.sort_indices(keys, sort_keys=sort_keys).to_numpy()
+    pick = idx[np.linspace(0, len(idx) - 1, k).round().astype(np.int64)]
+    return keys.take(pa.array(np.sort(pick))).sort_by(sort_keys)
+
+
+def choose_boundaries(samples: list[pa.Table], sort_keys: list[tuple[str, str]], partitions: int) -> pa.Table:
+    """``partitions - 1`` boundary keys at the quantiles of the pooled samples."""
+    pooled = pa.concat_tables([s for s in samples if s.num_rows], promote_options="default").sort_by(sort_keys)
+    if pooled.num_rows == 0 or partitions <= 1:
+        return pooled.slice(0, 0)
+    at = [int(round(pooled.num_rows * p / partitions)) for p in range(1, partitions)]
+    return pooled.take(pa.array([min(max(a, 0), pooled.num_rows - 1) for a in at]))
+
+
+def partition_block(t: pa.Table, sort_keys: list[tuple[str, str]], boundaries: pa.Table) -> list[pa.Table]:
+    """Cut a block into ``len(boundaries) + 1`` parts: part p holds the rows whose key is above
+    boundary p - 1 and at most boundary p."""
+    parts = boundaries.num_rows + 1
+    if parts == 1 or t.num_rows == 0:
+        return [t] + [t.slice(0, 0)] * (parts - 1)
+    names = [c for c, _ in sort_keys]
+    data = t.select(names).append_column("__b", pa.array(np.zeros(t.num_rows, np.int8)))
+    bnd = boundaries.select(names).cast(data.select(names).schema).append_column(
+        "__b", pa.array(np.ones(boundaries.num_rows, np.int8)))
+    both = pa.concat_tables([data, bnd])
+    # a stable sort with the data rows first among equal keys: a row equal to a boundary sorts
+    # just before it, and so falls in that boundary's part
+    order = pc.sort_indices(both, sort_keys=[*sort_keys, ("__b", "ascending")]).to_numpy()
+    is_b = both.column("__b").to_numpy()[order]
+    part_sorted = np.cumsum(is_b) - is_b  # boundaries passed before each position
+    pid = np.empty(both.num_rows, np.int64)
+    pid[order] = part_sorted
+    pid = pid[:t.num_rows]
+    return [t.filter(pa.array(pid == p)) for p in range(parts)]
+
+
+def merge_sorted(parts: list[pa.Table], sort_keys: list[tuple[str, str]]) -> pa.Table:
+    """One partition: its parts from every block, sorted. ("permissive": the partial rows of
+    checkpoint groups of different sizes hold signal lists of different fixed sizes.)"""
+    return pa.concat_tables(parts, promote_options="permissive").sort_by(sort_keys)
+
+
 # ---------------------------------------------------------------- per-block UDFs of the Ray reduce
 # (here, not in pipeline.py: a Ray worker that runs them imports only numpy/pyarrow, never torch)
 def _filter_status(t: pa.Table, ok: bool) -> pa.Table:
     m = pc.equal(t["status"], "ok")
     return t.filter(m if ok else pc.invert(m))
+
+
+def _filter_splits(t: pa.Table, splits: list[str]) -> pa.Table:
+    return t.filter(pc.is_in(t["split"], value_set=pa.array(splits, pa.string())))
 
 
 def _rejected_of_group0(t: pa.Table) -> pa.Table:
@@ -280,6 +337,16 @@ def _rejected_columns(t: pa.Table | None) -> pa.Table:
 
 def _normalize_block(t: pa.Table, lookup, keys, method, primary) -> pa.Table:
     return normalize(_drop_status(t), lookup, keys, method, primary)
+
+
+def _status_counts(t: pa.Table) -> pa.Table:
+    """Rows per (split, scored or rejected) in one block."""
+    if t.num_rows == 0:
+        return pa.table({"split": pa.array([], pa.string()), "ok": pa.array([], pa.bool_()),
+                         "n": pa.array([], pa.int64())})
+    g = pa.table({"split": t["split"], "ok": pc.equal(t["status"], "ok")}).group_by(["split", "ok"]).aggregate(
+        [([], "count_all")])
+    return pa.table({"split": g["split"].cast(pa.string()), "ok": g["ok"], "n": g["count_all"].cast(pa.int64())})
 
 
 def _count_block(t: pa.Table) -> pa.Table:

@@ -1,0 +1,100 @@
+"""The reduce's sample sort, step by step, against one ``sort_by`` of the whole table; and the
+whole distributed sort with real Ray tasks, against the same naive reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from vog_ray.reduce import (SORT_KEYS, assign_ranks, block_counts, choose_boundaries, merge_sorted, partition_block,
+                            rank_table, sort_key_sample)
+
+
+def table(n: int, seed: int, ties: bool = False) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    score = rng.normal(size=n)
+    if ties:  # many equal scores: the id must break them, across blocks and partitions
+        score = np.round(score, 1)
+    return pa.table({"split": rng.choice(["test", "train", "ood"], n), "score": score,
+                     "id": [f"x{j:05d}" for j in rng.permutation(n)], "target_label": rng.integers(0, 4, n),
+                     "payload": rng.random(n)})
+
+
+def blocks_of(t: pa.Table, sizes: list[int]) -> list[pa.Table]:
+    out, at = [], 0
+    for s in sizes:
+        out.append(t.slice(at, s))
+        at += s
+    assert at == t.num_rows
+    return out
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 5, 17])
+@pytest.mark.parametrize("ties", [False, True])
+def test_sample_sort_steps_equal_one_sort(partitions, ties):
+    t = table(3000, seed=partitions, ties=ties)
+    blocks = blocks_of(t, [0, 700, 1, 1299, 1000])  # an empty block and a one-row block
+    samples = [sort_key_sample(b, SORT_KEYS, 16) for b in blocks]
+    bounds = choose_boundaries(samples, SORT_KEYS, partitions)
+    assert bounds.num_rows == partitions - 1
+    cut = [partition_block(b, SORT_KEYS, bounds) for b in blocks]
+    assert all(len(c) == partitions for c in cut)
+    assert sum(p.num_rows for c in cut for p in c) == t.num_rows  # nothing lost, nothing doubled
+    merged = [merge_sorted([c[p] for c in cut], SORT_KEYS) for p in range(partitions)]
+    got = pa.concat_tables(merged)
+    assert got.equals(t.sort_by(SORT_KEYS))
+    # ranks from per-partition offsets == ranks of the whole table at once
+    counts = [block_counts(m) for m in merged]
+    sizes: dict[str, int] = {}
+    for s_c, _ in counts:
+        for s, v in s_c.items():
+            sizes[s] = sizes.get(s, 0) + v
+    s_off: dict[str, int] = {}
+    c_off: dict[tuple[str, int], int] = {}
+    ranked = []
+    for m, (s_c, c_c) in zip(merged, counts):
+        ranked.append(assign_ranks(m, dict(s_off), dict(c_off), sizes))
+        for s, v in s_c.items():
+            s_off[s] = s_off.get(s, 0) + v
+        for k, v in c_c.items():
+            c_off[k] = c_off.get(k, 0) + v
+    assert pa.concat_tables(ranked).equals(rank_table(t))
+
+
+def test_rows_equal_to_a_boundary_all_go_to_one_part():
+    keys = [("split", "ascending"), ("id", "ascending")]
+    t = pa.table({"split": ["a"] * 6, "id": ["1", "2", "2", "2", "3", "4"]})
+    bounds = pa.table({"split": ["a"], "id": ["2"]})
+    first, second = partition_block(t, keys, bounds)
+    assert first["id"].to_pylist() == ["1", "2", "2", "2"] and second["id"].to_pylist() == ["3", "4"]
+
+
+@pytest.mark.integration
+def test_ray_sample_sort_and_ranks_equal_the_naive_reference():
+    """The Ray tasks (pipeline._rank) on many blocks and several partitions: every column equals
+    one in-memory sort + rank, and the split sizes are right."""
+    import ray
+    import ray.data
+
+    from vog_ray import pipeline
+
+    t = table(5000, seed=7, ties=True)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        ds = ray.data.from_arrow(blocks_of(t, [1000] * 5))
+        old = pipeline._partitions
+        pipeline._partitions = lambda n, per=100_000: 4  # several partitions for 5,000 rows
+        try:
+            ranked, sizes = pipeline._rank(ds, t.num_rows)
+        finally:
+            pipeline._partitions = old
+        got = pa.concat_tables([ray.get(r) for b in ranked.iter_internal_ref_bundles() for r in b.block_refs])
+        assert got.equals(rank_table(t))
+        assert sizes == {s: int(n) for s, n in zip(*np.unique(t["split"].to_numpy(zero_copy_only=False),
+                                                               return_counts=True))}
+    finally:
+        if started:
+            ray.shutdown()
