@@ -43,8 +43,8 @@ import pyarrow as pa
 
 from .checkpoints import list_checkpoints
 from .config import AuditConfig
-from .pipeline import (AuditResult, Plan, _filter_status, _hash_checkpoints, _rejected_of_group0, merge_by_example,
-                       moments_to_table, plan_audit, reduce_and_publish, score_stage)
+from .pipeline import (AuditResult, Plan, _filter_status, _hash_checkpoints, _partitions, _rejected_of_group0, merge_by_example,
+                       moments_to_table, read_raw, plan_audit, reduce_and_publish, score_stage)
 from .storage import StorageOptions, join, resolve
 
 __all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config"]
@@ -155,7 +155,6 @@ def _new_checkpoints(plan_urls: list[str], infos: list[Any], state: dict[str, An
 def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: bool | None = None,
                     run_id: str | None = None) -> AuditResult | None:
     """Fold new checkpoints into the persisted moments and publish a new run; ``None`` if up to date."""
-    import ray.data
 
     t0 = time.time()
     check_incremental_config(cfg)
@@ -243,14 +242,14 @@ def _rm(url: str, storage: StorageOptions) -> None:
 
 def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url: str) -> None:
     """The next generation's moments: previous moments (group 0) ⊕ new checkpoints (group 1)."""
-    import ray.data
 
     fs, _ = resolve(parts_url, plan.storage)
-    new = ray.data.read_parquet(parts_url, filesystem=fs)
+    n = sum(plan.rows_in.values())
+    new, _, _ = read_raw(parts_url, plan.storage, _partitions(n, 50_000))
     if state is None:
         new.write_parquet(moments_url, filesystem=fs, mode="overwrite")
         return
-    old = ray.data.read_parquet(state["moments_url"], filesystem=fs)
+    old, _, _ = read_raw(state["moments_url"], plan.storage, _partitions(n, 50_000))
     new_ok = new.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
         _set_group, fn_kwargs={"group": 1}, batch_format="pyarrow")
     old_ok = old.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
@@ -267,10 +266,9 @@ def _set_group(t: pa.Table, group: int) -> pa.Table:
 
 
 def _moments_to_raw(plan: Plan, moments_url: str, raw_url: str) -> None:
-    import ray.data
 
     fs, _ = resolve(moments_url, plan.storage)
-    ds = ray.data.read_parquet(moments_url, filesystem=fs)
+    ds, _, _ = read_raw(moments_url, plan.storage, _partitions(sum(plan.rows_in.values()), 50_000))
     ok = ds.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow") \
         .map_batches(moments_to_table, fn_kwargs={"vog_keys": plan.keys}, batch_format="pyarrow")
     bad = ds.map_batches(_rejected_of_group0, batch_format="pyarrow")

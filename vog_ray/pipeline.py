@@ -37,7 +37,7 @@ from .config import AuditConfig, redact
 from .engine import SIGNALS, BatchResult, resolve_windows
 from .moments import PixelMoments
 from .reduce import (_filter_splits, _filter_status, _normalize_block, _rejected_columns, _rejected_of_group0,
-                     _sigs_to_lists, _status_counts, SORT_KEYS, class_lookup)
+                     SORT_KEYS, class_lookup)
 from .runs import SUCCESS, new_run_id, publish, write_json, write_table
 from .single import VogOptions, keep_array, load_checkpoints, make_engine, result_to_table
 from .storage import StorageOptions, join, resolve
@@ -477,10 +477,9 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
 
 def merge_sharded(plan: Plan, parts_url: str, raw_url: str, num_groups: int) -> None:
     """Merge per-group partial moments by example id into the fused raw table."""
-    import ray.data
 
     fs, _ = resolve(parts_url, plan.storage)
-    allp = ray.data.read_parquet(parts_url, filesystem=fs)
+    allp, _, _ = read_raw(parts_url, plan.storage, _partitions(sum(plan.rows_in.values()) * num_groups, 50_000))
     ok = allp.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
     bad = allp.map_batches(_rejected_of_group0, batch_format="pyarrow")
     merged = merge_by_example(ok, plan.keys, num_groups, sum(plan.rows_in.values()) * num_groups)
@@ -539,26 +538,15 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
                        extra: dict[str, Any], report: bool | None = None,
                        scored_checkpoints: int | None = None) -> AuditResult:
     """Stage 2: class moments → z → ranks → the published run (``_SUCCESS`` last), then the report."""
-    import ray
-    import ray.data
-
     cfg, storage, keys = plan.cfg, plan.storage, plan.keys
     fs_raw, _ = resolve(raw_url, storage)
     run_id = run_id or new_run_id()
     run_url = join(plan.out_url, "runs", run_id)
     fs_out, _ = resolve(plan.out_url, storage)
     steps = _Steps()
-    # a few large blocks, not one per raw file: every shuffle below (sorts) has as many partitions
-    raw = ray.data.read_parquet(raw_url, filesystem=fs_raw,
-                                override_num_blocks=_partitions(sum(plan.rows_in.values()), 50_000))
-    raw = raw.map_batches(_sigs_to_lists, batch_format="pyarrow")
-    with steps("reduce: read raw table"):
-        raw = raw.materialize()  # read once: every pass below reads the object store, not the files
-        scored_by_split: dict[str, int] = {}
-        rejected_by_split: dict[str, int] = {}
-        for row in raw.map_batches(_status_counts, batch_format="pyarrow", batch_size=None).take_all():
-            d = scored_by_split if row["ok"] else rejected_by_split
-            d[row["split"]] = d.get(row["split"], 0) + int(row["n"])
+    with steps("reduce: read raw table"):  # once, into the object store: every pass below reads that
+        raw, scored_by_split, rejected_by_split = read_raw(raw_url, storage,
+                                                           _partitions(sum(plan.rows_in.values()), 50_000))
     ok = raw.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
     rejected = raw.map_batches(_filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
     n_scored, n_rejected = sum(scored_by_split.values()), sum(rejected_by_split.values())
@@ -727,13 +715,58 @@ def _sort_tasks():
     def assign(block, so, co, sizes):
         return R.assign_ranks(block, so, co, sizes)
 
+    # S3 answers that s3fs's own retries did not absorb (throttling, 5xx) are retried here
+    @ray.remote(num_returns=2, max_retries=3, retry_exceptions=[OSError])
+    def read_files(paths, url, storage):
+        t = _read_parquet_files(paths, url, storage)
+        return t, R._status_counts(t)
+
     @ray.remote(num_returns=2)
     def merge_examples(sort_keys, vog_keys, num_groups, *parts):
         t = _merge_examples(R.merge_sorted(list(parts), sort_keys), vog_keys, num_groups)
         return t, t.num_rows
 
     return {"sample": sample, "cut": cut, "merge_counted": merge_counted, "merge_dups": merge_dups,
-            "assign": assign, "merge_examples": merge_examples}
+            "assign": assign, "merge_examples": merge_examples, "read_files": read_files}
+
+
+def _read_parquet_files(paths: list[str], url: str, storage: dict[str, Any]) -> pa.Table:
+    """Parquet files (paths in the filesystem of ``url``) → one table; list columns as plain
+    fixed-size lists; files whose columns differ (a batch of rejected rows only) are unified."""
+    import pyarrow.parquet as pq
+
+    from .reduce import _sigs_to_lists
+
+    fs, _ = resolve(url, StorageOptions(**storage))
+    tables = []
+    for p in paths:
+        with fs.open(p, "rb") as f:
+            tables.append(_sigs_to_lists(pq.read_table(f)))
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+
+
+def read_raw(url: str, storage: StorageOptions, num_blocks: int):
+    """A directory of Parquet files → (dataset, rows per split scored, rows per split rejected),
+    read by ``num_blocks`` Ray tasks into the object store (nothing reaches the driver but the
+    per-split counts)."""
+    import ray
+    import ray.data
+
+    fs, path = resolve(url, storage)
+    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {redact(url)}")
+    chunks = [list(c) for c in np.array_split(np.array(files, dtype=object), min(num_blocks, len(files))) if len(c)]
+    st = {"endpoint_url": storage.endpoint_url, "anonymous": storage.anonymous, "region": storage.region,
+          "extra": dict(storage.extra)}
+    outs = [_sort_tasks()["read_files"].remote(c, url, st) for c in chunks]
+    scored: dict[str, int] = {}
+    rejected: dict[str, int] = {}
+    for counts in ray.get([o[1] for o in outs]):
+        for row in counts.to_pylist():
+            d = scored if row["ok"] else rejected
+            d[row["split"]] = d.get(row["split"], 0) + int(row["n"])
+    return ray.data.from_arrow_refs([o[0] for o in outs]), scored, rejected
 
 
 def _merge_examples(t: pa.Table, vog_keys: list[str], num_groups: int) -> pa.Table:
