@@ -38,7 +38,10 @@ def main() -> int:
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--threads-per-actor", type=int, default=os.cpu_count() or 1,
                     help="torch threads in each scorer actor; the engine alone gets actors × this")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--cpus-per-actor", type=float, default=1.0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--encode", choices=["png", "raw"], default="png",
+                    help="image column: PNG bytes (decoded by the pipeline) or raw uint8 arrays")
     ap.add_argument("--quick", action="store_true", help="4,000 examples")
     a = ap.parse_args()
     if a.quick:
@@ -58,7 +61,7 @@ def main() -> int:
     X = np.clip(np.rint(X), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
     reps = -(-a.n // len(X))
     X, y = np.tile(X, (reps, 1, 1))[:a.n], np.tile(y, reps)[:a.n].astype(np.int64)
-    write_parquet_split(f"{tmp}/data_{a.n}", X, y, rows_per_file=max(1000, a.n // 8))
+    write_parquet_split(f"{tmp}/data_{a.n}", X, y, rows_per_file=max(1000, a.n // 8), encode=a.encode)
     torch.manual_seed(0)
     for i in range(a.k):
         save_state_dict(build_model("lenet"), f"{tmp}/ck/epoch_{i}.pt")
@@ -85,17 +88,20 @@ def main() -> int:
     # fixed costs (actor start-up, checkpoint loading, the first blocks' latency, the last write).
     from vog_ray.pipeline import run_audit
 
-    def cfg_for(n: int):
+    def cfg_for(n: int, rep: int):
         return validate({
-            "data": {"splits": {"train": {"format": "parquet", "url": f"{tmp}/data_{n}"}},
+            "data": {"splits": {"train": {"format": "parquet", "url": f"{tmp}/data_{n}",
+                                          **({"image_shape": [28, 28]} if a.encode == "raw" else {})}},
                      "transform": {"channels": 1, "mean": [0.1307], "std": [0.3081]}},
             "model": "lenet", "checkpoints": f"{tmp}/ck/epoch_*.pt",
             "vog": {"windows": {"all": "all"}, "targets": ["logit"]},
-            "compute": {"device": "cpu", "batch_size": a.batch_size, "actors": {"min": a.actors, "max": a.actors}},
-            "output": {"url": f"{tmp}/out_{n}"}, "report": {"enabled": False}})
+            "compute": {"device": "cpu", "batch_size": a.batch_size, "actors": {"min": a.actors, "max": a.actors},
+                        "cpus_per_actor": a.cpus_per_actor},
+            "output": {"url": f"{tmp}/out_{n}_{rep}"}, "report": {"enabled": False}})  # fresh: no resume
 
     small = a.n // 5
-    write_parquet_split(f"{tmp}/data_{small}", X[:small], y[:small], rows_per_file=max(1000, a.n // 8))
+    write_parquet_split(f"{tmp}/data_{small}", X[:small], y[:small], rows_per_file=max(1000, a.n // 8),
+                        encode=a.encode)
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
@@ -109,7 +115,8 @@ def main() -> int:
         for n in (small, a.n):
             eng_s[n].append(engine_pass(n))
             t = time.perf_counter()
-            res = run_audit(cfg_for(n), report=False)
+            res = run_audit(cfg_for(n, r), report=False)
+            assert res.manifest["resumed_from_work"] is False
             totals.append(time.perf_counter() - t)
             pipe_s[n].append(res.manifest["score_wall_time_s"])
             print(f"  rep {r}: n={n:6d}  engine {eng_s[n][-1]:6.2f} s   Ray score stage {pipe_s[n][-1]:6.2f} s "
@@ -122,7 +129,7 @@ def main() -> int:
     print(f"(b) Ray audit:     {rate_pipe:10.0f} example×checkpoints/s steady state ({a.actors} actor(s) × "
           f"{a.threads_per_actor} threads; fixed start-up cost {fixed:.1f} s per audit)")
     print(f"pipeline_vs_engine = {rate_pipe / rate_engine:.3f}")
-    out = {"n": a.n, "k": a.k, "batch_size": a.batch_size, "actors": a.actors, "threads_per_actor": a.threads_per_actor,
+    out = {"encode": a.encode, "n": a.n, "k": a.k, "batch_size": a.batch_size, "actors": a.actors, "cpus_per_actor": a.cpus_per_actor, "threads_per_actor": a.threads_per_actor,
            "cpus": os.cpu_count(), "reps": a.reps, "engine_rate": round(rate_engine, 1),
            "pipeline_rate": round(rate_pipe, 1), "pipeline_vs_engine": round(rate_pipe / rate_engine, 3),
            "pipeline_fixed_s": round(fixed, 2), "engine_s": eng_s, "score_stage_s": pipe_s}

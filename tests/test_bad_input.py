@@ -312,3 +312,23 @@ def test_config_and_output_errors_from_the_cli(env, tmp_path, capsys):
     assert main(["audit", str(path), "--no-report"]) == 1
     err = capsys.readouterr().err
     assert "nope" in err, err
+
+
+def test_a_pool_that_takes_every_cpu_is_refused_naming_the_keys():
+    """actors.min × cpus_per_actor must leave one CPU for the read/decode tasks: otherwise nothing
+    is read and the audit waits forever (seen with 2 actors × 1 CPU on a 2-CPU Ray)."""
+    from vog_ray.config import validate
+    from vog_ray.pipeline import _check_cpus_left
+
+    def cfg(**compute):
+        return validate({"data": {"splits": {"train": {"format": "npz", "url": "x.npz"}}}, "model": "lenet",
+                         "checkpoints": "c/*.pt", "output": {"url": "out"}, "compute": compute})
+
+    with pytest.raises(ValueError, match=r"compute\.actors\.min \(2\) × compute\.cpus_per_actor \(1\) = 2 CPUs, "
+                                         r"but the Ray cluster has 2"):
+        _check_cpus_left(cfg(actors={"min": 2, "max": 2}), 2.0, 1)
+    with pytest.raises(ValueError, match=r"× 3 checkpoint groups = 3 CPUs"):
+        _check_cpus_left(cfg(checkpoint_groups=3), 3.0, 3)
+    _check_cpus_left(cfg(actors={"min": 1, "max": 4}), 2.0, 1)  # one actor, one CPU left: fine
+    _check_cpus_left(cfg(actors={"min": 2, "max": 2}, cpus_per_actor=0.5), 2.0, 1)
+    _check_cpus_left(cfg(checkpoint_groups=3, cpus_per_actor=0.25), 2.0, 3)

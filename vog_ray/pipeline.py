@@ -445,6 +445,7 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
         if device == "cuda" and not has_gpu:
             raise RuntimeError("compute.device is 'cuda' but the Ray cluster has no GPU")
         gpus = cfg.compute.gpus_per_actor if has_gpu else 0.0
+    _check_cpus_left(cfg, ray.cluster_resources().get("CPU", 0.0), len(groups))
     o = plan.opts
     vog_kwargs = {"windows": dict(o.windows), "targets": list(o.targets), "label_mode": o.label_mode,
                   "normalization": o.normalization, "rank_by": o.rank_by, "accum_dtype": o.accum_dtype}
@@ -473,6 +474,21 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     fs, _ = resolve(out_url, plan.storage)
     ds.write_parquet(out_url, filesystem=fs, mode=mode)
+
+
+def _check_cpus_left(cfg: AuditConfig, cluster_cpus: float, num_groups: int) -> None:
+    """The scorer actors hold their CPUs for the whole stage; the read and decode tasks that feed
+    them need at least one more. If the minimum pool takes every CPU, nothing is ever read and the
+    audit would wait forever: refuse it, naming the keys."""
+    c = cfg.compute
+    held = c.actors.min * c.cpus_per_actor * num_groups
+    if held > cluster_cpus - 1:
+        raise ValueError(
+            f"compute.actors.min ({c.actors.min}) × compute.cpus_per_actor ({c.cpus_per_actor:g})"
+            + (f" × {num_groups} checkpoint groups" if num_groups > 1 else "")
+            + f" = {held:g} CPUs, but the Ray cluster has {cluster_cpus:g}: the read/decode tasks need at least "
+            "one CPU besides the scorer actors, or the audit cannot make progress. Lower actors.min or "
+            "cpus_per_actor (fractions such as 0.5 are allowed), or add CPUs.")
 
 
 def merge_sharded(plan: Plan, parts_url: str, raw_url: str, num_groups: int) -> None:
