@@ -189,14 +189,14 @@ def wait_for_nodes(dashboard: str, n: int, timeout: float = 120) -> dict[str, st
 
 
 # --------------------------------------------------------------------------- the test
-def audit_config(s3, out: str) -> dict[str, Any]:
+def audit_config(s3, out: str, slow: bool = True) -> dict[str, Any]:
     return {
         "name": "multinode-test",
         "data": {"splits": {"train": {"format": "parquet", "url": s3.url("data/train")},
                             "test": {"format": "parquet", "url": s3.url("data/test")}}},
         # the same network and weights, with a forward that sleeps: a batch takes long enough that
         # the second actor gets the next block while the first is busy (tests/ travels with the job)
-        "model": {**MODEL, "name": "tests.faultproxy:slow_small_cnn", "delay": 0.05},
+        "model": {**MODEL, "name": "tests.faultproxy:slow_small_cnn", "delay": 0.05} if slow else MODEL,
         "checkpoints": s3.url("src/epoch_*.pt"),
         "vog": {"windows": {"all": "all", "early": "first:2"}},
         # two scorer actors with one (fake) GPU each: one per node; several small blocks; scoring
@@ -268,7 +268,8 @@ def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
     ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False,
              runtime_env={"env_vars": s3.env}, _system_config={"worker_register_timeout_seconds": 600})
     try:
-        local = run_audit(validate(audit_config(s3, "mn/local")))
+        # the same network and weights without the sleep (the sleep only spreads the job's blocks)
+        local = run_audit(validate(audit_config(s3, "mn/local", slow=False)))
     finally:
         ray.shutdown()
     print(f"local reference audit: {time.time() - t1:.0f} s")
