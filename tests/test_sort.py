@@ -98,3 +98,52 @@ def test_ray_sample_sort_and_ranks_equal_the_naive_reference():
     finally:
         if started:
             ray.shutdown()
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_vectorised_example_merge_equals_the_per_example_merge(groups):
+    """pipeline._merge_examples (all examples at once) == merge_moment_rows (one example at a
+    time, PixelMoments.merge): the same bits, including groups with n = 0 (an empty window)."""
+    from vog_ray.pipeline import _fsl, _merge_examples, merge_moment_rows
+
+    rng = np.random.default_rng(groups)
+    E, P, keys = 7, 5, ["all_logit", "early_logit"]
+    rows = []
+    for e in range(E):
+        for g in range(groups):
+            k_g = g + 1  # group g holds g + 1 checkpoints
+            row = {"id": f"ex{e}", "split": "train", "label": e % 3, "status": "ok", "group": g,
+                   "target_label": e % 3, "pred": (e + g) % 3, "keep": f"k{e}",
+                   "sig_loss": rng.random((1, k_g)).astype(np.float32)}
+            for k in keys:
+                n = int(rng.integers(0, 3)) if k == "early_logit" else k_g  # early: sometimes empty
+                row[f"mn_{k}"] = n
+                row[f"mmean_{k}"] = rng.normal(size=(1, P)) if n else np.zeros((1, P))
+                row[f"mm2_{k}"] = rng.random((1, P)) * n
+            rows.append(row)
+
+    def table(rs):
+        cols = {c: pa.array([r[c] for r in rs]) for c in ("id", "split", "label", "status", "group",
+                                                           "target_label", "pred", "keep")}
+        for k in keys:
+            cols[f"mn_{k}"] = pa.array([r[f"mn_{k}"] for r in rs], pa.int64())
+            cols[f"mmean_{k}"] = _fsl(np.concatenate([r[f"mmean_{k}"] for r in rs]))
+            cols[f"mm2_{k}"] = _fsl(np.concatenate([r[f"mm2_{k}"] for r in rs]))
+        cols["sig_loss"] = pa.array([list(map(float, r["sig_loss"][0])) for r in rs], pa.list_(pa.float32()))
+        return pa.table(cols)
+
+    t = table(rows)
+    got = _merge_examples(t, keys, groups)
+    assert got.num_rows == E
+    for e in range(E):
+        want = merge_moment_rows(t.slice(e * groups, groups), keys, groups)
+        for k in keys:
+            for c in (f"mn_{k}", f"mmean_{k}", f"mm2_{k}"):
+                a = np.asarray(got[c][e].as_py(), np.float64)
+                b = np.asarray(want[c][0].as_py(), np.float64)
+                assert np.array_equal(a, b), (e, c)  # bit for bit
+        assert np.allclose(got["sig_loss"][e].as_py(), want["sig_loss"][0].as_py())
+        for c in ("id", "pred", "keep", "target_label"):
+            assert got[c][e].as_py() == want[c][0].as_py(), c
+    with pytest.raises(RuntimeError, match=f"example 'ex1': expected {groups} partial rows, got {groups - 1}"):
+        _merge_examples(t.slice(0, 2 * groups - 1), keys, groups)  # ex1 lost a row

@@ -786,16 +786,63 @@ def read_raw(url: str, storage: StorageOptions, num_blocks: int):
 
 
 def _merge_examples(t: pa.Table, vog_keys: list[str], num_groups: int) -> pa.Table:
-    """A table sorted by (split, id, group) → one merged moment row per example
-    (:func:`merge_moment_rows` on each run of equal (split, id))."""
+    """A table sorted by (split, id, group), ``num_groups`` rows per example → one merged moment
+    row per example: :func:`merge_moment_rows` vectorised over the examples (the same Chan
+    updates in group order, the same float64 operations in the same order, so the same bits)."""
     n = t.num_rows
     if n == 0:
         return t
     s = t.column("split").to_numpy(zero_copy_only=False).astype(object)
     i = t.column("id").to_numpy(zero_copy_only=False).astype(object)
     starts = np.r_[0, np.flatnonzero((s[1:] != s[:-1]) | (i[1:] != i[:-1])) + 1, n]
-    return pa.concat_tables([merge_moment_rows(t.slice(a, b - a), vog_keys, num_groups)
-                             for a, b in zip(starts[:-1], starts[1:])], promote_options="default")
+    counts = np.diff(starts)
+    if np.any(counts != num_groups):
+        j = int(np.flatnonzero(counts != num_groups)[0])
+        raise RuntimeError(f"example {i[starts[j]]!r}: expected {num_groups} partial rows, got {int(counts[j])}")
+    E, G = len(counts), num_groups
+    first = pa.array(starts[:-1])
+    last = pa.array(starts[1:] - 1)
+    cols: dict[str, Any] = {c: t[c].take(last) for c in t.column_names
+                            if c in ("id", "split", "label", "status", "target_label", "pred")}
+    cols["group"] = pa.array(np.zeros(E, np.int64), pa.int64())
+    for k in vog_keys:
+        ns = t[f"mn_{k}"].to_numpy().astype(np.int64).reshape(E, G)
+        means = _list_values(t[f"mmean_{k}"]).astype(np.float64)
+        m2s = _list_values(t[f"mm2_{k}"]).astype(np.float64)
+        P = means.shape[1]
+        means, m2s = means.reshape(E, G, P), m2s.reshape(E, G, P)
+        n_acc, mean, m2 = ns[:, 0].copy(), means[:, 0].copy(), m2s[:, 0].copy()
+        for g in range(1, G):
+            nb = ns[:, g]
+            tot = n_acc + nb
+            safe = np.where(tot > 0, tot, 1)
+            delta = means[:, g] - mean
+            merged_mean = mean + delta * (nb / safe)[:, None]
+            merged_m2 = m2 + m2s[:, g] + delta * delta * (n_acc * nb / safe)[:, None]
+            take_b = (n_acc == 0)[:, None]
+            keep = (nb == 0)[:, None]
+            mean = np.where(keep, mean, np.where(take_b, means[:, g], merged_mean))
+            m2 = np.where(keep, m2, np.where(take_b, m2s[:, g], merged_m2))
+            n_acc = tot
+        cols[f"mn_{k}"] = pa.array(n_acc, pa.int64())
+        cols[f"mmean_{k}"] = _fsl(mean)
+        cols[f"mm2_{k}"] = _fsl(m2)
+    for c in t.column_names:
+        if c.startswith("sig_"):  # group g's rows hold that group's checkpoints, in order
+            per_group = [_list_values_any(t[c].take(pa.array(np.arange(g, n, G)))).reshape(E, -1) for g in range(G)]
+            cols[c] = _fsl(np.concatenate(per_group, axis=1))
+    for c in t.column_names:
+        if c not in cols and c not in _STATE_META and not c.startswith(_MOMENT_PREFIXES):
+            cols[c] = t[c].take(first)
+    return pa.table(cols)
+
+
+def _list_values_any(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A list column (fixed or variable size, equal lengths) as a flat numpy array."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(arr.type, pa.ExtensionType):
+        arr = arr.storage
+    return arr.flatten().to_numpy(zero_copy_only=False)
 
 
 def merge_by_example(ds, vog_keys: list[str], num_groups: int, num_rows: int):
