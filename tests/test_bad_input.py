@@ -332,3 +332,31 @@ def test_a_pool_that_takes_every_cpu_is_refused_naming_the_keys():
     _check_cpus_left(cfg(actors={"min": 1, "max": 4}), 2.0, 1)  # one actor, one CPU left: fine
     _check_cpus_left(cfg(actors={"min": 2, "max": 2}, cpus_per_actor=0.5), 2.0, 1)
     _check_cpus_left(cfg(checkpoint_groups=3, cpus_per_actor=0.25), 2.0, 3)
+    # autoscaling clusters: CPU workers from 0 (no CPU yet), or gpu_wait_s declared: not refused
+    _check_cpus_left(cfg(actors={"min": 2, "max": 2}), 0.0, 1)
+    _check_cpus_left(cfg(actors={"min": 2, "max": 2}, gpu_wait_s=600), 2.0, 1)
+
+
+def test_cuda_without_gpu_waits_for_the_autoscaler_then_fails_clearly(env, tmp_path):
+    """device cuda on a cluster with no GPU: with compute.gpu_wait_s the audit asks the autoscaler
+    for GPU bundles and waits that long (a local Ray never gets one), then fails naming the key;
+    device auto falls back to the CPU after the same wait."""
+    import time as _time
+
+    from vog_ray.config import validate
+    from vog_ray.pipeline import _wait_for_gpus
+
+    cfg = validate({"data": {"splits": {"train": {"format": "npz", "url": "x.npz"}}}, "model": "lenet",
+                    "checkpoints": "c/*.pt", "output": {"url": str(tmp_path / "out")},
+                    "compute": {"device": "cuda", "gpu_wait_s": 3}})
+    t = _time.monotonic()
+    assert _wait_for_gpus(cfg) is False
+    assert 2.5 <= _time.monotonic() - t < 30
+    assert _wait_for_gpus(validate({**cfg.to_dict(), "compute": {"device": "cuda", "gpu_wait_s": 0}})) is False
+    # the whole audit: a clear error naming the key, nothing scored
+    tiny = env["tiny"]
+    c = tiny.config(env["splits"], str(tmp_path / "gpu-out"))
+    c["compute"] = {**c.get("compute", {}), "device": "cuda", "gpu_wait_s": 2}
+    with pytest.raises(RuntimeError, match=r"compute\.device is 'cuda' but the Ray cluster has no GPU after "
+                                           r"waiting 2 s .*compute\.gpu_wait_s"):
+        _run(c)

@@ -126,6 +126,10 @@ class ComputeSpec(_Strict):
     read_blocks: Optional[int] = Field(default=None, ge=1, description="override the number of read blocks")
     decode_batch_size: int = Field(default=512, ge=1)
     max_errored_blocks: int = Field(default=0, ge=0)
+    gpu_wait_s: int = Field(
+        default=0, ge=0, description="on an autoscaling cluster with no GPU node up yet: ask the autoscaler for "
+        "actors.min GPU bundles and wait up to this many seconds for them (device cuda fails after it; auto falls "
+        "back to the CPU); 0: decide from the GPUs the cluster has now")
 
 
 class StorageSpec(_Strict):

@@ -441,9 +441,14 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
     device = cfg.compute.device
     gpus = 0.0
     if device in ("auto", "cuda"):
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0 or _wait_for_gpus(cfg)
         if device == "cuda" and not has_gpu:
-            raise RuntimeError("compute.device is 'cuda' but the Ray cluster has no GPU")
+            waited = f" after waiting {cfg.compute.gpu_wait_s} s for the autoscaler" if cfg.compute.gpu_wait_s else ""
+            raise RuntimeError(f"compute.device is 'cuda' but the Ray cluster has no GPU{waited} (on an autoscaling "
+                               "cluster whose GPU workers start at 0, set compute.gpu_wait_s)")
+        if not has_gpu and cfg.compute.gpu_wait_s:
+            log.warning("no GPU joined the cluster within compute.gpu_wait_s = %d s: scoring on CPUs",
+                        cfg.compute.gpu_wait_s)
         gpus = cfg.compute.gpus_per_actor if has_gpu else 0.0
     _check_cpus_left(cfg, ray.cluster_resources().get("CPU", 0.0), len(groups))
     o = plan.opts
@@ -476,11 +481,41 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
     ds.write_parquet(out_url, filesystem=fs, mode=mode)
 
 
+def _wait_for_gpus(cfg: AuditConfig) -> bool:
+    """An autoscaling cluster may have no GPU node until something asks for one: ask the autoscaler
+    for ``actors.min`` bundles of ``gpus_per_actor`` GPUs and wait up to ``compute.gpu_wait_s`` for a
+    GPU to join (progress logged). The request is withdrawn afterwards (the scorer actors then hold
+    the GPUs). Returns whether the cluster has a GPU."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    c = cfg.compute
+    if not c.gpu_wait_s:
+        return False
+    request_resources(bundles=[{"GPU": c.gpus_per_actor, "CPU": c.cpus_per_actor}] * c.actors.min)
+    try:
+        deadline = time.monotonic() + c.gpu_wait_s
+        next_log = 0.0
+        while time.monotonic() < deadline:
+            if ray.cluster_resources().get("GPU", 0) > 0:
+                return True
+            if time.monotonic() >= next_log:
+                log.info("waiting for the autoscaler to add GPU nodes (%d s left)", deadline - time.monotonic())
+                next_log = time.monotonic() + 30
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        return ray.cluster_resources().get("GPU", 0) > 0
+    finally:
+        request_resources(bundles=[])
+
+
 def _check_cpus_left(cfg: AuditConfig, cluster_cpus: float, num_groups: int) -> None:
     """The scorer actors hold their CPUs for the whole stage; the read and decode tasks that feed
     them need at least one more. If the minimum pool takes every CPU, nothing is ever read and the
-    audit would wait forever: refuse it, naming the keys."""
+    audit would wait forever: refuse it, naming the keys. Not checked on an autoscaling cluster
+    (no CPU yet, or ``compute.gpu_wait_s`` set), where pending tasks make Ray add nodes."""
     c = cfg.compute
+    if cluster_cpus <= 0 or c.gpu_wait_s:  # an autoscaling cluster (workers from 0): CPUs come on demand
+        return
     held = c.actors.min * c.cpus_per_actor * num_groups
     if held > cluster_cpus - 1:
         raise ValueError(
