@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from vog_ray.reduce import (SORT_KEYS, assign_ranks, block_counts, choose_boundaries, merge_sorted, partition_block,
-                            rank_table, sort_key_sample)
+                            rank_offsets, rank_table, sort_key_sample)
 
 
 def table(n: int, seed: int, ties: bool = False) -> pa.Table:
@@ -45,20 +45,8 @@ def test_sample_sort_steps_equal_one_sort(partitions, ties):
     got = pa.concat_tables(merged)
     assert got.equals(t.sort_by(SORT_KEYS))
     # ranks from per-partition offsets == ranks of the whole table at once
-    counts = [block_counts(m) for m in merged]
-    sizes: dict[str, int] = {}
-    for s_c, _ in counts:
-        for s, v in s_c.items():
-            sizes[s] = sizes.get(s, 0) + v
-    s_off: dict[str, int] = {}
-    c_off: dict[tuple[str, int], int] = {}
-    ranked = []
-    for m, (s_c, c_c) in zip(merged, counts):
-        ranked.append(assign_ranks(m, dict(s_off), dict(c_off), sizes))
-        for s, v in s_c.items():
-            s_off[s] = s_off.get(s, 0) + v
-        for k, v in c_c.items():
-            c_off[k] = c_off.get(k, 0) + v
+    sizes, offsets = rank_offsets([block_counts(m) for m in merged])
+    ranked = [assign_ranks(m, so, co, sizes) for m, (so, co) in zip(merged, offsets)]
     assert pa.concat_tables(ranked).equals(rank_table(t))
 
 

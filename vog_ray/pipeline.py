@@ -17,6 +17,8 @@ written last. Nothing per-example is collected into the driver.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -37,7 +39,7 @@ from .config import AuditConfig, redact
 from .engine import SIGNALS, BatchResult, resolve_windows
 from .moments import PixelMoments
 from .reduce import (_filter_splits, _filter_status, _normalize_block, _rejected_columns, _rejected_of_group0,
-                     SORT_KEYS, class_lookup)
+                     SORT_KEYS, class_lookup, rank_offsets)
 from .runs import SUCCESS, new_run_id, publish, write_json, write_table
 from .single import VogOptions, keep_array, load_checkpoints, make_engine, result_to_table
 from .storage import StorageOptions, join, resolve
@@ -54,18 +56,14 @@ class _Steps:
     def __init__(self) -> None:
         self.t: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        import contextlib
-
-        @contextlib.contextmanager
-        def step():
-            t = time.perf_counter()
-            try:
-                yield
-            finally:
-                self.t[name] = round(self.t.get(name, 0.0) + time.perf_counter() - t, 3)
-                log.info("%s: %.1f s", name, self.t[name])
-        return step()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t[name] = round(self.t.get(name, 0.0) + time.perf_counter() - t, 3)
+            log.info("%s: %.1f s", name, self.t[name])
 
 
 @dataclass
@@ -590,7 +588,6 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
                        scored_checkpoints: int | None = None) -> AuditResult:
     """Stage 2: class moments → z → ranks → the published run (``_SUCCESS`` last), then the report."""
     cfg, storage, keys = plan.cfg, plan.storage, plan.keys
-    fs_raw, _ = resolve(raw_url, storage)
     run_id = run_id or new_run_id()
     run_url = join(plan.out_url, "runs", run_id)
     fs_out, _ = resolve(plan.out_url, storage)
@@ -808,9 +805,7 @@ def read_raw(url: str, storage: StorageOptions, num_blocks: int):
     if not files:
         raise FileNotFoundError(f"no Parquet files under {redact(url)}")
     chunks = [list(c) for c in np.array_split(np.array(files, dtype=object), min(num_blocks, len(files))) if len(c)]
-    st = {"endpoint_url": storage.endpoint_url, "anonymous": storage.anonymous, "region": storage.region,
-          "extra": dict(storage.extra)}
-    outs = [_sort_tasks()["read_files"].remote(c, url, st) for c in chunks]
+    outs = [_sort_tasks()["read_files"].remote(c, url, dataclasses.asdict(storage)) for c in chunks]
     scored: dict[str, int] = {}
     rejected: dict[str, int] = {}
     for counts in ray.get([o[1] for o in outs]):
@@ -864,20 +859,12 @@ def _merge_examples(t: pa.Table, vog_keys: list[str], num_groups: int) -> pa.Tab
         cols[f"mm2_{k}"] = _fsl(m2)
     for c in t.column_names:
         if c.startswith("sig_"):  # group g's rows hold that group's checkpoints, in order
-            per_group = [_list_values_any(t[c].take(pa.array(np.arange(g, n, G)))).reshape(E, -1) for g in range(G)]
+            per_group = [_list_values(t[c].take(pa.array(np.arange(g, n, G)))) for g in range(G)]
             cols[c] = _fsl(np.concatenate(per_group, axis=1))
     for c in t.column_names:
         if c not in cols and c not in _STATE_META and not c.startswith(_MOMENT_PREFIXES):
             cols[c] = t[c].take(first)
     return pa.table(cols)
-
-
-def _list_values_any(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A list column (fixed or variable size, equal lengths) as a flat numpy array."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if isinstance(arr.type, pa.ExtensionType):
-        arr = arr.storage
-    return arr.flatten().to_numpy(zero_copy_only=False)
 
 
 def merge_by_example(ds, vog_keys: list[str], num_groups: int, num_rows: int):
@@ -937,19 +924,8 @@ def _rank(ds, num_rows: int):
     merged = _sample_sort(_block_refs(ds), SORT_KEYS, _partitions(num_rows), "merge_counted")
     sorted_refs = [m[0] for m in merged]
     counts = ray.get([m[1] for m in merged])
-    sizes: dict[str, int] = {}
-    for s_c, _ in counts:
-        for s, v in s_c.items():
-            sizes[s] = sizes.get(s, 0) + v
-    s_off: dict[str, int] = {}
-    c_off: dict[tuple[str, int], int] = {}
-    out_refs = []
-    for r, (s_c, c_c) in zip(sorted_refs, counts):
-        out_refs.append(_sort_tasks()["assign"].remote(r, dict(s_off), dict(c_off), sizes))
-        for s, v in s_c.items():
-            s_off[s] = s_off.get(s, 0) + v
-        for k, v in c_c.items():
-            c_off[k] = c_off.get(k, 0) + v
+    sizes, offsets = rank_offsets(counts)
+    out_refs = [_sort_tasks()["assign"].remote(r, so, co, sizes) for r, (so, co) in zip(sorted_refs, offsets)]
     return ray.data.from_arrow_refs(out_refs), sizes
 
 

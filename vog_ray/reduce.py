@@ -232,6 +232,26 @@ def block_counts(sorted_table: pa.Table) -> tuple[dict[str, int], dict[tuple[str
     return s_counts, c_counts
 
 
+def rank_offsets(counts: list[tuple[dict[str, int], dict[tuple[str, int], int]]]):
+    """From the :func:`block_counts` of consecutive sorted blocks: the rows of each split, and for
+    every block the rows of each split and of each (split, class) before it — the arguments of
+    :func:`assign_ranks`."""
+    sizes: dict[str, int] = {}
+    for s_c, _ in counts:
+        for s, v in s_c.items():
+            sizes[s] = sizes.get(s, 0) + v
+    s_off: dict[str, int] = {}
+    c_off: dict[tuple[str, int], int] = {}
+    offsets = []
+    for s_c, c_c in counts:
+        offsets.append((dict(s_off), dict(c_off)))
+        for s, v in s_c.items():
+            s_off[s] = s_off.get(s, 0) + v
+        for k, v in c_c.items():
+            c_off[k] = c_off.get(k, 0) + v
+    return sizes, offsets
+
+
 def rank_table(table: pa.Table) -> pa.Table:
     """Sort one in-memory table by :data:`SORT_KEYS` and add the rank columns."""
     t = table.sort_by(SORT_KEYS)
