@@ -19,8 +19,10 @@ SETTINGS = settings(max_examples=60, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # Finite, moderately scaled values; hypothesis also draws zeros, duplicates and tiny numbers.
+# Magnitudes below 1e-150 are left out: their squared deviations underflow into float64's
+# subnormal range (e.g. [1.1e-160, 0, 0]), where no implementation, numpy's included, keeps 1e-6.
 VALUES = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False,
-                   allow_subnormal=False, width=64)
+                   allow_subnormal=False, width=64).filter(lambda v: v == 0 or abs(v) > 1e-150)
 
 
 def maps_strategy(max_k: int = 6):
