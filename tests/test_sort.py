@@ -3,10 +3,14 @@ whole distributed sort with real Ray tasks, against the same naive reference."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from vog_ray.moments import PixelMoments
+from vog_ray.pipeline import _MOMENT_PREFIXES, _STATE_META, _fsl, _list_values
 from vog_ray.reduce import (SORT_KEYS, assign_ranks, block_counts, choose_boundaries, merge_sorted, partition_block,
                             rank_offsets, rank_table, sort_key_sample)
 
@@ -88,11 +92,46 @@ def test_ray_sample_sort_and_ranks_equal_the_naive_reference():
             ray.shutdown()
 
 
+def merge_moment_rows(t: pa.Table, vog_keys: list[str], num_groups: int | None = None) -> pa.Table:
+    """The naive reference: ONE example's partial rows merged one at a time in ``group`` order
+    with ``PixelMoments.merge`` (Chan); signals concatenated in checkpoint order; prediction and
+    target from the last group. (What the sharded/incremental merge did per example before it was
+    vectorised as ``pipeline._merge_examples``.)"""
+    t = t.sort_by([("group", "ascending")])
+    if num_groups is not None and t.num_rows != num_groups:
+        raise RuntimeError(f"example {t['id'][0].as_py()!r}: expected {num_groups} partial rows, got {t.num_rows}")
+    cols: dict[str, Any] = {c: t[c].slice(t.num_rows - 1, 1) for c in t.column_names
+                            if c in ("id", "split", "label", "status", "target_label", "pred")}
+    cols["group"] = pa.array([0], pa.int64())
+    for k in vog_keys:
+        st = PixelMoments(0, np.zeros((1, 1)), np.zeros((1, 1)))
+        ns = t[f"mn_{k}"].to_numpy()
+        means, m2s = _list_values(t[f"mmean_{k}"]), _list_values(t[f"mm2_{k}"])
+        for i in range(t.num_rows):
+            if ns[i] == 0:
+                continue
+            part = PixelMoments(int(ns[i]), means[i:i + 1].astype(np.float64), m2s[i:i + 1].astype(np.float64))
+            st = st.merge(part) if st.n else part
+        if st.n == 0:
+            st = PixelMoments(0, np.zeros((1, means.shape[1])), np.zeros((1, means.shape[1])))
+        cols[f"mn_{k}"] = pa.array([st.n], pa.int64())
+        cols[f"mmean_{k}"] = _fsl(st.mean)
+        cols[f"mm2_{k}"] = _fsl(st.m2)
+    for c in t.column_names:
+        if c.startswith("sig_"):  # rows may hold different numbers of checkpoints
+            v = np.concatenate([np.asarray(r) for r in t[c].to_pylist()])
+            cols[c] = _fsl(v.reshape(1, -1))
+    for c in t.column_names:
+        if c not in cols and c not in _STATE_META and not c.startswith(_MOMENT_PREFIXES):
+            cols[c] = t[c].slice(0, 1)
+    return pa.table(cols)
+
+
 @pytest.mark.parametrize("groups", [2, 3])
 def test_vectorised_example_merge_equals_the_per_example_merge(groups):
     """pipeline._merge_examples (all examples at once) == merge_moment_rows (one example at a
     time, PixelMoments.merge): the same bits, including groups with n = 0 (an empty window)."""
-    from vog_ray.pipeline import _fsl, _merge_examples, merge_moment_rows
+    from vog_ray.pipeline import _fsl, _merge_examples
 
     rng = np.random.default_rng(groups)
     E, P, keys = 7, 5, ["all_logit", "early_logit"]
@@ -135,3 +174,15 @@ def test_vectorised_example_merge_equals_the_per_example_merge(groups):
             assert got[c][e].as_py() == want[c][0].as_py(), c
     with pytest.raises(RuntimeError, match=f"example 'ex1': expected {groups} partial rows, got {groups - 1}"):
         _merge_examples(t.slice(0, 2 * groups - 1), keys, groups)  # ex1 lost a row
+
+
+def test_adjacent_duplicates_counts_each_repeated_key_once():
+    from vog_ray.reduce import _adjacent_duplicates
+
+    t = pa.table({"split": ["a", "a", "a", "a", "b", "b", "b", "c"],
+                  "id": ["1", "2", "2", "2", "1", "3", "3", "3"]})
+    got = _adjacent_duplicates(t)
+    assert got.to_pylist() == [{"split": "a", "id": "2", "n": 3}, {"split": "b", "id": "3", "n": 2}]  # c/3 is another split
+    # the same id in two splits is no repeat; empty and one-row partitions have none
+    assert _adjacent_duplicates(pa.table({"split": ["a", "b"], "id": ["1", "1"]})).num_rows == 0
+    assert _adjacent_duplicates(t.slice(0, 0)).num_rows == 0 and _adjacent_duplicates(t.slice(0, 1)).num_rows == 0

@@ -122,6 +122,9 @@ class ComputeSpec(_Strict):
     actors: ActorPool = Field(default_factory=ActorPool)
     gpus_per_actor: float = Field(default=1.0, gt=0)
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    threads_per_actor: Optional[int] = Field(
+        default=None, ge=1, description="torch threads in each scorer actor (default: Ray's OMP_NUM_THREADS, "
+        "i.e. cpus_per_actor rounded down, at least 1)")
     checkpoint_groups: int = Field(default=1, ge=1)
     read_blocks: Optional[int] = Field(default=None, ge=1, description="override the number of read blocks")
     decode_batch_size: int = Field(default=512, ge=1)

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -37,7 +38,6 @@ from . import __version__
 from .checkpoints import CheckpointInfo, list_checkpoints
 from .config import AuditConfig, redact
 from .engine import SIGNALS, BatchResult, resolve_windows
-from .moments import PixelMoments
 from .reduce import (_filter_splits, _filter_status, _normalize_block, _rejected_columns, _rejected_of_group0,
                      SORT_KEYS, class_lookup, rank_offsets)
 from .runs import SUCCESS, new_run_id, publish, write_json, write_table
@@ -121,10 +121,16 @@ class ScorerActor:
 
     def __init__(self, *, model: Any, checkpoints: list[str], indices: list[int], num_checkpoints: int,
                  vog: dict[str, Any], device: str, storage: dict[str, Any], emit: str = "vog",
-                 group: int = 0):
+                 group: int = 0, threads: int | None = None):
         import torch
 
-        torch.set_num_threads(max(1, int(os.environ.get("VOG_RAY_TORCH_THREADS", "0")) or torch.get_num_threads()))
+        threads = threads or int(os.environ.get("VOG_RAY_TORCH_THREADS", "0"))  # else Ray's OMP_NUM_THREADS
+        torch.set_num_threads(max(1, threads or torch.get_num_threads()))
+        # diagnostics: one JSON line per batch (wall-clock start/end, rows, seconds in the engine) in
+        # $VOG_RAY_TRACE_DIR/scorer-<pid>.jsonl; bench/pipeline.py takes its steady-state rate from it
+        trace_dir = os.environ.get("VOG_RAY_TRACE_DIR")
+        self._engine_s = 0.0
+        self._trace = open(os.path.join(trace_dir, f"scorer-{os.getpid()}.jsonl"), "a", buffering=1) if trace_dir else None
         self.storage = StorageOptions(**storage)
         self.opts = VogOptions(**vog)
         self.emit = emit
@@ -153,6 +159,16 @@ class ScorerActor:
         return self.num_classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self._trace is None:
+            return self._score(batch)
+        t0 = time.time()
+        self._engine_s = 0.0
+        out = self._score(batch)
+        self._trace.write(json.dumps({"start": t0, "end": time.time(), "rows": out.num_rows,
+                                      "engine_s": self._engine_s, "group": self.group}) + "\n")
+        return out
+
+    def _score(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])
         status = np.asarray(batch["status"]).astype(object)
         labels = np.asarray(batch["label"]).astype(np.int64)
@@ -169,7 +185,9 @@ class ScorerActor:
         keep = [c for c in batch if c not in ("x", "id", "split", "label", "status")]
         parts = []
         if ok.any():
+            t = time.perf_counter()
             res = self.engine.run(x[ok], labels[ok], emit="vog" if self.emit == "vog" else "moments")
+            self._engine_s = time.perf_counter() - t
             t = self._table(res, batch, ok, keep)
             parts.append(t)
         if (~ok).any():
@@ -250,44 +268,6 @@ def _list_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     n = len(arr)
     flat = arr.flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(n, -1) if n else flat.reshape(0, 0)
-
-
-def merge_moment_rows(t: pa.Table, vog_keys: list[str], num_groups: int | None = None) -> pa.Table:
-    """Merge the partial pixel moments of ONE example's rows into one moment row.
-
-    Rows are merged in ``group`` order with Chan's formula (so the result does not depend on
-    scheduling); signals are concatenated in checkpoint order; the prediction and target come
-    from the last group (the run's last checkpoint). Used by checkpoint-sharded audits (one row
-    per group) and incremental audits (persisted state + the new checkpoints).
-    """
-    t = t.sort_by([("group", "ascending")])
-    if num_groups is not None and t.num_rows != num_groups:
-        raise RuntimeError(f"example {t['id'][0].as_py()!r}: expected {num_groups} partial rows, got {t.num_rows}")
-    cols: dict[str, Any] = {c: t[c].slice(t.num_rows - 1, 1) for c in t.column_names
-                            if c in ("id", "split", "label", "status", "target_label", "pred")}
-    cols["group"] = pa.array([0], pa.int64())
-    for k in vog_keys:
-        st = PixelMoments(0, np.zeros((1, 1)), np.zeros((1, 1)))
-        ns = t[f"mn_{k}"].to_numpy()
-        means, m2s = _list_values(t[f"mmean_{k}"]), _list_values(t[f"mm2_{k}"])
-        for i in range(t.num_rows):
-            if ns[i] == 0:
-                continue
-            part = PixelMoments(int(ns[i]), means[i:i + 1].astype(np.float64), m2s[i:i + 1].astype(np.float64))
-            st = st.merge(part) if st.n else part
-        if st.n == 0:
-            st = PixelMoments(0, np.zeros((1, means.shape[1])), np.zeros((1, means.shape[1])))
-        cols[f"mn_{k}"] = pa.array([st.n], pa.int64())
-        cols[f"mmean_{k}"] = _fsl(st.mean)
-        cols[f"mm2_{k}"] = _fsl(st.m2)
-    for c in t.column_names:
-        if c.startswith("sig_"):  # rows may hold different numbers of checkpoints
-            v = np.concatenate([np.asarray(r) for r in t[c].to_pylist()])
-            cols[c] = _fsl(v.reshape(1, -1))
-    for c in t.column_names:
-        if c not in cols and c not in _STATE_META and not c.startswith(_MOMENT_PREFIXES):
-            cols[c] = t[c].slice(0, 1)
-    return pa.table(cols)
 
 
 def moments_to_table(t: pa.Table, vog_keys: list[str]) -> pa.Table:
@@ -448,12 +428,16 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
             log.warning("no GPU joined the cluster within compute.gpu_wait_s = %d s: scoring on CPUs",
                         cfg.compute.gpu_wait_s)
         gpus = cfg.compute.gpus_per_actor if has_gpu else 0.0
-    _check_cpus_left(cfg, ray.cluster_resources().get("CPU", 0.0), len(groups))
+    cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+    _check_cpus_left(cfg, cluster_cpus, len(groups))
+    if not gpus:
+        hint = cpu_layout_hint(cfg.compute, cluster_cpus, len(groups))
+        if hint:
+            log.warning(hint)
     o = plan.opts
     vog_kwargs = {"windows": dict(o.windows), "targets": list(o.targets), "label_mode": o.label_mode,
                   "normalization": o.normalization, "rank_by": o.rank_by, "accum_dtype": o.accum_dtype}
-    st = plan.storage
-    storage_kwargs = {"endpoint_url": st.endpoint_url, "anonymous": st.anonymous, "region": st.region}
+    storage_kwargs = dataclasses.asdict(plan.storage)  # the actors open checkpoints as the driver does
     parts = []
     for gi, idx in enumerate(groups):
         ds = readers.dataset_from_config(cfg, plan.storage)
@@ -472,7 +456,8 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
             ScorerActor, compute=pool, batch_size=cfg.compute.batch_size, batch_format="numpy",
             fn_constructor_kwargs=dict(model=cfg.model, checkpoints=plan.urls, indices=idx,
                                        num_checkpoints=plan.K, vog=vog_kwargs, device=device,
-                                       storage=storage_kwargs, emit=emit, group=gi),
+                                       storage=storage_kwargs, emit=emit, group=gi,
+                                       threads=cfg.compute.threads_per_actor),
             **remote_args))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     fs, _ = resolve(out_url, plan.storage)
@@ -504,6 +489,24 @@ def _wait_for_gpus(cfg: AuditConfig) -> bool:
         return ray.cluster_resources().get("GPU", 0) > 0
     finally:
         request_resources(bundles=[])
+
+
+def cpu_layout_hint(c: Any, cluster_cpus: float, num_groups: int = 1) -> str | None:
+    """On the CPU, one single-threaded scorer actor per core is the fastest layout (bench/pipeline.py
+    on 2 cores: 2 actors × 1 thread 0.93–0.98 of the engine alone with 2 threads; 1 actor × 2 threads
+    0.64): torch's intra-op threads on small batches wait on each other and on the read/decode tasks
+    sharing the cores. A hint when the pool would leave cores idle; None when it does not."""
+    threads = c.threads_per_actor or max(1, int(c.cpus_per_actor))
+    used = c.actors.max * threads * num_groups
+    cpus = int(cluster_cpus)
+    if cpus <= 1 or c.gpu_wait_s or used + num_groups > cpus:  # not one more actor per group
+        return None
+    per = max(1, cpus // num_groups)
+    return (f"scoring on the CPU with at most {c.actors.max} actor(s) × {threads} torch thread(s)"
+            + (f" × {num_groups} checkpoint groups" if num_groups > 1 else "")
+            + f" on a Ray cluster of {cpus} CPUs: cores stay idle. One single-threaded actor per core is the "
+            f"fastest CPU layout: compute.actors: {{min: {per}, max: {per}}}, compute.cpus_per_actor: "
+            f"{max(0.01, math.floor(100 * (cpus - 1) / (per * num_groups)) / 100):g}, compute.threads_per_actor: 1")
 
 
 def _check_cpus_left(cfg: AuditConfig, cluster_cpus: float, num_groups: int) -> None:
@@ -675,20 +678,16 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
 def _check_unique_ids(raw, n_rows: int) -> None:
     """Ids must be unique within a split: a duplicate is an error naming it. One distributed sort
     of the ``split``/``id`` columns (:func:`_sample_sort`); each sorted partition reports its
-    repeats and its first and last key (nothing per-example reaches the driver)."""
+    repeats (nothing per-example reaches the driver)."""
     import ray
 
     keys = [("split", "ascending"), ("id", "ascending")]
     refs = _block_refs(raw.select_columns(["split", "id"]))
-    found = [r for t in ray.get(_sample_sort(refs, keys, _partitions(n_rows, 1_000_000), "merge_dups"))
-             for r in t.to_pylist()]
-    dups = {(r["split"], r["id"]): r["n"] for r in found if r["kind"] == "dup"}
-    # sorted blocks hold disjoint key ranges, except that a repeated key may end one block and
-    # start the next: compare each block's last key with the next block's first
-    ranges = sorted(((r["split"], r["id"]), (r["last_split"], r["last_id"])) for r in found if r["kind"] == "range")
-    for (_, last), (first, _) in zip(ranges, ranges[1:]):
-        if last == first:
-            dups[last] = dups.get(last, 1) + 1
+    # equal keys always land in one partition (reduce.partition_block), so each partition's
+    # repeats are all there is
+    dups = {(r["split"], r["id"]): r["n"] for t in ray.get(_sample_sort(refs, keys, _partitions(n_rows, 1_000_000),
+                                                                        "merge_dups"))
+            for r in t.to_pylist()}
     if dups:
         listed = ", ".join(f"{i!r} in split {s!r}" + (f" ({n} rows)" if n > 2 else "")
                            for (s, i), n in sorted(dups.items())[:5])
@@ -817,8 +816,10 @@ def read_raw(url: str, storage: StorageOptions, num_blocks: int):
 
 def _merge_examples(t: pa.Table, vog_keys: list[str], num_groups: int) -> pa.Table:
     """A table sorted by (split, id, group), ``num_groups`` rows per example → one merged moment
-    row per example: :func:`merge_moment_rows` vectorised over the examples (the same Chan
-    updates in group order, the same float64 operations in the same order, so the same bits)."""
+    row per example: Chan's merge of ``PixelMoments`` vectorised over the examples (the same
+    updates in group order, the same float64 operations in the same order as merging one example
+    at a time — tests/test_sort.py checks the bits); signals concatenated in checkpoint order,
+    prediction and target from the last group (the run's last checkpoint)."""
     n = t.num_rows
     if n == 0:
         return t

@@ -492,13 +492,10 @@ def exact_class_table(pass1: list[dict[str, Any]], pass2: list[dict[str, Any]],
 
 
 def _adjacent_duplicates(t: pa.Table) -> pa.Table:
-    """For one block of a table sorted by (split, id): the ids that repeat inside the block
-    (``kind = "dup"``, with their count), and one ``kind = "range"`` row with the block's first
-    (``split``, ``id``) and last (``last_split``, ``last_id``) key, so that the driver can see a
-    repeat across two neighbouring blocks."""
-    schema = pa.schema([("kind", pa.string()), ("split", pa.string()), ("id", pa.string()), ("n", pa.int64()),
-                        ("last_split", pa.string()), ("last_id", pa.string())])
-    if t.num_rows == 0:
+    """For one partition of a table sorted by (split, id): the keys that repeat, with their count.
+    (The sample sort puts equal keys in one partition, so no repeat spans two.)"""
+    schema = pa.schema([("split", pa.string()), ("id", pa.string()), ("n", pa.int64())])
+    if t.num_rows < 2:
         return schema.empty_table()
     s = t.column("split").to_numpy(zero_copy_only=False).astype(object)
     i = t.column("id").to_numpy(zero_copy_only=False).astype(object)
@@ -507,8 +504,5 @@ def _adjacent_duplicates(t: pa.Table) -> pa.Table:
     for j in np.flatnonzero(same):
         key = (str(s[j]), str(i[j]))
         rows[key] = rows.get(key, 1) + 1
-    keys = list(rows) + [(str(s[0]), str(i[0]))]
-    return pa.table({"kind": ["dup"] * len(rows) + ["range"], "split": [k[0] for k in keys],
-                     "id": [k[1] for k in keys], "n": list(rows.values()) + [t.num_rows],
-                     "last_split": [None] * len(rows) + [str(s[-1])], "last_id": [None] * len(rows) + [str(i[-1])]},
+    return pa.table({"split": [k[0] for k in rows], "id": [k[1] for k in rows], "n": list(rows.values())},
                     schema=schema)
