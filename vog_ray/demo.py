@@ -115,6 +115,14 @@ def write_config(out: Path, facts: dict[str, Any], batch_size: int = 256, actors
     import yaml
 
     store = facts["store"]
+    import torch
+
+    if torch.cuda.is_available():  # one actor per GPU
+        compute = {"device": "auto", "batch_size": batch_size, "actors": {"min": 1, "max": actors}}
+    else:  # one single-threaded actor per core: the fastest CPU layout (README, "Config keys")
+        from .pipeline import cpu_layout
+
+        compute = {"device": "cpu", "batch_size": batch_size, **cpu_layout(os.cpu_count() or 1)}
     cfg = {
         "name": "mnist-demo",
         "data": {
@@ -140,7 +148,7 @@ def write_config(out: Path, facts: dict[str, Any], batch_size: int = 256, actors
             "normalization": "zscore",
             "rank_by": "late_softmax",
         },
-        "compute": {"device": "auto", "batch_size": batch_size, "actors": {"min": 1, "max": actors}},
+        "compute": compute,
         "output": {"url": str(store / "audits" / "mnist")},
         "report": {
             "enabled": True,

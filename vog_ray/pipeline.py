@@ -102,7 +102,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # at least 2 logical CPUs: the scorer actors hold theirs for the whole stage and the read
+        # tasks need one more (on a 1-core machine they share the core)
+        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 1), include_dashboard=False, **kwargs)
 
 
 def checkpoint_groups(num_checkpoints: int, groups: int) -> list[list[int]]:
@@ -491,6 +493,16 @@ def _wait_for_gpus(cfg: AuditConfig) -> bool:
         request_resources(bundles=[])
 
 
+def cpu_layout(cpus: int, num_groups: int = 1) -> dict[str, Any]:
+    """The fastest CPU layout for ``cpus`` cores: one single-threaded scorer actor per core (per
+    checkpoint group), the actors reserving all but one CPU between them for the read/decode tasks
+    (so :func:`_check_cpus_left` accepts it)."""
+    per = max(1, cpus // num_groups)
+    return {"actors": {"min": per, "max": per},
+            "cpus_per_actor": max(0.01, math.floor(100 * (cpus - 1) / (per * num_groups)) / 100),
+            "threads_per_actor": 1}
+
+
 def cpu_layout_hint(c: Any, cluster_cpus: float, num_groups: int = 1) -> str | None:
     """On the CPU, one single-threaded scorer actor per core is the fastest layout (bench/pipeline.py
     on 2 cores: 2 actors × 1 thread 0.93–0.98 of the engine alone with 2 threads; 1 actor × 2 threads
@@ -501,12 +513,13 @@ def cpu_layout_hint(c: Any, cluster_cpus: float, num_groups: int = 1) -> str | N
     cpus = int(cluster_cpus)
     if cpus <= 1 or c.gpu_wait_s or used + num_groups > cpus:  # not one more actor per group
         return None
-    per = max(1, cpus // num_groups)
+    lay = cpu_layout(cpus, num_groups)
+    n = lay["actors"]["min"]
     return (f"scoring on the CPU with at most {c.actors.max} actor(s) × {threads} torch thread(s)"
             + (f" × {num_groups} checkpoint groups" if num_groups > 1 else "")
             + f" on a Ray cluster of {cpus} CPUs: cores stay idle. One single-threaded actor per core is the "
-            f"fastest CPU layout: compute.actors: {{min: {per}, max: {per}}}, compute.cpus_per_actor: "
-            f"{max(0.01, math.floor(100 * (cpus - 1) / (per * num_groups)) / 100):g}, compute.threads_per_actor: 1")
+            f"fastest CPU layout: compute.actors: {{min: {n}, max: {n}}}, compute.cpus_per_actor: "
+            f"{lay['cpus_per_actor']:g}, compute.threads_per_actor: 1")
 
 
 def _check_cpus_left(cfg: AuditConfig, cluster_cpus: float, num_groups: int) -> None:
