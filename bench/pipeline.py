@@ -15,10 +15,10 @@ side by side, interleaved over ``--reps`` repetitions (so drift in the machine's
       cost per audit, reported separately, as is the end-to-end rate of the whole stage 1).
 
 Prints both rates and ``pipeline_vs_engine`` = (b) / (a) (medians over the reps); last line one
-JSON object.
+JSON object. ``--device cuda``: one actor per GPU, the engine alone on one GPU, (b) per GPU.
 
     .venv/bin/python bench/pipeline.py [--n 20000] [--k 5] [--actors 2] [--threads-per-actor 1]
-                                       [--cpus-per-actor 0.5] [--encode png|raw] [--quick]
+                                       [--cpus-per-actor 0.5] [--encode png|raw] [--device cpu|cuda] [--quick]
 """
 
 from __future__ import annotations
@@ -65,10 +65,23 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--encode", choices=["png", "raw"], default="png",
                     help="image column: PNG bytes (decoded by the pipeline) or raw uint8 arrays")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: one actor per GPU (--actors defaults to the GPUs) vs the engine on one GPU")
     ap.add_argument("--quick", action="store_true", help="4,000 examples")
     a = ap.parse_args()
     if a.quick:
         a.n = 4000
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no GPU")
+        if "--actors" not in sys.argv:
+            a.actors = torch.cuda.device_count()
+        if "--threads-per-actor" not in sys.argv:
+            a.threads_per_actor = 1
+        if a.cpus_per_actor is None:
+            a.cpus_per_actor = 1.0
     if a.cpus_per_actor is None:
         a.cpus_per_actor = max(0.25, ((os.cpu_count() or 1) - 1) / a.actors)
     import torch
@@ -94,10 +107,11 @@ def main() -> int:
 
     # (a) engine alone, same decoded inputs, same batch size, this process, the same torch threads
     # as the scorer actors have in all (a fair share of the same cores)
-    threads = a.actors * a.threads_per_actor
+    # on the GPU: the engine alone on one GPU, and the rate per GPU (pipeline rate / actors)
+    threads = a.actors * a.threads_per_actor if a.device == "cpu" else a.threads_per_actor
     torch.set_num_threads(threads)
     opts = VogOptions(windows={"all": "all"}, targets=["logit"])
-    eng = make_engine(load_checkpoints("lenet", f"{tmp}/ck/epoch_*.pt"), opts, "cpu")
+    eng = make_engine(load_checkpoints("lenet", f"{tmp}/ck/epoch_*.pt"), opts, a.device)
     x = ((X.astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None]
 
     def engine_pass(n: int) -> float:
@@ -117,7 +131,7 @@ def main() -> int:
                      "transform": {"channels": 1, "mean": [0.1307], "std": [0.3081]}},
             "model": "lenet", "checkpoints": f"{tmp}/ck/epoch_*.pt",
             "vog": {"windows": {"all": "all"}, "targets": ["logit"]},
-            "compute": {"device": "cpu", "batch_size": a.batch_size, "actors": {"min": a.actors, "max": a.actors},
+            "compute": {"device": a.device, "batch_size": a.batch_size, "actors": {"min": a.actors, "max": a.actors},
                         "cpus_per_actor": a.cpus_per_actor, "threads_per_actor": a.threads_per_actor},
             "output": {"url": f"{tmp}/out_{rep}"}, "report": {"enabled": False}})  # fresh: no resume
 
@@ -159,12 +173,15 @@ def main() -> int:
               flush=True)
     med = lambda v: float(np.median(v))  # noqa: E731
     rate_engine, rate_pipe, rate_e2e = med(eng_rates), med([s["rate"] for s in steady]), med(e2e)
-    print(f"(a) engine alone:  {rate_engine:10.0f} example×checkpoints/s ({threads} torch threads)")
-    print(f"(b) Ray audit:     {rate_pipe:10.0f} example×checkpoints/s steady state ({a.actors} actor(s) × "
+    if a.device == "cuda":  # per GPU: the engine alone has one
+        rate_pipe, rate_e2e = rate_pipe / a.actors, rate_e2e / a.actors
+    print(f"(a) engine alone:  {rate_engine:10.0f} example×checkpoints/s ("
+          + (f"{threads} torch threads)" if a.device == "cpu" else "one GPU)"))
+    print(f"(b) Ray audit:     {rate_pipe:10.0f} example×checkpoints/s steady state{' per GPU' if a.device == 'cuda' else ''} ({a.actors} actor(s) × "
           f"{a.threads_per_actor} thread(s), {a.cpus_per_actor:g} Ray CPUs each; stage 1 end to end "
           f"{rate_e2e:.0f}/s: a fixed cost of {med(fixed):.1f} s per audit)")
     print(f"pipeline_vs_engine = {rate_pipe / rate_engine:.3f}   (end to end, stage 1: {rate_e2e / rate_engine:.3f})")
-    out = {"encode": a.encode, "n": a.n, "k": a.k, "batch_size": a.batch_size, "actors": a.actors,
+    out = {"device": a.device, "encode": a.encode, "n": a.n, "k": a.k, "batch_size": a.batch_size, "actors": a.actors,
            "cpus_per_actor": a.cpus_per_actor, "threads_per_actor": a.threads_per_actor,
            "cpus": os.cpu_count(), "reps": a.reps, "engine_rate": round(rate_engine, 1),
            "pipeline_rate": round(rate_pipe, 1), "pipeline_vs_engine": round(rate_pipe / rate_engine, 3),
