@@ -103,6 +103,8 @@ def test_audit_prints_run_rows_throughput_and_top_ids(project):
                                                 key=lambda row: row["rank"])[:10]]
         assert printed == expected and len(printed) == 10
     assert "report:" not in out                                             # --no-report
+    # 1 single-threaded actor on the 2-CPU local Ray: the log says how to use both cores
+    assert "cores stay idle" in r.stderr and "compute.actors: {min: 2, max: 2}" in r.stderr, r.stderr[-3000:]
 
 
 def test_unknown_key_exits_2_naming_key_and_file(project):
