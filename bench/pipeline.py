@@ -82,8 +82,10 @@ def main() -> int:
             a.threads_per_actor = 1
         if a.cpus_per_actor is None:
             a.cpus_per_actor = 1.0
-    if a.cpus_per_actor is None:
-        a.cpus_per_actor = max(0.25, ((os.cpu_count() or 1) - 1) / a.actors)
+    if a.cpus_per_actor is None:  # the CPU layout the audit recommends (pipeline.cpu_layout)
+        from vog_ray.pipeline import cpu_layout
+
+        a.cpus_per_actor = cpu_layout(os.cpu_count() or 1, actors=a.actors)["cpus_per_actor"]
     import torch
 
     from vog_ray.config import validate

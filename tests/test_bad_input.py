@@ -322,7 +322,7 @@ def test_a_pool_that_takes_every_cpu_is_refused_naming_the_keys():
 
     def cfg(**compute):
         return validate({"data": {"splits": {"train": {"format": "npz", "url": "x.npz"}}}, "model": "lenet",
-                         "checkpoints": "c/*.pt", "output": {"url": "out"}, "compute": compute})
+                         "checkpoints": "c/*.pt", "output": {"url": "out"}, "compute": compute}).compute
 
     with pytest.raises(ValueError, match=r"compute\.actors\.min \(2\) × compute\.cpus_per_actor \(1\) = 2 CPUs, "
                                          r"but the Ray cluster has 2"):

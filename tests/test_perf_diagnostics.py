@@ -89,7 +89,7 @@ def test_cpu_layout_hint_suggests_a_pool_the_audit_accepts(cpus, groups):
     assert n * groups <= cpus and n * groups >= cpus - groups + 1  # one actor per core (as groups divide)
     suggested = ComputeSpec(actors={"min": n, "max": n}, cpus_per_actor=cpa, threads_per_actor=1,
                             checkpoint_groups=groups)
-    _check_cpus_left(type("Cfg", (), {"compute": suggested})(), cpus, groups)  # not refused
+    _check_cpus_left(suggested, cpus, groups)  # not refused
     assert cpu_layout_hint(suggested, cpus, groups) is None
 
 

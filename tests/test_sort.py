@@ -131,7 +131,7 @@ def merge_moment_rows(t: pa.Table, vog_keys: list[str], num_groups: int | None =
 def test_vectorised_example_merge_equals_the_per_example_merge(groups):
     """pipeline._merge_examples (all examples at once) == merge_moment_rows (one example at a
     time, PixelMoments.merge): the same bits, including groups with n = 0 (an empty window)."""
-    from vog_ray.pipeline import _fsl, _merge_examples
+    from vog_ray.pipeline import _merge_examples
 
     rng = np.random.default_rng(groups)
     E, P, keys = 7, 5, ["all_logit", "early_logit"]

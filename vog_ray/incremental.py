@@ -155,7 +155,6 @@ def _new_checkpoints(plan_urls: list[str], infos: list[Any], state: dict[str, An
 def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: bool | None = None,
                     run_id: str | None = None) -> AuditResult | None:
     """Fold new checkpoints into the persisted moments and publish a new run; ``None`` if up to date."""
-
     t0 = time.time()
     check_incremental_config(cfg)
     storage = cfg.storage.options()
@@ -242,7 +241,6 @@ def _rm(url: str, storage: StorageOptions) -> None:
 
 def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url: str) -> None:
     """The next generation's moments: previous moments (group 0) ⊕ new checkpoints (group 1)."""
-
     fs, _ = resolve(parts_url, plan.storage)
     n = sum(plan.rows_in.values())
     new, _, _ = read_raw(parts_url, plan.storage, _partitions(n, 50_000))
@@ -255,7 +253,7 @@ def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url:
     old_ok = old.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
         _set_group, fn_kwargs={"group": 0}, batch_format="pyarrow")
     rejected = new.map_batches(_filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
-    merged = merge_by_example(old_ok.union(new_ok), plan.keys, 2, 2 * sum(plan.rows_in.values()))
+    merged = merge_by_example(old_ok.union(new_ok), plan.keys, 2, 2 * n)
     (rejected if merged is None else merged.union(rejected)).write_parquet(moments_url, filesystem=fs, mode="overwrite")
 
 
@@ -266,7 +264,6 @@ def _set_group(t: pa.Table, group: int) -> pa.Table:
 
 
 def _moments_to_raw(plan: Plan, moments_url: str, raw_url: str) -> None:
-
     fs, _ = resolve(moments_url, plan.storage)
     ds, _, _ = read_raw(moments_url, plan.storage, _partitions(sum(plan.rows_in.values()), 50_000))
     ok = ds.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow") \

@@ -36,10 +36,10 @@ import pyarrow as pa
 
 from . import __version__
 from .checkpoints import CheckpointInfo, list_checkpoints
-from .config import AuditConfig, redact
+from .config import AuditConfig, ComputeSpec, redact
 from .engine import SIGNALS, BatchResult, resolve_windows
 from .reduce import (_filter_splits, _filter_status, _normalize_block, _rejected_columns, _rejected_of_group0,
-                     SORT_KEYS, class_lookup, rank_offsets)
+                     SORT_KEYS, choose_boundaries, class_lookup, rank_offsets)
 from .runs import SUCCESS, new_run_id, publish, write_json, write_table
 from .single import VogOptions, keep_array, load_checkpoints, make_engine, result_to_table
 from .storage import StorageOptions, join, resolve
@@ -431,7 +431,7 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
                         cfg.compute.gpu_wait_s)
         gpus = cfg.compute.gpus_per_actor if has_gpu else 0.0
     cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
-    _check_cpus_left(cfg, cluster_cpus, len(groups))
+    _check_cpus_left(cfg.compute, cluster_cpus, len(groups))
     if not gpus:
         hint = cpu_layout_hint(cfg.compute, cluster_cpus, len(groups))
         if hint:
@@ -493,17 +493,17 @@ def _wait_for_gpus(cfg: AuditConfig) -> bool:
         request_resources(bundles=[])
 
 
-def cpu_layout(cpus: int, num_groups: int = 1) -> dict[str, Any]:
+def cpu_layout(cpus: int, num_groups: int = 1, actors: int | None = None) -> dict[str, Any]:
     """The fastest CPU layout for ``cpus`` cores: one single-threaded scorer actor per core (per
-    checkpoint group), the actors reserving all but one CPU between them for the read/decode tasks
-    (so :func:`_check_cpus_left` accepts it)."""
-    per = max(1, cpus // num_groups)
+    checkpoint group; or ``actors`` per group), the actors reserving all but one CPU between them
+    for the read/decode tasks (so :func:`_check_cpus_left` accepts it)."""
+    per = actors or max(1, cpus // num_groups)
     return {"actors": {"min": per, "max": per},
             "cpus_per_actor": max(0.01, math.floor(100 * (cpus - 1) / (per * num_groups)) / 100),
             "threads_per_actor": 1}
 
 
-def cpu_layout_hint(c: Any, cluster_cpus: float, num_groups: int = 1) -> str | None:
+def cpu_layout_hint(c: ComputeSpec, cluster_cpus: float, num_groups: int = 1) -> str | None:
     """On the CPU, one single-threaded scorer actor per core is the fastest layout (bench/pipeline.py
     on 2 cores: 2 actors × 1 thread 0.93–0.98 of the engine alone with 2 threads; 1 actor × 2 threads
     0.64): torch's intra-op threads on small batches wait on each other and on the read/decode tasks
@@ -522,12 +522,11 @@ def cpu_layout_hint(c: Any, cluster_cpus: float, num_groups: int = 1) -> str | N
             f"{lay['cpus_per_actor']:g}, compute.threads_per_actor: 1")
 
 
-def _check_cpus_left(cfg: AuditConfig, cluster_cpus: float, num_groups: int) -> None:
+def _check_cpus_left(c: ComputeSpec, cluster_cpus: float, num_groups: int) -> None:
     """The scorer actors hold their CPUs for the whole stage; the read and decode tasks that feed
     them need at least one more. If the minimum pool takes every CPU, nothing is ever read and the
     audit would wait forever: refuse it, naming the keys. Not checked on an autoscaling cluster
     (no CPU yet, or ``compute.gpu_wait_s`` set), where pending tasks make Ray add nodes."""
-    c = cfg.compute
     if cluster_cpus <= 0 or c.gpu_wait_s:  # an autoscaling cluster (workers from 0): CPUs come on demand
         return
     held = c.actors.min * c.cpus_per_actor * num_groups
@@ -542,7 +541,6 @@ def _check_cpus_left(cfg: AuditConfig, cluster_cpus: float, num_groups: int) -> 
 
 def merge_sharded(plan: Plan, parts_url: str, raw_url: str, num_groups: int) -> None:
     """Merge per-group partial moments by example id into the fused raw table."""
-
     fs, _ = resolve(parts_url, plan.storage)
     allp, _, _ = read_raw(parts_url, plan.storage, _partitions(sum(plan.rows_in.values()) * num_groups, 50_000))
     ok = allp.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
@@ -913,8 +911,6 @@ def _sample_sort(refs: list, sort_keys: list[tuple[str, str]], partitions: int, 
     T = _sort_tasks()
     if partitions > 1 and refs:
         samples = ray.get([T["sample"].remote(r, sort_keys, SORT_SAMPLES) for r in refs])
-        from .reduce import choose_boundaries
-
         bounds = choose_boundaries(samples, sort_keys, partitions)
         partitions = bounds.num_rows + 1
     if partitions > 1 and refs:

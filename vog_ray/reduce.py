@@ -369,11 +369,6 @@ def _status_counts(t: pa.Table) -> pa.Table:
     return pa.table({"split": g["split"].cast(pa.string()), "ok": g["ok"], "n": g["count_all"].cast(pa.int64())})
 
 
-def _count_block(t: pa.Table) -> pa.Table:
-    s_counts, _ = block_counts(t)
-    return pa.table({"split": pa.array(list(s_counts), pa.string()), "n": pa.array(list(s_counts.values()), pa.int64())})
-
-
 # ---------------------------------------------------------------- exact, layout-independent class moments
 # The Ray reduce sums per block and merges the blocks' sums. Floating-point sums depend on how the
 # rows were split into blocks (a resumed stage 1, a retried block, another number of read tasks);
