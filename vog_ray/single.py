@@ -18,6 +18,7 @@ from .engine import LABEL_MODES, SIGNALS, TARGETS, BatchResult, GradientEngine, 
 from .models import build_model
 from .moments import NORMALIZATIONS
 from .reduce import class_lookup, merge_class_moments, normalize, partial_class_moments, rank_table, vog_col
+from .core.table import keep_array
 from .storage import StorageOptions
 
 __all__ = ["score", "VogOptions", "LoadedCheckpoints", "load_checkpoints", "result_to_table",
@@ -141,19 +142,6 @@ def result_to_table(res: BatchResult, *, ids: Sequence[str], split: Sequence[str
     for name, vals in (extra or {}).items():
         cols[name] = vals if isinstance(vals, (pa.Array, pa.ChunkedArray)) else keep_array(vals)
     return pa.table(cols)
-
-
-def keep_array(values: Any) -> pa.Array:
-    """A carried column as Arrow. All-missing values become a null-typed column, so blocks of
-    splits that lack the column unify with blocks that hold it (string, bool, …)."""
-    v = np.asarray(values)
-    if v.dtype == object:
-        if all(x is None or (isinstance(x, float) and np.isnan(x)) for x in v):
-            return pa.nulls(len(v))
-        return pa.array(list(v), from_pandas=True)
-    if v.dtype.kind == "f" and len(v) and np.isnan(v).all():
-        return pa.nulls(len(v))
-    return pa.array(v)
 
 
 def finish(table: pa.Table, keys: Sequence[str], opts: VogOptions, primary: str) -> tuple[pa.Table, pa.Table]:

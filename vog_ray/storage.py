@@ -15,7 +15,7 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["StorageOptions", "resolve", "join", "is_remote", "natural_key", "expand", "redact_url"]
+__all__ = ["StorageOptions", "resolve", "join", "is_remote", "natural_key", "expand", "redact_url", "list_files"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +126,17 @@ def expand(urls: str | list[str], storage: StorageOptions | None = None) -> list
                 raise FileNotFoundError(f"no such file: {u!r}")
             out.append(u)
     return out
+
+
+def list_files(url: str, storage: StorageOptions | None = None, suffix: str = ".parquet"
+               ) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """``(fs, paths)``: the files named ``*<suffix>`` under ``url`` (a directory, searched
+    recursively, or one file), sorted. A missing ``url`` gives no files (not an error): callers
+    decide whether an empty listing is one."""
+    fs, path = resolve(url, storage)
+    path = path.rstrip("/") or path
+    if not fs.exists(path):
+        return fs, []
+    if not fs.isdir(path):
+        return fs, [path] if path.endswith(suffix) else []
+    return fs, sorted(f for f in fs.find(path) if f.endswith(suffix))
