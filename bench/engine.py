@@ -42,7 +42,8 @@ import time
 import numpy as np
 import torch
 
-from vog_ray.engine import GradientEngine, resolve_windows
+from vog_ray.core.engine import GradientEngine
+from vog_ray.core.windows import resolve_windows
 from vog_ray.models import build_model
 
 MODELS = {

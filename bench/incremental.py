@@ -131,8 +131,8 @@ def main(argv=None) -> int:
     import ray
     import ray.data
 
-    from vog_ray.incremental import read_state, run_incremental
-    from vog_ray.pipeline import run_audit
+    from vog_ray.distributed.incremental import read_state, run_incremental
+    from vog_ray.distributed.audit import run_audit
 
     root = args.workdir or tempfile.mkdtemp(prefix="vog-bench-inc-")
     os.makedirs(root, exist_ok=True)

@@ -83,7 +83,7 @@ def main() -> int:
         if a.cpus_per_actor is None:
             a.cpus_per_actor = 1.0
     if a.cpus_per_actor is None:  # the CPU layout the audit recommends (pipeline.cpu_layout)
-        from vog_ray.pipeline import cpu_layout
+        from vog_ray.distributed.cluster import cpu_layout
 
         a.cpus_per_actor = cpu_layout(os.cpu_count() or 1, actors=a.actors)["cpus_per_actor"]
     import torch
@@ -91,7 +91,9 @@ def main() -> int:
     from vog_ray.config import validate
     from vog_ray.models import build_model
     from vog_ray.readers import write_parquet_split
-    from vog_ray.single import VogOptions, load_checkpoints, make_engine
+    from vog_ray.core.engine import make_engine
+    from vog_ray.core.options import VogOptions
+    from vog_ray.models.checkpoints import load_checkpoints
     from vog_ray.train import save_state_dict
 
     tmp = tempfile.mkdtemp(prefix="vog-bench-pipeline-")
@@ -113,7 +115,8 @@ def main() -> int:
     threads = a.actors * a.threads_per_actor if a.device == "cpu" else a.threads_per_actor
     torch.set_num_threads(threads)
     opts = VogOptions(windows={"all": "all"}, targets=["logit"])
-    eng = make_engine(load_checkpoints("lenet", f"{tmp}/ck/epoch_*.pt"), opts, a.device)
+    loaded = load_checkpoints("lenet", f"{tmp}/ck/epoch_*.pt")
+    eng = make_engine(loaded.model, loaded.state_dicts, opts, a.device)
     x = ((X.astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None]
 
     def engine_pass(n: int) -> float:
@@ -124,7 +127,7 @@ def main() -> int:
 
     engine_pass(a.batch_size)  # warm-up
 
-    from vog_ray.pipeline import run_audit
+    from vog_ray.distributed.audit import run_audit
 
     def cfg_for(rep: int):
         return validate({

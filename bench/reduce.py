@@ -112,8 +112,8 @@ def main() -> int:
     import ray
 
     from vog_ray.config import validate
-    from vog_ray.pipeline import Plan, reduce_and_publish
-    from vog_ray.single import VogOptions
+    from vog_ray.distributed.audit import Plan, reduce_and_publish
+    from vog_ray.core.options import VogOptions
 
     keys = [f"{w}_{t}" for w in ("early", "late", "all") for t in ("logit", "softmax")]
     primary = "late_logit"

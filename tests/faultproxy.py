@@ -229,7 +229,7 @@ def slow_small_cnn(delay: float = 0.0, **kwargs):
     import os as _os
     import time as _time
 
-    from vog_ray.models import SmallCNN
+    from vog_ray.models.registry import SmallCNN
 
     log = _os.environ.get("VOG_TEST_FORWARD_LOG")
 

@@ -18,7 +18,8 @@ import pyarrow as pa
 import torch
 
 from vog_ray.config import validate
-from vog_ray.reduce import class_lookup, merge_class_moments, normalize, partial_class_moments, rank_table
+from vog_ray.core.classes import class_lookup, merge_class_moments, partial_class_moments
+from vog_ray.core.ranking import normalize, rank_table
 from vog_ray.runs import publish, write_json, write_table
 
 SIGNAL_NAMES = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",

@@ -126,7 +126,7 @@ def env(tiny_digits, tmp_path_factory):
 
 def _run(cfg: dict):
     from vog_ray.config import validate
-    from vog_ray.pipeline import run_audit
+    from vog_ray.distributed.audit import run_audit
 
     return run_audit(validate(cfg), report=False)
 
@@ -200,7 +200,7 @@ def test_duplicates_across_sorted_blocks_are_found(env):
     """The duplicate check works on a multi-block dataset (repeats inside and across blocks)."""
     import ray.data
 
-    from vog_ray.pipeline import _check_unique_ids
+    from vog_ray.distributed.reduce import check_unique_ids as _check_unique_ids
 
     ids = [f"id-{i:03d}" for i in range(300)]
     blocks = [pa.table({"split": ["s"] * 100, "id": ids[a:a + 100]}) for a in range(0, 300, 100)]
@@ -263,7 +263,7 @@ def _evil_checkpoints(tmp_path: Path, tiny) -> tuple[str, Path]:
 
 
 def test_checkpoint_errors_name_the_file(env, tmp_path):
-    from vog_ray.checkpoints import CheckpointError
+    from vog_ray.models.checkpoints import CheckpointError
 
     tiny = env["tiny"]
     splits = {"train": env["splits"]["train"]}
@@ -318,7 +318,7 @@ def test_a_pool_that_takes_every_cpu_is_refused_naming_the_keys():
     """actors.min × cpus_per_actor must leave one CPU for the read/decode tasks: otherwise nothing
     is read and the audit waits forever (seen with 2 actors × 1 CPU on a 2-CPU Ray)."""
     from vog_ray.config import validate
-    from vog_ray.pipeline import _check_cpus_left
+    from vog_ray.distributed.cluster import check_cpus_left as _check_cpus_left
 
     def cfg(**compute):
         return validate({"data": {"splits": {"train": {"format": "npz", "url": "x.npz"}}}, "model": "lenet",
@@ -344,7 +344,7 @@ def test_cuda_without_gpu_waits_for_the_autoscaler_then_fails_clearly(env, tmp_p
     import time as _time
 
     from vog_ray.config import validate
-    from vog_ray.pipeline import _wait_for_gpus
+    from vog_ray.distributed.cluster import wait_for_gpus as _wait_for_gpus
 
     cfg = validate({"data": {"splits": {"train": {"format": "npz", "url": "x.npz"}}}, "model": "lenet",
                     "checkpoints": "c/*.pt", "output": {"url": str(tmp_path / "out")},

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import vog_ray
-from vog_ray.engine import GradientEngine, resolve_windows
+from vog_ray.core.engine import GradientEngine
+from vog_ray.core.windows import resolve_windows
 from vog_ray.models import build_model
-from vog_ray.moments import PixelMoments
+from vog_ray.core.moments import PixelMoments
 
 WINDOWS = {"all": "all", "early": "first:2", "late": "last:2"}
 WINDOW_IDX = {"all": [0, 1, 2], "early": [0, 1], "late": [1, 2]}

@@ -114,7 +114,7 @@ def fx(tiny_digits, tmp_path_factory):
 
 def _audit(cfg_dict: dict):
     from vog_ray.config import validate
-    from vog_ray.pipeline import run_audit
+    from vog_ray.distributed.audit import run_audit
 
     return run_audit(validate(cfg_dict), report=False)
 

@@ -115,8 +115,8 @@ def scores(s3, out: str):
 @pytest.fixture(scope="module")
 def three_runs(s3, digits) -> dict[str, Any]:
     """Three incremental runs, one new checkpoint each, and one full audit over the three."""
-    from vog_ray.incremental import read_state, run_incremental
-    from vog_ray.pipeline import run_audit
+    from vog_ray.distributed.incremental import read_state, run_incremental
+    from vog_ray.distributed.audit import run_audit
 
     live, out = "run3/ckpt", "run3/inc"
     results, states = [], []
@@ -174,7 +174,7 @@ def test_three_incremental_runs_equal_one_full_audit(s3, three_runs):
 
 # --------------------------------------------------------------------------- nothing new
 def test_fourth_run_without_new_checkpoint_writes_nothing(s3, three_runs):
-    from vog_ray.incremental import read_state, run_incremental
+    from vog_ray.distributed.incremental import read_state, run_incremental
     from vog_ray.runs import list_runs
 
     before = snapshot(s3)
@@ -226,7 +226,7 @@ def test_scheduled_audit_job_entrypoint_up_to_date(s3, three_runs, tmp_path):
 ])
 def test_refused_configs(s3, digits, tmp_path, capsys, vog, message):
     from vog_ray.cli import main
-    from vog_ray.incremental import IncrementalError, run_incremental
+    from vog_ray.distributed.incremental import IncrementalError, run_incremental
 
     publish_checkpoint(s3, key_of(s3, digits["checkpoints"][0]), "refused/ckpt", 1)
     before = snapshot(s3)
@@ -241,7 +241,7 @@ def test_refused_configs(s3, digits, tmp_path, capsys, vog, message):
 
 # --------------------------------------------------------------------------- two runs at once
 def test_two_concurrent_runs_one_publishes(s3, digits):
-    from vog_ray.incremental import LockHeld, read_state, run_incremental
+    from vog_ray.distributed.incremental import LockHeld, read_state, run_incremental
     from vog_ray.runs import list_runs
 
     live, out = "race/ckpt", "race/inc"
@@ -280,7 +280,7 @@ def test_two_concurrent_runs_one_publishes(s3, digits):
 
 # --------------------------------------------------------------------------- changed checkpoints
 def test_changed_folded_checkpoint_is_an_error(s3, digits, three_runs):
-    from vog_ray.incremental import IncrementalError, run_incremental
+    from vog_ray.distributed.incremental import IncrementalError, run_incremental
 
     live, out = three_runs["live"], three_runs["out"]
     original = s3.client().get_object(Bucket=s3.bucket, Key=f"{live}/epoch_1.pt")["Body"].read()
@@ -310,7 +310,7 @@ def lock_url(request, s3_server_module, tmp_path):
 
 
 def test_state_lock_second_acquire_raises_lock_held(lock_url):
-    from vog_ray.incremental import LockHeld, StateLock
+    from vog_ray.distributed.incremental import LockHeld, StateLock
     from vog_ray.storage import resolve
 
     url, storage = lock_url
@@ -330,7 +330,7 @@ def test_state_lock_second_acquire_raises_lock_held(lock_url):
 
 def test_state_lock_race_has_one_winner(lock_url):
     """16 threads try to take the lock at the same moment: exactly one gets it."""
-    from vog_ray.incremental import LockHeld, StateLock
+    from vog_ray.distributed.incremental import LockHeld, StateLock
 
     url, storage = lock_url
     for _ in range(3):
@@ -378,7 +378,7 @@ def test_example_configs_validate(name):
     from pathlib import Path
 
     from vog_ray.config import load_config
-    from vog_ray.incremental import check_incremental_config
+    from vog_ray.distributed.incremental import check_incremental_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / name
     cfg = load_config(path)

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import vog_ray
-from vog_ray.checkpoints import CheckpointError, list_checkpoints, load_into, load_state_dict
+from vog_ray.models.checkpoints import CheckpointError, list_checkpoints, load_into, load_state_dict
 from vog_ray.models import build_model
-from vog_ray.single import load_checkpoints
+from vog_ray.models.checkpoints import load_checkpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MLP = {"name": "mlp", "in_features": 6, "hidden": [5, 4], "num_classes": 3, "activation": "tanh"}

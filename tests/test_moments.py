@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from vog_ray.moments import ClassMoments, PixelMoments, class_normalize, vog_from_gradient_maps
+from vog_ray.core.moments import ClassMoments, PixelMoments, class_normalize, vog_from_gradient_maps
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -223,7 +223,7 @@ def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
     from ray.util.state import list_actors, list_tasks
 
     from vog_ray.config import validate
-    from vog_ray.pipeline import run_audit
+    from vog_ray.distributed.audit import run_audit
     from vog_ray.runs import open_run
 
     s3 = s3_server_module

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vog_ray.models import build_model
-from vog_ray.pipeline import ScorerActor
+from vog_ray.distributed.scorer import ScorerActor
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "pipeline.py"
 
@@ -80,7 +80,7 @@ def test_cpu_layout_hint_suggests_a_pool_the_audit_accepts(cpus, groups):
     import re
 
     from vog_ray.config import ComputeSpec
-    from vog_ray.pipeline import _check_cpus_left, cpu_layout_hint
+    from vog_ray.distributed.cluster import check_cpus_left as _check_cpus_left, cpu_layout_hint
 
     hint = cpu_layout_hint(ComputeSpec(checkpoint_groups=groups), cpus, groups)  # defaults: 1 actor × 1 thread
     m = re.search(r"min: (\d+), max: (\d+)\}, compute.cpus_per_actor: ([\d.]+), compute.threads_per_actor: 1", hint)
@@ -95,7 +95,7 @@ def test_cpu_layout_hint_suggests_a_pool_the_audit_accepts(cpus, groups):
 
 def test_cpu_layout_hint_is_silent_when_the_cores_are_used():
     from vog_ray.config import ComputeSpec
-    from vog_ray.pipeline import cpu_layout_hint
+    from vog_ray.distributed.cluster import cpu_layout_hint
 
     assert cpu_layout_hint(ComputeSpec(), 1) is None
     assert cpu_layout_hint(ComputeSpec(actors={"min": 1, "max": 4}, cpus_per_actor=1), 4) is None

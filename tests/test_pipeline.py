@@ -173,7 +173,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 def audits(env) -> Callable[[str], Any]:
     """``audits(name)`` → the (memoised) ``AuditResult`` of ``CONFIGS[name]``."""
     from vog_ray.config import validate
-    from vog_ray.pipeline import run_audit
+    from vog_ray.distributed.audit import run_audit
 
     def get(name: str):
         if name not in env.cache:
@@ -439,7 +439,7 @@ def _png(a: np.ndarray) -> bytes:
 def test_every_reader_from_s3(env):
     from vog_ray import readers
     from vog_ray.config import validate
-    from vog_ray.pipeline import run_audit
+    from vog_ray.distributed.audit import run_audit
     from vog_ray.runs import open_run
     from vog_ray.storage import resolve
 
@@ -558,7 +558,7 @@ def test_published_run_manifest_and_no_secrets(env, audits):
 
 def test_rerun_makes_a_new_run_and_never_appends(env, audits):
     from vog_ray.config import validate
-    from vog_ray.pipeline import run_audit
+    from vog_ray.distributed.audit import run_audit
     from vog_ray.runs import list_runs, open_run
 
     first = audits("fused")

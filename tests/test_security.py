@@ -55,7 +55,7 @@ def _factory_source(marker: Path) -> str:
             _f.write(f"imported in pid {{os.getpid()}}\\n")
 
         def make(**kwargs):
-            from vog_ray.models import SmallCNN
+            from vog_ray.models.registry import SmallCNN
             return SmallCNN(**kwargs)
         ''')
 
@@ -191,7 +191,8 @@ def test_a_model_factory_module_is_imported_only_when_named(tiny_digits, tmp_pat
         import numpy as np
         from vog_ray.cli import main
         from vog_ray.config import load_config
-        from vog_ray.single import load_checkpoints, score
+        from vog_ray.models.checkpoints import load_checkpoints
+        from vog_ray.single import score
         M = {FACTORY_MODULE!r}
         # a config naming another model: validate, load its checkpoints, score with it
         assert main(["validate", {str(tmp_path / "other.yaml")!r}]) == 0
@@ -227,8 +228,9 @@ class _Payload:
 def test_checkpoints_load_only_with_weights_only(tiny_digits, tmp_path, monkeypatch):
     import torch
 
-    from vog_ray.checkpoints import CheckpointError, load_state_dict
-    from vog_ray.single import load_checkpoints, score
+    from vog_ray.models.checkpoints import CheckpointError, load_state_dict
+    from vog_ray.models.checkpoints import load_checkpoints
+    from vog_ray.single import score
 
     calls = []
     real_load = torch.load

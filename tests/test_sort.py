@@ -9,10 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vog_ray.moments import PixelMoments
-from vog_ray.pipeline import _MOMENT_PREFIXES, _STATE_META, _fsl, _list_values
-from vog_ray.reduce import (SORT_KEYS, assign_ranks, block_counts, choose_boundaries, merge_sorted, partition_block,
-                            rank_offsets, rank_table, sort_key_sample)
+from vog_ray.core.moments import PixelMoments
+from vog_ray.core.ranking import SORT_KEYS, assign_ranks, block_counts, rank_offsets, rank_table
+from vog_ray.distributed.merge import MOMENT_PREFIXES as _MOMENT_PREFIXES
+from vog_ray.distributed.merge import STATE_META as _STATE_META
+from vog_ray.distributed.merge import fixed_size_list as _fsl
+from vog_ray.distributed.merge import list_values as _list_values
+from vog_ray.distributed.sort import choose_boundaries, merge_sorted, partition_block, sort_key_sample
 
 
 def table(n: int, seed: int, ties: bool = False) -> pa.Table:
@@ -64,12 +67,12 @@ def test_rows_equal_to_a_boundary_all_go_to_one_part():
 
 @pytest.mark.integration
 def test_ray_sample_sort_and_ranks_equal_the_naive_reference():
-    """The Ray tasks (pipeline._rank) on many blocks and several partitions: every column equals
+    """The Ray tasks (reduce.rank_dataset) on many blocks and several partitions: every column equals
     one in-memory sort + rank, and the split sizes are right."""
     import ray
     import ray.data
 
-    from vog_ray import pipeline
+    from vog_ray.distributed import reduce
 
     t = table(5000, seed=7, ties=True)
     started = not ray.is_initialized()
@@ -77,12 +80,12 @@ def test_ray_sample_sort_and_ranks_equal_the_naive_reference():
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         ds = ray.data.from_arrow(blocks_of(t, [1000] * 5))
-        old = pipeline._partitions
-        pipeline._partitions = lambda n, per=100_000: 4  # several partitions for 5,000 rows
+        old = reduce.partitions_for
+        reduce.partitions_for = lambda n, per=100_000: 4  # several partitions for 5,000 rows
         try:
-            ranked, sizes = pipeline._rank(ds, t.num_rows)
+            ranked, sizes = reduce.rank_dataset(ds, t.num_rows)
         finally:
-            pipeline._partitions = old
+            reduce.partitions_for = old
         got = pa.concat_tables([ray.get(r) for b in ranked.iter_internal_ref_bundles() for r in b.block_refs])
         assert got.equals(rank_table(t))
         assert sizes == {s: int(n) for s, n in zip(*np.unique(t["split"].to_numpy(zero_copy_only=False),
@@ -96,7 +99,7 @@ def merge_moment_rows(t: pa.Table, vog_keys: list[str], num_groups: int | None =
     """The naive reference: ONE example's partial rows merged one at a time in ``group`` order
     with ``PixelMoments.merge`` (Chan); signals concatenated in checkpoint order; prediction and
     target from the last group. (What the sharded/incremental merge did per example before it was
-    vectorised as ``pipeline._merge_examples``.)"""
+    vectorised as ``merge.merge_examples``.)"""
     t = t.sort_by([("group", "ascending")])
     if num_groups is not None and t.num_rows != num_groups:
         raise RuntimeError(f"example {t['id'][0].as_py()!r}: expected {num_groups} partial rows, got {t.num_rows}")
@@ -129,9 +132,9 @@ def merge_moment_rows(t: pa.Table, vog_keys: list[str], num_groups: int | None =
 
 @pytest.mark.parametrize("groups", [2, 3])
 def test_vectorised_example_merge_equals_the_per_example_merge(groups):
-    """pipeline._merge_examples (all examples at once) == merge_moment_rows (one example at a
+    """merge.merge_examples (all examples at once) == merge_moment_rows (one example at a
     time, PixelMoments.merge): the same bits, including groups with n = 0 (an empty window)."""
-    from vog_ray.pipeline import _merge_examples
+    from vog_ray.distributed.merge import merge_examples as _merge_examples
 
     rng = np.random.default_rng(groups)
     E, P, keys = 7, 5, ["all_logit", "early_logit"]
@@ -177,7 +180,7 @@ def test_vectorised_example_merge_equals_the_per_example_merge(groups):
 
 
 def test_adjacent_duplicates_counts_each_repeated_key_once():
-    from vog_ray.reduce import _adjacent_duplicates
+    from vog_ray.distributed.sort import adjacent_duplicates as _adjacent_duplicates
 
     t = pa.table({"split": ["a", "a", "a", "a", "b", "b", "b", "c"],
                   "id": ["1", "2", "2", "2", "1", "3", "3", "3"]})

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from vog_ray.engine import GradientEngine, InputError, resolve_windows
+from vog_ray.core.engine import GradientEngine, InputError
+from vog_ray.core.windows import resolve_windows
 from vog_ray.models import build_model
-from vog_ray.stacked import StackedCheckpoints
+from vog_ray.core.stacked import StackedCheckpoints
 
 K = 4
 # windows that are proper subsets of the checkpoints, overlapping, and non-contiguous
@@ -196,7 +197,7 @@ def test_auto_decides_on_the_first_large_batch():
     # a model too large to stack is never considered
     big = GradientEngine(build_model(spec), sds, windows={"all": [0, 1, 2, 3]}, stacked="auto")
     assert big._stack is not None  # (this one is small)
-    import vog_ray.engine as engine_mod
+    import vog_ray.core.engine as engine_mod
 
     old = engine_mod.STACK_AUTO_MAX_BYTES
     engine_mod.STACK_AUTO_MAX_BYTES = 0

@@ -1,7 +1,10 @@
 """vog-ray: rank every example of a dataset by Variance of Gradients (VoG), on Ray.
 
-The math (``moments``, ``engine``, ``reduce``, ``score``) imports nothing from Ray. Names are
-imported lazily, so a Ray worker that only runs the reduce never imports torch.
+The package is laid out as the data flows: ``core`` (the math: moments, windows, the engine,
+class normalisation and ranks — no Ray), ``models`` (architectures, checkpoints), ``data``
+(listing, formats, decoding), ``distributed`` (the audit on Ray), ``report``; ``single`` is the
+single-process audit (:func:`score`), ``runs`` opens published runs. Names are imported lazily,
+so a Ray worker that only runs the reduce never imports torch.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ClassMoments": "moments", "PixelMoments": "moments", "class_normalize": "moments",
-    "vog_from_gradient_maps": "moments", "GradientEngine": "engine", "resolve_windows": "engine",
-    "build_model": "models", "register": "models", "score": "single", "VogOptions": "single",
+    "ClassMoments": "core.moments", "PixelMoments": "core.moments", "class_normalize": "core.moments",
+    "vog_from_gradient_maps": "core.moments", "GradientEngine": "core.engine", "resolve_windows": "core.windows",
+    "build_model": "models", "register": "models", "score": "single", "VogOptions": "core.options",
+    "open_run": "runs",
 }
 
 __all__ = list(_EXPORTS)

@@ -143,14 +143,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "audit":
         cfg = load_config(args.config, args.overrides)
         if args.incremental:
-            from .incremental import run_incremental
+            from .distributed.incremental import run_incremental
 
             res = run_incremental(cfg, address=args.address, report=not args.no_report)
             if res is None:
                 print("up to date: no new checkpoint")
                 return 0
         else:
-            from .pipeline import run_audit
+            from .distributed.audit import run_audit
 
             res = run_audit(cfg, address=args.address, report=False if args.no_report else None)
         print(res.summary())

@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .engine import check_window_spec
-from .single import VogOptions
+from .core.options import VogOptions
+from .core.windows import check_window_spec
 from .storage import StorageOptions as _StorageOptions
 from .storage import redact_url
 
@@ -129,10 +129,23 @@ class ComputeSpec(_Strict):
     read_blocks: Optional[int] = Field(default=None, ge=1, description="override the number of read blocks")
     decode_batch_size: int = Field(default=512, ge=1)
     max_errored_blocks: int = Field(default=0, ge=0)
+    stack_checkpoints: Literal["off", "on", "auto"] = Field(
+        default="off", description="run the K checkpoints of a small model as one vmapped call (on), time both "
+        "paths on the first batch and keep the faster (auto), or one checkpoint after the other (off: every "
+        "actor takes the same path, so reruns are bit-identical)")
     gpu_wait_s: int = Field(
         default=0, ge=0, description="on an autoscaling cluster with no GPU node up yet: ask the autoscaler for "
         "actors.min GPU bundles and wait up to this many seconds for them (device cuda fails after it; auto falls "
         "back to the CPU); 0: decide from the GPUs the cluster has now")
+
+    @field_validator("stack_checkpoints", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as bools
+
+    def stacked_option(self) -> bool | str:
+        """``stack_checkpoints`` as the engine's ``stacked`` argument."""
+        return {"off": False, "on": True, "auto": "auto"}[self.stack_checkpoints]
 
 
 class StorageSpec(_Strict):

@@ -120,7 +120,7 @@ def write_config(out: Path, facts: dict[str, Any], batch_size: int = 256, actors
     if torch.cuda.is_available():  # one actor per GPU
         compute = {"device": "auto", "batch_size": batch_size, "actors": {"min": 1, "max": actors}}
     else:  # one single-threaded actor per core: the fastest CPU layout (README, "Config keys")
-        from .pipeline import cpu_layout
+        from .distributed.cluster import cpu_layout
 
         compute = {"device": "cpu", "batch_size": batch_size, **cpu_layout(os.cpu_count() or 1)}
     cfg = {
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_path = write_config(out, facts, a.batch_size)
     _say(f"[4/4] audit: vog-ray audit {cfg_path}")
     from .config import load_config
-    from .pipeline import run_audit
+    from .distributed.audit import run_audit
     from .runs import read_json
 
     res = run_audit(load_config(cfg_path))

@@ -27,9 +27,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import StorageOptions, join, resolve
+from .storage import StorageOptions, atomic_write, join, list_files, resolve
 
-__all__ = ["Run", "new_run_id", "open_run", "list_runs", "latest_run", "RunNotFound", "SUCCESS",
+__all__ = ["Run", "new_run_id", "open_run", "list_runs", "RunNotFound", "SUCCESS",
            "write_json", "read_json", "write_table", "publish"]
 
 SUCCESS = "_SUCCESS"
@@ -65,13 +65,10 @@ def write_table(url: str, table: pa.Table, storage: StorageOptions | None = None
 
 
 def publish(run_url: str, output_url: str, run_id: str, storage: StorageOptions | None = None) -> None:
-    """Mark a fully written run as published: ``_SUCCESS`` last, then ``LATEST``."""
-    fs, path = resolve(join(run_url, SUCCESS), storage)
-    with fs.open(path, "w") as f:
-        f.write(run_id + "\n")
-    fs2, latest = resolve(join(output_url, "LATEST"), storage)
-    with fs2.open(latest, "w") as f:
-        f.write(run_id + "\n")
+    """Mark a fully written run as published: ``_SUCCESS`` last, then ``LATEST`` (each written
+    atomically: a reader sees the old or the new content, never an empty file)."""
+    atomic_write(join(run_url, SUCCESS), (run_id + "\n").encode(), storage)
+    atomic_write(join(output_url, "LATEST"), (run_id + "\n").encode(), storage)
 
 
 @dataclass
@@ -90,14 +87,13 @@ class Run:
         return join(self.url, *parts)
 
     def _read(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        fs, path = resolve(self.path(rel), self.storage)
-        if fs.isdir(path):
-            files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
-            if not files:
-                return pa.table({})
-            tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
-            return pa.concat_tables(tables, promote_options="default")
-        return pq.read_table(path, columns=columns, filesystem=fs)
+        fs, files = list_files(self.path(rel), self.storage)
+        if not files:
+            if not fs.exists(resolve(self.path(rel), self.storage)[1]):
+                raise FileNotFoundError(f"run {self.url!r} has no {rel}")
+            return pa.table({})
+        tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
+        return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
     def scores(self, columns: list[str] | None = None) -> pa.Table:
         """The score table, sorted by (split, rank)."""
@@ -108,10 +104,10 @@ class Run:
 
     def iter_scores(self, columns: list[str] | None = None, batch_size: int = 65536):
         """Stream the score table in record batches (for tables that do not fit in memory)."""
-        fs, path = resolve(self.path("scores"), self.storage)
-        for f in sorted(x for x in fs.find(path) if x.endswith(".parquet")):
-            pf = pq.ParquetFile(fs.open(f, "rb"))
-            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+        fs, files = list_files(self.path("scores"), self.storage)
+        for f in files:
+            with fs.open(f, "rb") as fh, pq.ParquetFile(fh) as pf:
+                yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
     def classes(self) -> pa.Table:
         return self._read("classes.parquet")
@@ -145,7 +141,3 @@ def list_runs(output_url: str, storage: StorageOptions | None = None) -> list[st
         if fs.exists(d.rstrip("/") + "/" + SUCCESS):
             out.append(d.rstrip("/").rsplit("/", 1)[-1])
     return sorted(out)
-
-
-def latest_run(output_url: str, storage: StorageOptions | None = None) -> Run:
-    return open_run(output_url, storage)

@@ -1,154 +1,26 @@
-"""Single-process audit: ``vog_ray.score(...)`` on in-memory arrays or a torch ``Dataset``.
+"""The single-process audit: ``vog_ray.score(...)`` on in-memory arrays or a torch ``Dataset``.
 
-The Ray pipeline distributes exactly these steps (load checkpoints → engine per batch →
-class moments → normalise → rank) and gives the same numbers.
+The same steps as the Ray audit (load the checkpoints → the engine per batch → class moments →
+normalise → rank), in this process, from the same functions, so both give the same numbers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from .checkpoints import CheckpointInfo, checkpoint_info, list_checkpoints, load_into, load_state_dict, read_bytes
-from .engine import LABEL_MODES, SIGNALS, TARGETS, BatchResult, GradientEngine, resolve_windows
-from .models import build_model
-from .moments import NORMALIZATIONS
-from .reduce import class_lookup, merge_class_moments, normalize, partial_class_moments, rank_table, vog_col
-from .core.table import keep_array
+from .core.engine import make_engine
+from .core.labels import label_problems
+from .core.options import VogOptions
+from .core.ranking import rank_in_memory
+from .core.table import result_to_table
+from .models.checkpoints import load_checkpoints
 from .storage import StorageOptions
 
-__all__ = ["score", "VogOptions", "LoadedCheckpoints", "load_checkpoints", "result_to_table",
-           "pick_device", "make_engine"]
-
-
-@dataclass
-class VogOptions:
-    """What to compute. ``windows`` maps names to specs (see :func:`resolve_windows`)."""
-
-    windows: dict[str, Any] = field(default_factory=lambda: {"all": "all"})
-    targets: Sequence[str] = ("logit",)
-    label_mode: str = "true"
-    normalization: str = "zscore"
-    rank_by: str | None = None          # "<window>_<target>"; default: late/all/first window, first target
-    accum_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        self.targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        for t in self.targets:
-            if t not in TARGETS:
-                raise ValueError(f"unknown target {t!r}; expected one or more of {TARGETS}")
-        if self.label_mode not in LABEL_MODES:
-            raise ValueError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {NORMALIZATIONS}")
-        if self.accum_dtype not in ("float32", "float64"):
-            raise ValueError("accum_dtype must be 'float32' or 'float64'")
-
-    def keys(self, windows: dict[str, list[int]]) -> list[str]:
-        return [f"{w}_{t}" for w in windows for t in self.targets]
-
-    def primary(self, windows: dict[str, list[int]]) -> str:
-        keys = self.keys(windows)
-        if self.rank_by:
-            if self.rank_by not in keys:
-                raise ValueError(f"rank_by {self.rank_by!r} is not one of {keys}")
-            return self.rank_by
-        for w in ("late", "all"):
-            if w in windows:
-                return f"{w}_{self.targets[0]}"
-        return keys[0]
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return torch.float64 if self.accum_dtype == "float64" else torch.float32
-
-
-@dataclass
-class LoadedCheckpoints:
-    model: torch.nn.Module
-    urls: list[str]
-    state_dicts: list[dict[str, torch.Tensor]]
-    infos: list[CheckpointInfo]
-
-
-def load_checkpoints(model_spec: Any, checkpoints: str | list[str], storage: StorageOptions | None = None,
-                     *, indices: Sequence[int] | None = None) -> LoadedCheckpoints:
-    """Build the model and load its checkpoints (all of them, or those at ``indices``).
-
-    Every checkpoint is checked against the architecture; a mismatch names the file and keys.
-    """
-    urls = list_checkpoints(checkpoints, storage)
-    model = build_model(model_spec)
-    sel = list(range(len(urls))) if indices is None else list(indices)
-    sds, infos = [], []
-    for i in sel:
-        data = read_bytes(urls[i], storage)
-        sd = load_state_dict(urls[i], data=data, model=model)
-        load_into(model, sd, urls[i])  # validates keys and shapes
-        sds.append(sd)
-        infos.append(checkpoint_info(urls[i], data))
-    return LoadedCheckpoints(model, urls, sds, infos)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available here")
-    return torch.device(device)
-
-
-def make_engine(loaded: LoadedCheckpoints, opts: VogOptions, device: str = "auto",
-                indices: Sequence[int] | None = None, num_checkpoints: int | None = None,
-                predict_state_dict: dict[str, torch.Tensor] | None = None) -> GradientEngine:
-    K = num_checkpoints or len(loaded.urls)
-    windows = resolve_windows(opts.windows, K)
-    return GradientEngine(
-        loaded.model, loaded.state_dicts, windows=windows, targets=opts.targets,
-        label_mode=opts.label_mode, checkpoint_ids=indices, num_checkpoints=K,
-        predict_state_dict=predict_state_dict, device=pick_device(device),
-        accum_dtype=opts.torch_dtype)
-
-
-def result_to_table(res: BatchResult, *, ids: Sequence[str], split: Sequence[str] | str,
-                    labels: np.ndarray | None, keys: Sequence[str],
-                    extra: dict[str, Any] | None = None) -> pa.Table:
-    """One batch's engine output as score-table rows (before normalisation and ranks)."""
-    N = len(ids)
-    labels = np.full(N, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
-    splits = [split] * N if isinstance(split, str) else list(split)
-    pred = res.pred if res.pred is not None else np.full(N, -1, np.int64)
-    correct = pa.array(np.where(labels >= 0, pred == labels, False), mask=labels < 0)
-    cols: dict[str, Any] = {
-        "id": pa.array([str(i) for i in ids], pa.string()),
-        "split": pa.array(splits, pa.string()),
-        "label": pa.array(labels, pa.int64()),
-        "target_label": pa.array(res.target_label, pa.int64()),
-        "pred": pa.array(pred, pa.int64()),
-        "correct": correct,
-        "status": pa.array(list(res.status), pa.string()),
-    }
-    for k in keys:
-        cols[vog_col(k)] = pa.array(res.vog[k], pa.float64())
-    for s in SIGNALS:
-        v = res.signals[s]
-        typ = pa.int64() if s == "pred" else pa.int8() if s == "correct" else pa.float32()
-        flat = pa.array(v.reshape(-1).astype(typ.to_pandas_dtype()), typ)
-        cols[f"sig_{s}"] = pa.FixedSizeListArray.from_arrays(flat, v.shape[1])
-    for name, vals in (extra or {}).items():
-        cols[name] = vals if isinstance(vals, (pa.Array, pa.ChunkedArray)) else keep_array(vals)
-    return pa.table(cols)
-
-
-def finish(table: pa.Table, keys: Sequence[str], opts: VogOptions, primary: str) -> tuple[pa.Table, pa.Table]:
-    """Class moments → z → ranks on one in-memory table of scored rows. Returns (scores, classes)."""
-    classes = merge_class_moments([partial_class_moments(table, keys)], keys)
-    table = normalize(table, class_lookup(classes, keys), keys, opts.normalization, primary)
-    return rank_table(table), classes
+__all__ = ["score"]
 
 
 def _iter_batches(data: Any, labels: Any, batch_size: int):
@@ -189,15 +61,17 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     loaded = load_checkpoints(model, checkpoints, storage)
-    engine = make_engine(loaded, opts, device)
+    engine = make_engine(loaded.model, loaded.state_dicts, opts, device)
     keys = engine.keys()
     primary = opts.primary(engine.windows)
     parts: list[pa.Table] = []
     pos = 0
     for xb, yb in _iter_batches(data, labels, batch_size):
-        if yb is not None and np.any(np.asarray(yb) < 0) and label_mode == "true":
-            raise ValueError("labels must be in [0, num_classes) with label_mode='true' "
-                             f"(found {int(np.sum(np.asarray(yb) < 0))} negative labels)")
+        if yb is not None and label_mode == "true":
+            bad = int(np.sum(label_problems(yb, allow_missing=False) != None))  # noqa: E711
+            if bad:
+                raise ValueError("labels must be in [0, num_classes) with label_mode='true' "
+                                 f"(found {bad} negative labels)")
         n = len(xb)
         res = engine.run(xb, yb)
         bid = list(range(pos, pos + n)) if ids is None else list(ids[pos:pos + n])
@@ -210,7 +84,7 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
     if ids is not None and len(set(map(str, ids))) != len(ids):
         raise ValueError("ids must be unique")
     ok = np.asarray(table.column("status").to_pylist()) == "ok"
-    scored, classes = finish(table.filter(pa.array(ok)), keys, opts, primary)
+    scored, classes = rank_in_memory(table.filter(pa.array(ok)), keys, opts.normalization, primary)
     if not ok.all():
         bad = table.filter(pa.array(~ok))
         scored = pa.concat_tables([scored, bad], promote_options="default")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 
-__all__ = ["StorageOptions", "resolve", "join", "is_remote", "natural_key", "expand", "redact_url", "list_files"]
+__all__ = ["StorageOptions", "resolve", "join", "is_remote", "natural_key", "expand", "redact_url", "list_files",
+           "atomic_write", "is_local"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +142,41 @@ def list_files(url: str, storage: StorageOptions | None = None, suffix: str = ".
     if not fs.isdir(path):
         return fs, [path] if path.endswith(suffix) else []
     return fs, sorted(f for f in fs.find(path) if f.endswith(suffix))
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")
+
+
+def atomic_write(url: str, data: bytes, storage: StorageOptions | None = None, *,
+                 fs: fsspec.AbstractFileSystem | None = None) -> None:
+    """Write ``data`` so that a reader never sees a half-written file.
+
+    Local files are written under a temporary name beside ``url`` and renamed into place (an
+    atomic rename). On an object store a single PUT is already atomic — the object appears only
+    once the upload completes — so the object is written directly (a copy + delete "move" would
+    only add requests). ``fs``: an already resolved filesystem, ``url`` then being its path
+    (saves building a new client per file on object stores).
+    """
+    if fs is None:
+        fs, path = resolve(url, storage)
+    else:
+        path = url
+    parent = path.rsplit("/", 1)[0]
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            fs.rm(tmp)
+        except Exception:  # pragma: no cover - best effort cleanup
+            pass
+        raise

@@ -3,12 +3,17 @@ one conversion of carried (``keep_columns``) values to Arrow. Imports neither to
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["keep_array", "vog_col", "z_col"]
+from .options import SIGNALS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import BatchResult
+
+__all__ = ["keep_array", "vog_col", "z_col", "result_to_table"]
 
 
 def vog_col(key: str) -> str:
@@ -41,3 +46,33 @@ def keep_array(values: Any) -> pa.Array:
     if v.dtype.kind == "f" and len(v) and np.isnan(v).all():
         return pa.nulls(len(v))
     return pa.array(v)
+
+
+def result_to_table(res: "BatchResult", *, ids: Sequence[str], split: Sequence[str] | str,
+                    labels: np.ndarray | None, keys: Sequence[str],
+                    extra: dict[str, Any] | None = None) -> pa.Table:
+    """One batch's engine output as score-table rows (before normalisation and ranks)."""
+    N = len(ids)
+    labels = np.full(N, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+    splits = [split] * N if isinstance(split, str) else list(split)
+    pred = res.pred if res.pred is not None else np.full(N, -1, np.int64)
+    correct = pa.array(np.where(labels >= 0, pred == labels, False), mask=labels < 0)
+    cols: dict[str, Any] = {
+        "id": pa.array([str(i) for i in ids], pa.string()),
+        "split": pa.array(splits, pa.string()),
+        "label": pa.array(labels, pa.int64()),
+        "target_label": pa.array(res.target_label, pa.int64()),
+        "pred": pa.array(pred, pa.int64()),
+        "correct": correct,
+        "status": pa.array(list(res.status), pa.string()),
+    }
+    for k in keys:
+        cols[vog_col(k)] = pa.array(res.vog[k], pa.float64())
+    for s in SIGNALS:
+        v = res.signals[s]
+        typ = pa.int64() if s == "pred" else pa.int8() if s == "correct" else pa.float32()
+        flat = pa.array(v.reshape(-1).astype(typ.to_pandas_dtype()), typ)
+        cols[f"sig_{s}"] = pa.FixedSizeListArray.from_arrays(flat, v.shape[1])
+    for name, vals in (extra or {}).items():
+        cols[name] = vals if isinstance(vals, (pa.Array, pa.ChunkedArray)) else keep_array(vals)
+    return pa.table(cols)

@@ -1,15 +1,15 @@
-"""Shared pieces of the report package: the error type, JSON cleaning, atomic writes."""
+"""Shared pieces of the report package: the error type, JSON cleaning, seeds, stale figures
+(atomic writes are :func:`vog_ray.storage.atomic_write`, re-exported here)."""
 
 from __future__ import annotations
 
 import math
-import uuid
 import zlib
 from typing import Any, Iterable
 
 import numpy as np
 
-from ..storage import StorageOptions, resolve
+from ..storage import atomic_write
 
 __all__ = ["ReportError", "clean", "stable_seed", "atomic_write", "finite_or_none"]
 
@@ -46,43 +46,6 @@ def stable_seed(seed: int, *parts: str) -> list[int]:
     """A seed for ``np.random.default_rng`` that depends on ``seed`` and names only (never on
     the order in which sections are computed), so every interval is reproducible alone."""
     return [int(seed)] + [zlib.crc32(str(p).encode()) for p in parts]
-
-
-def _is_local(fs) -> bool:
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return proto in ("file", "local")
-
-
-def atomic_write(url: str, data: bytes, storage: StorageOptions | None = None, *,
-                 fs=None) -> None:
-    """Write ``data`` so that a reader never sees a half-written file.
-
-    Local files are written under a temporary name beside ``url`` and renamed into place (an
-    atomic rename). On an object store a single PUT is already atomic — the object appears only
-    once the upload completes — so the object is written directly (a copy + delete "move" would
-    only add requests). ``fs``: an already resolved filesystem, ``url`` then being its path
-    (saves building a new client per file on object stores).
-    """
-    if fs is None:
-        fs, path = resolve(url, storage)
-    else:
-        path = url
-    parent = path.rsplit("/", 1)[0]
-    if not _is_local(fs):
-        fs.pipe_file(path, data)
-        return
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    except BaseException:
-        try:
-            fs.rm(tmp)
-        except Exception:  # pragma: no cover - best effort cleanup
-            pass
-        raise
 
 
 def remove_stale(fs, path: str, keep: Iterable[str]) -> None:

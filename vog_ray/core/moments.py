@@ -11,17 +11,19 @@ formula. Two levels:
   gives the class mean ``m_c`` and population std ``s_c`` used for normalisation.
 
 Both work on torch tensors (any device; float32 or float64 accumulation) and on numpy arrays.
-This module imports nothing from Ray.
+Every merge in vog-ray — a checkpoint's map folded into the pixel moments (the engine), pixel and
+class states, and the per-example merges of checkpoint-sharded and incremental audits — goes
+through one kernel, :func:`chan_merge`. This module imports neither Ray nor torch (a torch tensor
+is handled only when one is passed in).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-import sys
 
 
 class _LazyTorch:
@@ -38,12 +40,69 @@ torch = _LazyTorch()
 __all__ = [
     "PixelMoments",
     "ClassMoments",
+    "chan_merge",
     "vog_from_gradient_maps",
     "class_normalize",
     "NORMALIZATIONS",
 ]
 
 NORMALIZATIONS = ("zscore", "abs_zscore", "none")
+
+
+def _column(n: Any, like: Any) -> Any:
+    """A per-row count (shape ``[E]``) shaped to broadcast over ``like`` (``[E, *pixels]``)."""
+    n = np.asarray(n)
+    return n.reshape(n.shape + (1,) * (np.ndim(like) - n.ndim)) if n.ndim else n
+
+
+def chan_merge(n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b: Any = None, *,
+               inplace: bool = False) -> tuple[Any, Any, Any]:
+    """Chan et al.'s parallel update: the ``(n, mean, M2)`` of observation sets A ∪ B from A's and
+    B's. The one merge kernel of vog-ray (see the module docstring).
+
+    ``n_a``, ``n_b``: counts — plain numbers, or numpy arrays with one count per row (the first
+    axis of the means: one example each). ``m2_b=None``: B is a single observation (M2 = 0), the
+    Welford update. Rows with ``n_b = 0`` keep A; rows with ``n_a = 0`` take B exactly.
+
+    ``inplace=True`` (torch tensors, scalar counts): A's tensors are updated with the fused
+    ``add_``/``addcmul_`` and returned — the engine's hot loop, one pass over the maps per op.
+    Otherwise new arrays are returned (numpy, or torch out of place) computed as
+    ``mean = mean_a + delta * n_b/n``, ``M2 = M2_a + M2_b + delta² * n_a n_b / n``.
+    """
+    if inplace:
+        if np.ndim(n_a) or np.ndim(n_b):
+            raise ValueError("chan_merge(inplace=True) takes scalar counts")
+        if n_b == 0:
+            return n_a, mean_a, m2_a
+        n = n_a + n_b
+        delta = mean_b.to(mean_a.dtype) - mean_a
+        mean_a.add_(delta, alpha=n_b / n)
+        m2_a.addcmul_(delta, delta, value=n_a * n_b / n)
+        if m2_b is not None:
+            m2_a.add_(m2_b.to(m2_a.dtype))
+        return n, mean_a, m2_a
+    if np.ndim(n_a) == 0 and np.ndim(n_b) == 0:
+        if n_b == 0:
+            return n_a, _copy(mean_a), _copy(m2_a)
+        if n_a == 0:
+            return n_b, _copy(mean_b), _zeros_like(mean_b) if m2_b is None else _copy(m2_b)
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        mean = mean_a + delta * (n_b / n)
+        m2 = (m2_a if m2_b is None else m2_a + m2_b) + delta * delta * (n_a * n_b / n)
+        return n, mean, m2
+    # per-row counts (numpy): empty rows on either side handled row by row
+    n_a, n_b = np.asarray(n_a), np.asarray(n_b)
+    n = n_a + n_b
+    safe = np.where(n > 0, n, 1)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * _column(n_b / safe, mean_a)
+    m2 = (m2_a if m2_b is None else m2_a + m2_b) + delta * delta * _column(n_a * n_b / safe, mean_a)
+    take_b, keep_a = _column(n_a == 0, mean_a), _column(n_b == 0, mean_a)
+    m2_b_ = np.zeros_like(mean_b) if m2_b is None else m2_b
+    mean = np.where(keep_a, mean_a, np.where(take_b, mean_b, mean))
+    m2 = np.where(keep_a, m2_a, np.where(take_b, m2_b_, m2))
+    return n, mean, m2
 
 
 def _is_torch(x: Any) -> bool:
@@ -100,7 +159,8 @@ class PixelMoments:
         return cls(1, mean, _zeros_like(mean))
 
     def update(self, x: Any) -> "PixelMoments":
-        """Fold one checkpoint's gradient maps ``x`` (shape ``[N, *pixels]``) in place (Welford)."""
+        """Fold one checkpoint's gradient maps ``x`` (shape ``[N, *pixels]``) in (Welford, via
+        :func:`chan_merge` with a set of one); torch state is updated in place."""
         if self.n == 0:
             if _is_torch(self.mean):
                 self.mean.copy_(x)
@@ -109,25 +169,16 @@ class PixelMoments:
             self.m2[...] = 0
             self.n = 1
             return self
-        self.n += 1
-        x = x.to(self.mean.dtype) if _is_torch(x) else np.asarray(x, dtype=self.mean.dtype)
-        delta = x - self.mean
-        self.mean += delta / self.n
-        # M2 += delta * (x - new_mean)
-        self.m2 += delta * (x - self.mean)
+        if _is_torch(self.mean):
+            self.n, _, _ = chan_merge(self.n, self.mean, self.m2, 1, x, inplace=True)
+        else:
+            self.n, self.mean, self.m2 = chan_merge(self.n, self.mean, self.m2, 1,
+                                                    np.asarray(x, dtype=self.mean.dtype))
         return self
 
     def merge(self, other: "PixelMoments") -> "PixelMoments":
-        """A new state equal to both observation sets together (Chan et al.)."""
-        if other.n == 0:
-            return PixelMoments(self.n, _copy(self.mean), _copy(self.m2))
-        if self.n == 0:
-            return PixelMoments(other.n, _copy(other.mean), _copy(other.m2))
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.n / n)
-        m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / n)
-        return PixelMoments(n, mean, m2)
+        """A new state equal to both observation sets together (:func:`chan_merge`)."""
+        return PixelMoments(*chan_merge(self.n, self.mean, self.m2, other.n, other.mean, other.m2))
 
     def variance(self) -> Any:
         """Per-pixel population variance (ddof = 0)."""
@@ -199,22 +250,11 @@ class ClassMoments:
         m2 = np.bincount(g, weights=(v - mean[g]) ** 2, minlength=num_groups)
         return cls(n, mean, m2)
 
-    def update(self, value: float) -> "ClassMoments":
-        """Fold one value in (Welford)."""
-        self.n = self.n + 1
-        delta = value - self.mean
-        self.mean = self.mean + delta / self.n
-        self.m2 = self.m2 + delta * (value - self.mean)
-        return self
-
     def merge(self, other: "ClassMoments") -> "ClassMoments":
-        n = self.n + other.n
-        with np.errstate(invalid="ignore", divide="ignore"):
-            delta = other.mean - self.mean
-            w = np.where(n > 0, other.n / np.where(n > 0, n, 1), 0.0)
-            mean = self.mean + delta * w
-            m2 = self.m2 + other.m2 + delta * delta * np.where(
-                n > 0, self.n * other.n / np.where(n > 0, n, 1), 0.0)
+        """Both sets of values together (:func:`chan_merge`, per class)."""
+        n, mean, m2 = chan_merge(np.asarray(self.n, np.float64), np.asarray(self.mean, np.float64),
+                                 np.asarray(self.m2, np.float64), np.asarray(other.n, np.float64),
+                                 np.asarray(other.mean, np.float64), np.asarray(other.m2, np.float64))
         return ClassMoments(np.asarray(n, np.float64), np.asarray(mean, np.float64),
                             np.asarray(m2, np.float64))
 

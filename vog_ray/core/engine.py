@@ -12,7 +12,7 @@ For a batch ``x`` and checkpoints ``θ_1..θ_K`` (DESIGN.md §1):
   (Welford) into the pixel moments of every named window containing that checkpoint;
 * the forward pass gives per-checkpoint signals for free (loss, confidence, margin, …);
 * execution choices that change no result beyond float rounding: small models may run all
-  checkpoints as one vmapped call (:mod:`vog_ray.stacked`; opt in with ``stacked=True`` or
+  checkpoints as one vmapped call (:mod:`vog_ray.core.stacked`; opt in with ``stacked=True`` or
   ``"auto"``, which times both paths on the first batch — off by default, since a per-actor timing
   choice would make reruns differ in the last bits), and convnets on CPU run in ``channels_last`` (bench/engine.py measures both).
 
@@ -22,7 +22,6 @@ Nothing here imports Ray: the scorer actor wraps this class.
 from __future__ import annotations
 
 import copy
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -31,19 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .moments import PixelMoments
+from .labels import label_problems
+from .moments import PixelMoments, chan_merge
+from .options import LABEL_MODES, SIGNALS, TARGETS, VogOptions
 from .stacked import StackedCheckpoints, param_bytes
+from .windows import resolve_windows
 
-__all__ = ["GradientEngine", "resolve_windows", "TARGETS", "LABEL_MODES", "SIGNALS",
-           "BatchResult", "DEFAULT_WINDOWS", "InputError"]
+__all__ = ["GradientEngine", "BatchResult", "InputError", "make_engine", "pick_device"]
 
-TARGETS = ("logit", "softmax")
-LABEL_MODES = ("true", "predicted")
-# per-checkpoint signals, all computed at the target index p unless the name says otherwise
-SIGNALS = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",
-           "max_logit", "energy")
-DEFAULT_WINDOWS: dict[str, Any] = {"all": "all"}
-# stacked="auto": stack the checkpoints (vog_ray.stacked) only when all their parameters and
+# stacked="auto": stack the checkpoints (vog_ray.core.stacked) only when all their parameters and
 # buffers together take at most this many bytes, and only if, timed on the first batch of at
 # least STACK_AUTO_MIN_BATCH examples, the stacked path is faster by STACK_AUTO_MARGIN
 STACK_AUTO_MAX_BYTES = 64 << 20
@@ -53,76 +48,6 @@ STACK_AUTO_MARGIN = 0.9
 
 class InputError(ValueError):
     """The batch does not fit the model or holds invalid labels."""
-
-
-_WINDOW_RE = re.compile(r"all|(first|last|early|late):\d+|-?\d*:-?\d*")
-
-
-def check_window_spec(name: Any, spec: Any) -> None:
-    """Syntax check of one window spec (the checkpoint count is checked by resolve_windows)."""
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", str(name)):
-        raise ValueError(f"window name {name!r} must be alphanumeric (it becomes a column name)")
-    if isinstance(spec, str):
-        if not _WINDOW_RE.fullmatch(spec.strip()):
-            raise ValueError(f"window {name!r}: cannot parse {spec!r} (use 'all', 'first:N', "
-                             "'last:N', 'a:b' or a list of indices)")
-    elif not (isinstance(spec, (list, tuple)) and spec and all(isinstance(i, int) for i in spec)):
-        raise ValueError(f"window {name!r}: unsupported spec {spec!r}")
-
-
-def resolve_windows(spec: dict[str, Any] | None, num_checkpoints: int) -> dict[str, list[int]]:
-    """Turn window specs into sorted checkpoint indices (0-based, in checkpoint order).
-
-    Accepted forms: ``"all"``, ``"first:N"``, ``"last:N"``, a Python slice ``"a:b"`` (``"-3:"``),
-    or an explicit list of indices (negative indices count from the end).
-    """
-    K = int(num_checkpoints)
-    if K <= 0:
-        raise ValueError("zero checkpoints: VoG needs at least one checkpoint")
-    spec = DEFAULT_WINDOWS if not spec else spec
-    out: dict[str, list[int]] = {}
-    for name, s in spec.items():
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", str(name)):
-            raise ValueError(f"window name {name!r} must be alphanumeric (it becomes a column name)")
-        if isinstance(s, str):
-            s = s.strip()
-            m = re.fullmatch(r"(first|last|early|late):(\d+)", s)
-            if s == "all":
-                idx = list(range(K))
-            elif m:
-                n = int(m.group(2))
-                if n <= 0:
-                    raise ValueError(f"window {name!r} = {s!r}: needs at least one checkpoint")
-                if n > K:
-                    raise ValueError(
-                        f"window {name!r} = {s!r} asks for {n} checkpoints, but only {K} exist")
-                idx = list(range(n)) if m.group(1) in ("first", "early") else list(range(K - n, K))
-            elif re.fullmatch(r"-?\d*:-?\d*", s):
-                a, b = s.split(":")
-                idx = list(range(K))[slice(int(a) if a else None, int(b) if b else None)]
-                if a and not -K <= int(a) < K:
-                    raise ValueError(f"window {name!r} = {s!r} starts past the {K} checkpoints")
-                if b and not -K <= int(b) <= K:
-                    raise ValueError(f"window {name!r} = {s!r} ends past the {K} checkpoints")
-            else:
-                raise ValueError(
-                    f"window {name!r}: cannot parse {s!r} (use 'all', 'first:N', 'last:N', "
-                    "'a:b' or a list of indices)")
-        elif isinstance(s, (list, tuple)):
-            idx = []
-            for i in s:
-                i = int(i)
-                if not -K <= i < K:
-                    raise ValueError(
-                        f"window {name!r} names checkpoint {i}, but only {K} exist (0..{K - 1})")
-                idx.append(i % K)
-            idx = sorted(set(idx))
-        else:
-            raise ValueError(f"window {name!r}: unsupported spec {s!r}")
-        if not idx:
-            raise ValueError(f"window {name!r} = {s!r} selects no checkpoint of the {K}")
-        out[str(name)] = idx
-    return out
 
 
 @dataclass
@@ -152,17 +77,10 @@ def _first_moments(m: torch.Tensor, dtype: torch.dtype) -> PixelMoments:
     return PixelMoments(1, m.to(dtype, copy=True), torch.zeros_like(m, dtype=dtype))
 
 
-def _welford_fold(st: PixelMoments, m: torch.Tensor) -> None:
-    """Fold one map into ``st`` in place: Welford's update in three tensor ops.
-
-    ``delta = x - mean``; ``mean += delta / n``; ``M2 += delta**2 (n - 1) / n`` — the same as
-    ``M2 += delta (x - mean_new)`` (:meth:`PixelMoments.update`) in exact arithmetic, with half
-    the passes over the maps (they dominate the engine's own cost for small models).
-    """
-    st.n += 1
-    delta = m.to(st.mean.dtype) - st.mean
-    st.mean.add_(delta, alpha=1.0 / st.n)
-    st.m2.addcmul_(delta, delta, value=(st.n - 1) / st.n)
+def _fold(st: PixelMoments, m: torch.Tensor) -> None:
+    """Fold one map into ``st`` in place (:func:`chan_merge` with a set of one, fused ops: the
+    passes over the maps dominate the engine's own cost for small models)."""
+    st.n, _, _ = chan_merge(st.n, st.mean, st.m2, 1, m, inplace=True)
 
 
 def _signals(lg: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -218,7 +136,7 @@ class GradientEngine:
         Run 4-D inputs and the models in ``torch.channels_last`` memory format. Default: on for
         models with ``Conv2d`` layers on CPU, off otherwise.
     stacked:
-        ``True``: run all checkpoints as one vmapped call (:mod:`vog_ray.stacked`; ``K`` times
+        ``True``: run all checkpoints as one vmapped call (:mod:`vog_ray.core.stacked`; ``K`` times
         the activation memory); ``False``: one checkpoint after the other; ``"auto"``
         (default): stacked for small models (see ``STACK_AUTO_MAX_BYTES``) when it is faster,
         timed on the first batch. Both give the same results up to float rounding.
@@ -238,7 +156,7 @@ class GradientEngine:
             if t not in TARGETS:
                 raise ValueError(f"unknown target {t!r}; expected one of {TARGETS}")
         if not targets:
-            raise ValueError("no target given; expected one or more of {TARGETS}")
+            raise ValueError(f"no target given; expected one or more of {TARGETS}")
         if label_mode not in LABEL_MODES:
             raise ValueError(f"unknown label mode {label_mode!r}; expected one of {LABEL_MODES}")
         self.device = torch.device(device)
@@ -304,7 +222,8 @@ class GradientEngine:
         """Output keys ``window_target`` in a stable order."""
         return [f"{w}_{t}" for w in self.windows for t in self.targets]
 
-    def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``model(x)``; an input that does not fit the model is an :class:`InputError`."""
         try:
             out = model(x)
         except RuntimeError as e:
@@ -314,7 +233,8 @@ class GradientEngine:
             raise InputError(f"model output must be [N, classes], got {tuple(out.shape)}")
         return out
 
-    def _prepare(self, x: Any) -> torch.Tensor:
+    def prepare(self, x: Any) -> torch.Tensor:
+        """A batch as a float32 tensor on the engine's device (channels-last where the engine runs so)."""
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
         x = x.to(self.device, dtype=torch.float32, non_blocking=True)
@@ -340,18 +260,26 @@ class GradientEngine:
 
     def _check_targets(self, p: torch.Tensor, C: int) -> None:
         self._num_classes = C
-        bad = (p < 0) | (p >= C)
-        if bool(bad.any()):
-            vals = sorted(set(p[bad].tolist()))[:5]
-            raise InputError(f"labels outside [0, {C}) for {int(bad.sum())} examples "
+        bad = np.flatnonzero(label_problems(p.cpu().numpy(), C, allow_missing=False) != None)  # noqa: E711
+        if len(bad):
+            vals = sorted(set(p.cpu().numpy()[bad].tolist()))[:5]
+            raise InputError(f"labels outside [0, {C}) for {len(bad)} examples "
                              f"(e.g. {vals}); the model has {C} classes")
+
+    def num_classes_for(self, x: Any) -> int:
+        """The model's number of classes, learnt from one forward pass on the first example of
+        ``x`` (once; also checks that the input fits the model)."""
+        if self._num_classes is None:
+            with torch.no_grad():
+                self._num_classes = int(self.forward(self.models[0], self.prepare(x[:1])).shape[1])
+        return self._num_classes
 
     def _unstacked(self, x: torch.Tensor, p: torch.Tensor):
         """Per checkpoint, in order: ``(local index, logits [N, C], {target: map})``."""
         xg = x.detach().requires_grad_(True)
         pi = p.view(-1, 1)
         for i, model in enumerate(self.models):
-            logits = self._forward(model, xg)
+            logits = self.forward(model, xg)
             if i == 0:
                 self._check_targets(p, logits.shape[1])
             grads: dict[str, torch.Tensor] = {}
@@ -370,7 +298,7 @@ class GradientEngine:
         assert self._stack is not None
         if self._num_classes is None:  # learn C (and check the input shape) on one example
             with torch.no_grad():
-                self._num_classes = self._forward(self.models[0], x[:1]).shape[1]
+                self._num_classes = self.forward(self.models[0], x[:1]).shape[1]
         self._check_targets(p, self._num_classes)
         try:
             lg, grads = self._stack.input_grads(x, p, self.targets)
@@ -436,7 +364,7 @@ class GradientEngine:
         raw VoG per window and target; ``emit="moments"`` returns the pixel-moment states
         (for checkpoint-sharded or incremental audits); ``"both"`` returns both.
         """
-        x = self._prepare(x)
+        x = self.prepare(x)
         N = x.shape[0]
         if x.ndim < 2:
             raise InputError(f"a batch must have at least 2 dimensions [N, ...], got {tuple(x.shape)}")
@@ -458,7 +386,7 @@ class GradientEngine:
         # target index p
         if self.label_mode == "predicted":
             with torch.no_grad():
-                p = self._forward(self.predictor, x).argmax(dim=1)
+                p = self.forward(self.predictor, x).argmax(dim=1)
         else:
             if (y_t < 0).any():
                 raise InputError("label_mode='true' needs a label for every example "
@@ -477,7 +405,7 @@ class GradientEngine:
                     if st is None:
                         states[key] = _first_moments(grads[t], self.accum_dtype)
                     else:
-                        _welford_fold(st, grads[t])
+                        _fold(st, grads[t])
             all_logits.append(logits)
         sig = _signals(torch.stack(all_logits), p, y_t)   # name -> [N, K_local]
         pred_last: torch.Tensor | None = None
@@ -509,3 +437,27 @@ class GradientEngine:
     @property
     def num_classes(self) -> int | None:
         return self._num_classes
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when this process sees a GPU, else the CPU; ``cuda`` without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available here")
+    return torch.device(device)
+
+
+def make_engine(model: nn.Module, state_dicts: Sequence[dict[str, torch.Tensor]], opts: VogOptions,
+                device: str = "auto", *, indices: Sequence[int] | None = None,
+                num_checkpoints: int | None = None,
+                predict_state_dict: dict[str, torch.Tensor] | None = None,
+                stacked: bool | str = False) -> GradientEngine:
+    """An engine for the checkpoints ``state_dicts`` (global positions ``indices`` among
+    ``num_checkpoints``; default: all of them) computing what ``opts`` asks for."""
+    K = num_checkpoints or len(state_dicts)
+    windows = resolve_windows(opts.windows, K)
+    return GradientEngine(
+        model, state_dicts, windows=windows, targets=opts.targets, label_mode=opts.label_mode,
+        checkpoint_ids=indices, num_checkpoints=K, predict_state_dict=predict_state_dict,
+        device=pick_device(device), accum_dtype=opts.torch_dtype, stacked=stacked)

@@ -10,15 +10,16 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .storage import StorageOptions, expand, resolve
+from ..storage import StorageOptions, expand, resolve
+from .registry import build_model
 
 __all__ = ["CheckpointInfo", "list_checkpoints", "read_bytes", "load_state_dict", "load_into",
-           "checkpoint_info", "CheckpointError"]
+           "checkpoint_info", "CheckpointError", "LoadedCheckpoints", "load_checkpoints", "hash_checkpoints"]
 
 
 class CheckpointError(ValueError):
@@ -139,3 +140,48 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], url: str) -> nn.Mod
             f"the model expects {tuple(expected[k].shape)} ({len(bad)} mismatched tensors)")
     model.load_state_dict(sd, strict=True)
     return model
+
+
+@dataclass
+class LoadedCheckpoints:
+    model: torch.nn.Module
+    urls: list[str]
+    state_dicts: list[dict[str, torch.Tensor]]
+    infos: list[CheckpointInfo]
+
+
+def load_checkpoints(model_spec: Any, checkpoints: str | list[str], storage: StorageOptions | None = None,
+                     *, indices: Sequence[int] | None = None) -> LoadedCheckpoints:
+    """Build the model and load its checkpoints (all of them, or those at ``indices``).
+
+    Every checkpoint is checked against the architecture; a mismatch names the file and keys.
+    """
+    urls = list_checkpoints(checkpoints, storage)
+    model = build_model(model_spec)
+    sel = list(range(len(urls))) if indices is None else list(indices)
+    sds, infos = [], []
+    for i in sel:
+        data = read_bytes(urls[i], storage)
+        sd = load_state_dict(urls[i], data=data, model=model)
+        load_into(model, sd, urls[i])  # validates keys and shapes
+        sds.append(sd)
+        infos.append(checkpoint_info(urls[i], data))
+    return LoadedCheckpoints(model, urls, sds, infos)
+
+
+HASH_CHUNK = 1 << 22  # bytes read at a time while hashing a checkpoint
+
+
+def hash_checkpoints(urls: list[str], storage: StorageOptions | None = None) -> list[CheckpointInfo]:
+    """Size and sha256 of each checkpoint, streamed (one chunk in memory at a time)."""
+    out = []
+    for u in urls:
+        fs, path = resolve(u, storage)
+        h = hashlib.sha256()
+        size = 0
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        out.append(CheckpointInfo(u, size, h.hexdigest()))
+    return out

@@ -33,19 +33,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import socket
 import time
 from typing import Any
 
-import pyarrow as pa
 
-from .checkpoints import list_checkpoints
-from .config import AuditConfig
-from .pipeline import (AuditResult, Plan, _filter_status, _hash_checkpoints, _partitions, _rejected_of_group0, merge_by_example,
-                       moments_to_table, read_raw, plan_audit, reduce_and_publish, score_stage)
-from .storage import StorageOptions, join, resolve
+from ..config import AuditConfig
+from ..core.windows import parse_window
+from ..models.checkpoints import hash_checkpoints, list_checkpoints
+from ..storage import StorageOptions, join, resolve
+from .audit import AuditResult, Plan, plan_audit, reduce_and_publish
+from .merge import merge_by_example, moments_to_table, set_group
+from .reduce import RAW_ROWS_PER_READ, filter_status, read_raw, rejected_of_group0
+from .sort import partitions_for
+from .stage import score_stage
 
 __all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config"]
 
@@ -58,19 +60,12 @@ class LockHeld(IncrementalError):
     """Another incremental audit holds the lock."""
 
 
-def _sliding(spec: Any) -> bool:
-    if isinstance(spec, str):
-        s = spec.strip()
-        return bool(re.fullmatch(r"(last|late):\d+", s) or re.fullmatch(r"-\d+:-?\d*", s) or re.fullmatch(r"\d*:-\d+", s))
-    return any(int(i) < 0 for i in spec)
-
-
 def check_incremental_config(cfg: AuditConfig) -> None:
     if cfg.vog.label != "true":
         raise IncrementalError(
             "incremental audits require vog.label: true — with predicted labels the target index "
             "comes from the last checkpoint, which changes as checkpoints arrive (run a full audit instead)")
-    bad = [f"{n} = {s!r}" for n, s in cfg.vog.windows.items() if _sliding(s)]
+    bad = [f"{n} = {s!r}" for n, s in cfg.vog.windows.items() if parse_window(n, s).slides]
     if bad:
         raise IncrementalError(
             f"incremental audits need windows that do not slide as checkpoints arrive; {', '.join(bad)} "
@@ -167,7 +162,7 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
             "the config's data/model/vog settings changed since the incremental state was created; "
             f"use a new output URL (or delete {state_url} to start over)")
     if state and len(state["checkpoints"]) == len(urls):
-        infos = _hash_checkpoints(urls, storage)
+        infos = hash_checkpoints(urls, storage)
         _new_checkpoints(urls, infos, state)  # raises if a folded checkpoint changed
         return None
     with StateLock(state_url, storage):
@@ -243,30 +238,24 @@ def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url:
     """The next generation's moments: previous moments (group 0) ⊕ new checkpoints (group 1)."""
     fs, _ = resolve(parts_url, plan.storage)
     n = sum(plan.rows_in.values())
-    new, _, _ = read_raw(parts_url, plan.storage, _partitions(n, 50_000))
+    new, _, _ = read_raw(parts_url, plan.storage, partitions_for(n, RAW_ROWS_PER_READ))
     if state is None:
         new.write_parquet(moments_url, filesystem=fs, mode="overwrite")
         return
-    old, _, _ = read_raw(state["moments_url"], plan.storage, _partitions(n, 50_000))
-    new_ok = new.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
-        _set_group, fn_kwargs={"group": 1}, batch_format="pyarrow")
-    old_ok = old.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
-        _set_group, fn_kwargs={"group": 0}, batch_format="pyarrow")
-    rejected = new.map_batches(_filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
+    old, _, _ = read_raw(state["moments_url"], plan.storage, partitions_for(n, RAW_ROWS_PER_READ))
+    new_ok = new.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
+        set_group, fn_kwargs={"group": 1}, batch_format="pyarrow")
+    old_ok = old.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
+        set_group, fn_kwargs={"group": 0}, batch_format="pyarrow")
+    rejected = new.map_batches(filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
     merged = merge_by_example(old_ok.union(new_ok), plan.keys, 2, 2 * n)
     (rejected if merged is None else merged.union(rejected)).write_parquet(moments_url, filesystem=fs, mode="overwrite")
 
 
-def _set_group(t: pa.Table, group: int) -> pa.Table:
-    i = t.schema.get_field_index("group")
-    col = pa.array([group] * t.num_rows, pa.int64())
-    return t.set_column(i, "group", col) if i >= 0 else t.append_column("group", col)
-
-
 def _moments_to_raw(plan: Plan, moments_url: str, raw_url: str) -> None:
     fs, _ = resolve(moments_url, plan.storage)
-    ds, _, _ = read_raw(moments_url, plan.storage, _partitions(sum(plan.rows_in.values()), 50_000))
-    ok = ds.map_batches(_filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow") \
+    ds, _, _ = read_raw(moments_url, plan.storage, partitions_for(sum(plan.rows_in.values()), RAW_ROWS_PER_READ))
+    ok = ds.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow") \
         .map_batches(moments_to_table, fn_kwargs={"vog_keys": plan.keys}, batch_format="pyarrow")
-    bad = ds.map_batches(_rejected_of_group0, batch_format="pyarrow")
+    bad = ds.map_batches(rejected_of_group0, batch_format="pyarrow")
     ok.union(bad).write_parquet(raw_url, filesystem=fs, mode="overwrite")

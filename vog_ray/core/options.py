@@ -1,0 +1,70 @@
+"""What an audit computes: targets, label mode, windows, normalisation, the ranked key, the
+accumulation dtype (:class:`VogOptions`), and the names of the per-checkpoint signals. Imports
+neither torch nor Ray (the config and the reduce workers use it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .moments import NORMALIZATIONS
+
+__all__ = ["VogOptions", "TARGETS", "LABEL_MODES", "SIGNALS", "NORMALIZATIONS", "ACCUM_DTYPES"]
+
+TARGETS = ("logit", "softmax")
+LABEL_MODES = ("true", "predicted")
+ACCUM_DTYPES = ("float32", "float64")
+# per-checkpoint signals, all computed at the target index p unless the name says otherwise
+SIGNALS = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",
+           "max_logit", "energy")
+
+
+@dataclass
+class VogOptions:
+    """What to compute. ``windows`` maps names to specs (see :mod:`vog_ray.core.windows`)."""
+
+    windows: dict[str, Any] = field(default_factory=lambda: {"all": "all"})
+    targets: Sequence[str] = ("logit",)
+    label_mode: str = "true"
+    normalization: str = "zscore"
+    rank_by: str | None = None          # "<window>_<target>"; default: late/all/first window, first target
+    accum_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        for t in self.targets:
+            if t not in TARGETS:
+                raise ValueError(f"unknown target {t!r}; expected one or more of {TARGETS}")
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {NORMALIZATIONS}")
+        if self.accum_dtype not in ACCUM_DTYPES:
+            raise ValueError("accum_dtype must be 'float32' or 'float64'")
+
+    def keys(self, windows: dict[str, list[int]]) -> list[str]:
+        """The ``<window>_<target>`` keys, windows in order, then targets."""
+        return [f"{w}_{t}" for w in windows for t in self.targets]
+
+    def primary(self, windows: dict[str, list[int]]) -> str:
+        """The key the ranks use: ``rank_by``, else the late, all or first window's first target."""
+        keys = self.keys(windows)
+        if self.rank_by:
+            if self.rank_by not in keys:
+                raise ValueError(f"rank_by {self.rank_by!r} is not one of {keys}")
+            return self.rank_by
+        for w in ("late", "all"):
+            if w in windows:
+                return f"{w}_{self.targets[0]}"
+        return keys[0]
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """Plain values (e.g. for a Ray actor's constructor)."""
+        return {"windows": dict(self.windows), "targets": list(self.targets), "label_mode": self.label_mode,
+                "normalization": self.normalization, "rank_by": self.rank_by, "accum_dtype": self.accum_dtype}
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return torch.float64 if self.accum_dtype == "float64" else torch.float32

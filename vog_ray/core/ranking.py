@@ -1,0 +1,141 @@
+"""Class normalisation and ranks of the score table (DESIGN.md §1 step 6): z per key, the ranked
+``score``, and ranks within a split and a class from a table sorted by :data:`SORT_KEYS` (one
+block, or many consecutive blocks given the rows before each). The single-process audit and
+the Ray reduce call the same functions, so both give the same numbers. Imports neither torch
+nor Ray.
+
+Score-table columns (one row per example): ``id`` (string), ``split``, ``label`` (true label,
+-1 if unknown), ``target_label`` (the class used as target index and for normalisation),
+``pred`` (prediction of the last checkpoint), ``correct`` (null if the label is unknown),
+``vog_<window>_<target>`` (raw VoG), ``z_<window>_<target>`` (normalised), ``score`` (the
+ranked one of those), ``rank`` (1 = highest score in the split; ties broken by id),
+``class_rank`` (within split and class), ``percentile`` (100 = highest), ``decile`` (10 =
+highest VoG), and the per-checkpoint signals ``sig_<name>`` (a list, one value per checkpoint).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from .classes import class_lookup, classes_of, merge_class_moments, partial_class_moments
+from .moments import class_normalize
+from .table import vog_col, z_col
+
+__all__ = ["normalize", "set_column", "SORT_KEYS", "RANK_COLUMNS", "assign_ranks", "block_counts",
+           "rank_offsets", "rank_table", "rank_in_memory"]
+
+RANK_COLUMNS = ("rank", "class_rank", "percentile", "decile")
+
+
+def normalize(table: pa.Table, lookup: dict[str, dict[str, np.ndarray]], keys: Sequence[str],
+              method: str, primary: str) -> pa.Table:
+    """Add ``z_<key>`` for every key and ``score`` (= ``z_<primary>``)."""
+    splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    cls = classes_of(table)
+    zs = {k: np.zeros(table.num_rows) for k in keys}
+    for s in np.unique(splits):
+        rows = splits == s
+        e = lookup[s]
+        for k in keys:
+            v = table.column(vog_col(k)).to_numpy(zero_copy_only=False)[rows]
+            zs[k][rows] = class_normalize(v, cls[rows], e[f"mean_{k}"], e[f"std_{k}"], method)
+    for k in keys:
+        table = set_column(table, z_col(k), pa.array(zs[k], pa.float64()))
+    return set_column(table, "score", pa.array(zs[primary], pa.float64()))
+
+
+def set_column(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, name, arr) if i >= 0 else table.append_column(name, arr)
+
+
+SORT_KEYS = [("split", "ascending"), ("score", "descending"), ("id", "ascending")]
+
+
+def assign_ranks(sorted_table: pa.Table, split_offset: dict[str, int], class_offset: dict[tuple[str, int], int],
+                 split_size: dict[str, int]) -> pa.Table:
+    """Ranks for a block of a table sorted by :data:`SORT_KEYS`, given the number of rows of
+    each split (and split × class) that precede the block."""
+    n = sorted_table.num_rows
+    splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    cls = classes_of(sorted_table)
+    rank = _cumcount(splits) + np.array([split_offset.get(s, 0) for s in splits], np.int64)
+    pairs = np.char.add(np.char.add(splits, "\x00"), cls.astype(str)) if n else splits
+    crank = _cumcount(pairs) + np.array(
+        [class_offset.get((s, int(c)), 0) for s, c in zip(splits, cls)], np.int64)
+    size = np.array([split_size[s] for s in splits], np.int64) if n else np.zeros(0, np.int64)
+    pct = 100.0 * (size - rank + 1) / np.maximum(size, 1)
+    dec = 10 - np.floor_divide(10 * (rank - 1), np.maximum(size, 1))
+    t = sorted_table
+    t = set_column(t, "rank", pa.array(rank, pa.int64()))
+    t = set_column(t, "class_rank", pa.array(crank, pa.int64()))
+    t = set_column(t, "percentile", pa.array(pct, pa.float64()))
+    return set_column(t, "decile", pa.array(dec.astype(np.int64), pa.int64()))
+
+
+def _cumcount(keys: np.ndarray) -> np.ndarray:
+    """1-based running count of each key's occurrences, in order."""
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    _, inv = np.unique(keys, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    sorted_inv = inv[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_inv)) + 1]
+    group_start = np.repeat(starts, np.diff(np.r_[starts, n]))
+    out = np.empty(n, np.int64)
+    out[order] = np.arange(n) - group_start + 1
+    return out
+
+
+def block_counts(sorted_table: pa.Table) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """Rows per split and per (split, class) in a block."""
+    splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    cls = classes_of(sorted_table)
+    s_counts = {str(k): int(v) for k, v in zip(*np.unique(splits, return_counts=True))}
+    c_counts: dict[tuple[str, int], int] = {}
+    if len(splits):
+        pairs = np.rec.fromarrays([splits, cls], names="s,c")
+        for u, v in zip(*np.unique(pairs, return_counts=True)):
+            c_counts[(str(u[0]), int(u[1]))] = int(v)
+    return s_counts, c_counts
+
+
+def rank_offsets(counts: list[tuple[dict[str, int], dict[tuple[str, int], int]]]):
+    """From the :func:`block_counts` of consecutive sorted blocks: the rows of each split, and for
+    every block the rows of each split and of each (split, class) before it — the arguments of
+    :func:`assign_ranks`."""
+    sizes: dict[str, int] = {}
+    for s_c, _ in counts:
+        for s, v in s_c.items():
+            sizes[s] = sizes.get(s, 0) + v
+    s_off: dict[str, int] = {}
+    c_off: dict[tuple[str, int], int] = {}
+    offsets = []
+    for s_c, c_c in counts:
+        offsets.append((dict(s_off), dict(c_off)))
+        for s, v in s_c.items():
+            s_off[s] = s_off.get(s, 0) + v
+        for k, v in c_c.items():
+            c_off[k] = c_off.get(k, 0) + v
+    return sizes, offsets
+
+
+def rank_table(table: pa.Table) -> pa.Table:
+    """Sort one in-memory table by :data:`SORT_KEYS` and add the rank columns."""
+    t = table.sort_by(SORT_KEYS)
+    s_counts, _ = block_counts(t)
+    return assign_ranks(t, {}, {}, s_counts)
+
+
+
+
+def rank_in_memory(table: pa.Table, keys: Sequence[str], normalization: str, primary: str
+                   ) -> tuple[pa.Table, pa.Table]:
+    """Class moments → z → ranks on one in-memory table of scored rows: ``(scores, classes)``."""
+    classes = merge_class_moments([partial_class_moments(table, keys)], keys)
+    table = normalize(table, class_lookup(classes, keys), keys, normalization, primary)
+    return rank_table(table), classes

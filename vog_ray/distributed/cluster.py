@@ -1,0 +1,161 @@
+"""Ray itself: connecting or starting it, Ray Data's per-audit context, cached remote tasks, and
+where the scorer actors run — the GPU decision (and the wait for an autoscaler's GPU nodes), the
+CPU-starvation check and the fastest CPU layout (one single-threaded actor per core)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+import warnings
+from typing import Any, Callable
+
+from ..config import AuditConfig, ComputeSpec
+
+__all__ = ["ensure_ray", "configure_data_context", "remote_task", "scorer_gpus", "wait_for_gpus",
+           "cpu_layout", "cpu_layout_hint", "check_cpus_left", "TRANSIENT_S3_ERRORS"]
+
+log = logging.getLogger("vog_ray")
+
+# s3fs/botocore (which vog-ray's filesystems use) retry throttling and 5xx answers themselves; when
+# those retries run out, Ray Data retries the whole file read/write on these messages as well (its
+# defaults name only the messages of pyarrow's own S3 client)
+TRANSIENT_S3_ERRORS = ("SlowDown", "[Rr]educe your request rate", "Service ?Unavailable", "InternalError",
+                       "RequestTimeout")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (``address`` / ``RAY_ADDRESS``) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # at least 2 logical CPUs: the scorer actors hold theirs for the whole stage and the read
+        # tasks need one more (on a 1-core machine they share the core)
+        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 1), include_dashboard=False, **kwargs)
+
+
+def configure_data_context(c: ComputeSpec) -> None:
+    """Ray Data's settings for one audit (not left over from an earlier one in this process)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic batches => byte-identical reruns
+    ctx.max_errored_blocks = c.max_errored_blocks
+    ctx.wait_for_min_actors_s = c.actors.wait_for_min_s or -1  # -1: Ray's "do not wait"
+    missing = [p for p in TRANSIENT_S3_ERRORS if p not in ctx.retried_io_errors]
+    if missing:
+        with warnings.catch_warnings():  # "substring matching will be deprecated": these are regexes
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.retried_io_errors = [*ctx.retried_io_errors, *missing]
+
+
+@functools.cache
+def _remote(fn: Callable, options: tuple) -> Any:
+    import ray
+
+    return ray.remote(**{k: list(v) if isinstance(v, tuple) else v for k, v in options})(fn)
+
+
+def remote_task(fn: Callable, **options: Any) -> Any:
+    """``ray.remote(**options)(fn)``, made once per function and options. ``fn`` must be a
+    module-level function of a module that does not import torch (the reduce's workers stay
+    torch-free)."""
+    return _remote(fn, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items())))
+
+
+def scorer_gpus(cfg: AuditConfig) -> float:
+    """GPUs per scorer actor (0: score on CPUs), from ``compute.device`` and the cluster's GPUs
+    (waiting for an autoscaler when ``compute.gpu_wait_s`` is set)."""
+    import ray
+
+    c = cfg.compute
+    if c.device not in ("auto", "cuda"):
+        return 0.0
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0 or wait_for_gpus(c)
+    if c.device == "cuda" and not has_gpu:
+        waited = f" after waiting {c.gpu_wait_s} s for the autoscaler" if c.gpu_wait_s else ""
+        raise RuntimeError(f"compute.device is 'cuda' but the Ray cluster has no GPU{waited} (on an autoscaling "
+                           "cluster whose GPU workers start at 0, set compute.gpu_wait_s)")
+    if not has_gpu and c.gpu_wait_s:
+        log.warning("no GPU joined the cluster within compute.gpu_wait_s = %d s: scoring on CPUs", c.gpu_wait_s)
+    return c.gpus_per_actor if has_gpu else 0.0
+
+
+def wait_for_gpus(c: ComputeSpec) -> bool:
+    """An autoscaling cluster may have no GPU node until something asks for one: ask the autoscaler
+    for ``actors.min`` bundles of ``gpus_per_actor`` GPUs and wait up to ``compute.gpu_wait_s`` for a
+    GPU to join (progress logged). The request is withdrawn afterwards (the scorer actors then hold
+    the GPUs). Returns whether the cluster has a GPU."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    if not c.gpu_wait_s:
+        return False
+    request_resources(bundles=[{"GPU": c.gpus_per_actor, "CPU": c.cpus_per_actor}] * c.actors.min)
+    try:
+        deadline = time.monotonic() + c.gpu_wait_s
+        next_log = 0.0
+        while time.monotonic() < deadline:
+            if ray.cluster_resources().get("GPU", 0) > 0:
+                return True
+            if time.monotonic() >= next_log:
+                log.info("waiting for the autoscaler to add GPU nodes (%d s left)", deadline - time.monotonic())
+                next_log = time.monotonic() + 30
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        return ray.cluster_resources().get("GPU", 0) > 0
+    finally:
+        request_resources(bundles=[])
+
+
+def cpu_layout(cpus: int, num_groups: int = 1, actors: int | None = None) -> dict[str, Any]:
+    """The fastest CPU layout for ``cpus`` cores: one single-threaded scorer actor per core (per
+    checkpoint group; or ``actors`` per group), the actors reserving all but one CPU between them
+    for the read/decode tasks (so :func:`check_cpus_left` accepts it)."""
+    per = actors or max(1, cpus // num_groups)
+    return {"actors": {"min": per, "max": per},
+            "cpus_per_actor": max(0.01, math.floor(100 * (cpus - 1) / (per * num_groups)) / 100),
+            "threads_per_actor": 1}
+
+
+def cpu_layout_hint(c: ComputeSpec, cluster_cpus: float, num_groups: int = 1) -> str | None:
+    """On the CPU, one single-threaded scorer actor per core is the fastest layout (bench/pipeline.py
+    on 2 cores: 2 actors × 1 thread 0.93–0.98 of the engine alone with 2 threads; 1 actor × 2 threads
+    0.64): torch's intra-op threads on small batches wait on each other and on the read/decode tasks
+    sharing the cores. A hint when the pool would leave cores idle; None when it does not."""
+    threads = c.threads_per_actor or max(1, int(c.cpus_per_actor))
+    used = c.actors.max * threads * num_groups
+    cpus = int(cluster_cpus)
+    if cpus <= 1 or c.gpu_wait_s or used + num_groups > cpus:  # not one more actor per group
+        return None
+    lay = cpu_layout(cpus, num_groups)
+    n = lay["actors"]["min"]
+    return (f"scoring on the CPU with at most {c.actors.max} actor(s) × {threads} torch thread(s)"
+            + (f" × {num_groups} checkpoint groups" if num_groups > 1 else "")
+            + f" on a Ray cluster of {cpus} CPUs: cores stay idle. One single-threaded actor per core is the "
+            f"fastest CPU layout: compute.actors: {{min: {n}, max: {n}}}, compute.cpus_per_actor: "
+            f"{lay['cpus_per_actor']:g}, compute.threads_per_actor: 1")
+
+
+def check_cpus_left(c: ComputeSpec, cluster_cpus: float, num_groups: int) -> None:
+    """The scorer actors hold their CPUs for the whole stage; the read and decode tasks that feed
+    them need at least one more. If the minimum pool takes every CPU, nothing is ever read and the
+    audit would wait forever: refuse it, naming the keys. Not checked on an autoscaling cluster
+    (no CPU yet, or ``compute.gpu_wait_s`` set), where pending tasks make Ray add nodes."""
+    if cluster_cpus <= 0 or c.gpu_wait_s:  # an autoscaling cluster (workers from 0): CPUs come on demand
+        return
+    held = c.actors.min * c.cpus_per_actor * num_groups
+    if held > cluster_cpus - 1:
+        raise ValueError(
+            f"compute.actors.min ({c.actors.min}) × compute.cpus_per_actor ({c.cpus_per_actor:g})"
+            + (f" × {num_groups} checkpoint groups" if num_groups > 1 else "")
+            + f" = {held:g} CPUs, but the Ray cluster has {cluster_cpus:g}: the read/decode tasks need at least "
+            "one CPU besides the scorer actors, or the audit cannot make progress. Lower actors.min or "
+            "cpus_per_actor (fractions such as 0.5 are allowed), or add CPUs.")

@@ -1,0 +1,148 @@
+"""Per-example merges of partial pixel moments (checkpoint-sharded and incremental audits).
+
+A moment row holds, per ``<window>_<target>`` key, ``mn_<key>`` (checkpoints folded), and the
+per-pixel ``mmean_<key>`` / ``mm2_<key>`` as fixed-size lists, plus the per-checkpoint signals of
+the checkpoints it covers. Rows of one example (one per checkpoint group, in group order) are
+merged with :func:`vog_ray.core.moments.chan_merge`, vectorised over the examples of a sorted
+partition; merged rows become fused-format score rows (raw VoG) with :func:`moments_to_table`.
+Imports neither torch nor Ray at module level (its functions run in the reduce's workers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..core.moments import chan_merge
+from ..core.options import SIGNALS
+from ..core.table import result_to_table
+
+__all__ = ["MOMENT_PREFIXES", "STATE_META", "fixed_size_list", "list_values", "moments_to_table",
+           "merge_examples", "set_group"]
+
+MOMENT_PREFIXES = ("mn_", "mmean_", "mm2_")
+STATE_META = ("id", "split", "label", "status", "group", "target_label", "pred")
+
+
+def fixed_size_list(values: np.ndarray) -> pa.Array:
+    """A 2-D array as a fixed-size-list column."""
+    values = np.asarray(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), max(1, values.shape[1]))
+
+
+def list_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list column as a 2-D numpy array."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(arr.type, pa.ExtensionType):
+        arr = arr.storage
+    n = len(arr)
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(n, -1) if n else flat.reshape(0, 0)
+
+
+class _Result:
+    """The fields of the engine's ``BatchResult`` that :func:`result_to_table` reads (the engine
+    module imports torch; this one must not)."""
+
+    def __init__(self, status: np.ndarray, target_label: np.ndarray, pred: np.ndarray):
+        self.status, self.target_label, self.pred = status, target_label, pred
+        self.vog: dict[str, np.ndarray] = {}
+        self.signals: dict[str, np.ndarray] = {}
+
+
+def moments_to_table(t: pa.Table, vog_keys: list[str]) -> pa.Table:
+    """Moment rows (ok rows of a state or merged shards) → fused-format score rows (raw VoG)."""
+    n = t.num_rows
+    res = _Result(np.array(["ok"] * n, object), t["target_label"].to_numpy().astype(np.int64),
+                  t["pred"].to_numpy().astype(np.int64))
+    for k in vog_keys:
+        cnt = t[f"mn_{k}"].to_numpy().astype(np.float64)
+        m2 = list_values(t[f"mm2_{k}"]).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            std = np.sqrt(np.maximum(m2 / cnt[:, None], 0))
+        res.vog[k] = np.where(cnt > 0, std.mean(axis=1) if n else np.zeros(0), np.nan)
+    for s in SIGNALS:
+        res.signals[s] = list_values(t[f"sig_{s}"])
+    extra = {c: t[c] for c in t.column_names if c not in STATE_META and not c.startswith(MOMENT_PREFIXES)
+             and not c.startswith("sig_")}
+    return result_to_table(res, ids=t["id"].to_pylist(), split=t["split"].to_pylist(),  # type: ignore[arg-type]
+                           labels=t["label"].to_numpy().astype(np.int64), keys=vog_keys, extra=extra)
+
+
+def merge_examples(t: pa.Table, vog_keys: list[str], num_groups: int) -> pa.Table:
+    """A table sorted by (split, id, group), ``num_groups`` rows per example → one merged moment
+    row per example: :func:`chan_merge` over the groups in order, vectorised over the examples
+    (the same float64 operations in the same order as merging one example at a time —
+    tests check the bits); signals concatenated in checkpoint order, prediction and target from
+    the last group (the run's last checkpoint)."""
+    n = t.num_rows
+    if n == 0:
+        return t
+    s = t.column("split").to_numpy(zero_copy_only=False).astype(object)
+    i = t.column("id").to_numpy(zero_copy_only=False).astype(object)
+    starts = np.r_[0, np.flatnonzero((s[1:] != s[:-1]) | (i[1:] != i[:-1])) + 1, n]
+    counts = np.diff(starts)
+    if np.any(counts != num_groups):
+        j = int(np.flatnonzero(counts != num_groups)[0])
+        raise RuntimeError(f"example {i[starts[j]]!r}: expected {num_groups} partial rows, got {int(counts[j])}")
+    E, G = len(counts), num_groups
+    first, last = pa.array(starts[:-1]), pa.array(starts[1:] - 1)
+    cols: dict[str, Any] = {c: t[c].take(last) for c in t.column_names
+                            if c in ("id", "split", "label", "status", "target_label", "pred")}
+    cols["group"] = pa.array(np.zeros(E, np.int64), pa.int64())
+    for k in vog_keys:
+        ns = t[f"mn_{k}"].to_numpy().astype(np.int64).reshape(E, G)
+        means = list_values(t[f"mmean_{k}"]).astype(np.float64)
+        m2s = list_values(t[f"mm2_{k}"]).astype(np.float64)
+        P = means.shape[1]
+        means, m2s = means.reshape(E, G, P), m2s.reshape(E, G, P)
+        n_acc, mean, m2 = ns[:, 0].copy(), means[:, 0].copy(), m2s[:, 0].copy()
+        for g in range(1, G):
+            n_acc, mean, m2 = chan_merge(n_acc, mean, m2, ns[:, g], means[:, g], m2s[:, g])
+        cols[f"mn_{k}"] = pa.array(n_acc, pa.int64())
+        cols[f"mmean_{k}"] = fixed_size_list(mean)
+        cols[f"mm2_{k}"] = fixed_size_list(m2)
+    for c in t.column_names:
+        if c.startswith("sig_"):  # group g's rows hold that group's checkpoints, in order
+            per_group = [list_values(t[c].take(pa.array(np.arange(g, n, G)))) for g in range(G)]
+            cols[c] = fixed_size_list(np.concatenate(per_group, axis=1))
+    for c in t.column_names:
+        if c not in cols and c not in STATE_META and not c.startswith(MOMENT_PREFIXES):
+            cols[c] = t[c].take(first)
+    return pa.table(cols)
+
+
+def set_group(t: pa.Table, group: int) -> pa.Table:
+    """Set every row's ``group`` (the incremental fold: 0 = the state, 1 = the new checkpoints)."""
+    i = t.schema.get_field_index("group")
+    col = pa.array([group] * t.num_rows, pa.int64())
+    return t.set_column(i, "group", col) if i >= 0 else t.append_column("group", col)
+
+
+def merge_partition(sort_keys: list[tuple[str, str]], vog_keys: list[str], num_groups: int,
+                    *parts: pa.Table) -> tuple[pa.Table, int]:
+    """The sample sort's merge step for partial moments: one partition sorted, then merged by
+    example. Returns the merged rows and their count."""
+    from .sort import merge_sorted
+
+    t = merge_examples(merge_sorted(list(parts), sort_keys), vog_keys, num_groups)
+    return t, t.num_rows
+
+
+def merge_by_example(ds: Any, vog_keys: list[str], num_groups: int, num_rows: int) -> Any:
+    """Partial moment rows (``group`` 0 … num_groups - 1 of each example) → one merged row per
+    example, as a dataset (None if there is none): a distributed sort by (split, id, group), then
+    each sorted partition merges its runs of equal ids."""
+    import ray
+    import ray.data
+
+    from .sort import block_refs, partitions_for, sample_sort
+
+    keys = [("split", "ascending"), ("id", "ascending"), ("group", "ascending")]
+    merged = sample_sort(block_refs(ds), keys, partitions_for(num_rows, 20_000), merge_partition,
+                         args=(vog_keys, num_groups), merge_options={"num_returns": 2})
+    sizes = ray.get([m[1] for m in merged])
+    refs = [m[0] for m, n in zip(merged, sizes) if n]
+    return ray.data.from_arrow_refs(refs) if refs else None
