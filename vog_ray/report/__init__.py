@@ -7,10 +7,14 @@
     rep["html_url"]                                           # where the page went
     cmp = compare_runs(run_a_url, run_b_url, out="compare.json"); print(cmp["text"])
 
-Modules: :mod:`.frame` (streaming read of the needed columns), :mod:`.stats` (error by VoG,
-flag tests, agreement), :mod:`.ood` (Table-1 metrics and score orientation), :mod:`.figures`
-(matplotlib Agg / Pillow), :mod:`.html` (the self-contained page), :mod:`.compare`,
-:mod:`.build` (``build_report``). Bad input raises :class:`ReportError` before anything is written.
+Modules: :mod:`.build` (``build_report``: orchestration, conventions, writing the files),
+:mod:`.context` (checking the run and settings; the :class:`~.context.ReportContext` every
+section reads), :mod:`.sections` (error by VoG, flags, OoD, agreement, figures, classes,
+summary), :mod:`.grids` (image grids), :mod:`.frame` (streaming read of the needed columns),
+:mod:`.stats` (error by VoG, flag tests, agreement), :mod:`.ood` (Table-1 metrics and score
+orientation), :mod:`.figures` (matplotlib Agg / Pillow), :mod:`.html` (the self-contained page),
+:mod:`.summary` (plain-text summary), :mod:`.compare` (``compare_runs``), :mod:`.common`
+(shared helpers). Bad input raises :class:`ReportError` before anything is written.
 """
 
 from .common import ReportError

@@ -1,9 +1,11 @@
-"""Shared pieces of the report package: the error type, JSON cleaning, seeds, stale figures
-(atomic writes are :func:`vog_ray.storage.atomic_write`, re-exported here)."""
+"""Shared pieces of the report package: the error type, JSON cleaning, seeds derived from names,
+file names safe for any split or target, and the removal of stale figures (atomic writes are
+:func:`vog_ray.storage.atomic_write`, re-exported here)."""
 
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from typing import Any, Iterable
 
@@ -11,7 +13,8 @@ import numpy as np
 
 from ..storage import atomic_write
 
-__all__ = ["ReportError", "clean", "stable_seed", "atomic_write", "finite_or_none"]
+__all__ = ["ReportError", "clean", "stable_seed", "safe_name", "atomic_write", "remove_stale",
+           "finite_or_none"]
 
 
 class ReportError(ValueError):
@@ -46,6 +49,11 @@ def stable_seed(seed: int, *parts: str) -> list[int]:
     """A seed for ``np.random.default_rng`` that depends on ``seed`` and names only (never on
     the order in which sections are computed), so every interval is reproducible alone."""
     return [int(seed)] + [zlib.crc32(str(p).encode()) for p in parts]
+
+
+def safe_name(name: str) -> str:
+    """``name`` with every character other than ``A-Za-z0-9_.-`` replaced by ``_`` (for file names)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(name))
 
 
 def remove_stale(fs, path: str, keep: Iterable[str]) -> None:

@@ -1,4 +1,6 @@
-"""Out-of-distribution evaluation in the layout of the paper's Table 1.
+"""Out-of-distribution evaluation in the layout of the paper's Table 1: the metrics of one score
+(:func:`ood_metrics`, :func:`fpr_at_tpr`), the orientation of every score (:data:`ORIENTATION`)
+and the evaluation of many scores per OoD group with mean ± std (:func:`evaluate`).
 
 Conventions (also written into ``report.json``):
 

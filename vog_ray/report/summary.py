@@ -1,4 +1,5 @@
-"""A short plain-text summary of a report (what ``make demo`` prints), read from ``report.json``."""
+"""A short plain-text summary of a report (what ``make demo`` prints), read from ``report.json``:
+:func:`summary_lines`."""
 
 from __future__ import annotations
 
