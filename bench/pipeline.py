@@ -90,7 +90,7 @@ def main() -> int:
 
     from vog_ray.config import validate
     from vog_ray.models import build_model
-    from vog_ray.readers import write_parquet_split
+    from vog_ray.testing.writers import write_parquet_split
     from vog_ray.single import VogOptions, load_checkpoints, make_engine
     from vog_ray.train import save_state_dict
 

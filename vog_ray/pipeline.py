@@ -351,7 +351,7 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
     """Connect to Ray, list and validate checkpoints, resolve windows, count the input rows."""
     import ray.data
 
-    from . import readers
+    from .data.metadata import count_rows
 
     storage = cfg.storage.options()
     opts = cfg.vog.options()
@@ -370,7 +370,7 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
     ctx.wait_for_min_actors_s = cfg.compute.actors.wait_for_min_s or -1
     _retry_transient_s3_errors(ctx)
     return Plan(cfg, storage, opts, urls, infos, windows, keys, opts.primary(windows),
-                cfg.output.url.rstrip("/"), readers.count_rows(cfg, storage))
+                cfg.output.url.rstrip("/"), count_rows(cfg, storage))
 
 
 # s3fs/botocore (which vog-ray's filesystems use) retry throttling and 5xx answers themselves; when
@@ -415,7 +415,8 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
     import ray
     import ray.data
 
-    from . import readers
+    from .data.dataset import dataset_from_config
+    from .data.decode import decode
 
     cfg = plan.cfg
     device = cfg.compute.device
@@ -442,13 +443,13 @@ def score_stage(plan: Plan, groups: list[list[int]], emit: str, out_url: str, *,
     storage_kwargs = dataclasses.asdict(plan.storage)  # the actors open checkpoints as the driver does
     parts = []
     for gi, idx in enumerate(groups):
-        ds = readers.dataset_from_config(cfg, plan.storage)
+        ds = dataset_from_config(cfg, plan.storage)
         if done is not None:
             from .resume import skip_done
 
             ds = ds.map_batches(skip_done, fn_kwargs={"done": done}, batch_format="pyarrow", batch_size=None,
                                 zero_copy_batch=True)
-        ds = readers.decode(ds, cfg)
+        ds = decode(ds, cfg)
         ap = cfg.compute.actors
         pool = ray.data.ActorPoolStrategy(min_size=ap.min, max_size=ap.max, max_tasks_in_flight_per_actor=ap.tasks_in_flight)
         remote_args: dict[str, Any] = {"num_cpus": cfg.compute.cpus_per_actor}

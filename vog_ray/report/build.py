@@ -457,10 +457,9 @@ def _grids(frame: Frame, idx, ids_by_split, primary, rspec, splits_cfg, label_of
     meta = [{"split": p["split"], "which": p["which"], "class": p["class"], "title": p["title"],
              "ids": [frame.ids[int(r)].as_py() for r in p["rows"]]} for p in plan]
     try:
-        readers = importlib.import_module("vog_ray.readers")
-        fetch = readers.fetch_images
+        fetch = importlib.import_module("vog_ray.data.fetch").fetch_images
     except (ImportError, AttributeError) as e:
-        warns.append(f"image grids skipped: vog_ray.readers.fetch_images is not available ({e})")
+        warns.append(f"image grids skipped: vog_ray.data.fetch.fetch_images is not available ({e})")
         return [], meta
     from ..config import SplitSpec, StorageSpec
 
