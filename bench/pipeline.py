@@ -90,10 +90,10 @@ def main() -> int:
 
     from vog_ray.config import validate
     from vog_ray.models import build_model
-    from vog_ray.readers import write_parquet_split
     from vog_ray.core.engine import make_engine
     from vog_ray.core.options import VogOptions
     from vog_ray.models.checkpoints import load_checkpoints
+    from vog_ray.testing.writers import write_parquet_split
     from vog_ray.train import save_state_dict
 
     tmp = tempfile.mkdtemp(prefix="vog-bench-pipeline-")

@@ -72,7 +72,7 @@ def digits_s3(request, s3_server_module):
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from vog_ray.readers import write_parquet_split
+    from vog_ray.testing.writers import write_parquet_split
     from vog_ray.train import train
 
     opts = {"n_train": 240, "n_test": 80, "epochs": 3, **getattr(request.module, "DIGITS", {})}

@@ -4,7 +4,7 @@
 labels flagged ``is_noisy``), audits it with :func:`vog_ray.score` and publishes the run in the
 layout of :mod:`vog_ray.runs`. ``write_run`` publishes any hand-made score table, for tests
 whose expected numbers are computed by hand. ``fake_readers`` stands in for
-``vog_ray.readers`` (tests insert it into ``sys.modules``) by reading the npz files written here.
+``vog_ray.data.fetch`` (tests insert it into ``sys.modules``) by reading the npz files written here.
 """
 
 from __future__ import annotations
@@ -264,8 +264,8 @@ def synthetic_run(root: str, split_rows: dict[str, dict[str, Any]], *, K: int = 
 
 
 def fake_readers() -> types.ModuleType:
-    """A stand-in for ``vog_ray.readers`` that serves tiles from the npz files written here."""
-    mod = types.ModuleType("vog_ray.readers")
+    """A stand-in for ``vog_ray.data.fetch`` that serves tiles from the npz files written here."""
+    mod = types.ModuleType("vog_ray.data.fetch")
     calls: list[tuple[str, list[str]]] = []
 
     def fetch_images(spec, ids, storage=None):

@@ -42,7 +42,7 @@ def project(tmp_path_factory):
     """Local digits Parquet (train/test), K checkpoints of a briefly trained model, a config."""
     from sklearn.datasets import load_digits
 
-    from vog_ray.readers import write_parquet_split
+    from vog_ray.testing.writers import write_parquet_split
     from vog_ray.train import train
 
     root = tmp_path_factory.mktemp("cli")

@@ -90,7 +90,7 @@ def fx(tiny_digits, tmp_path_factory):
 
     from tests.faultproxy import FaultProxy
     from tests.s3 import s3_endpoint
-    from vog_ray.readers import write_parquet_split
+    from vog_ray.testing.writers import write_parquet_split
 
     root = tmp_path_factory.mktemp("faults")
     with s3_endpoint() as s3, FaultProxy(s3.endpoint) as proxy:

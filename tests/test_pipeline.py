@@ -92,7 +92,7 @@ def env():
     import ray
 
     from tests.s3 import s3_endpoint
-    from vog_ray import readers
+    from vog_ray.testing import writers
     from vog_ray.train import train
 
     if ray.is_initialized():  # another module left Ray running: its workers lack our env
@@ -126,7 +126,7 @@ def env():
                         lr=3e-3, storage=st)
             assert len(res.checkpoints) == K
             for name, idx in (("train", TRAIN), ("test", TEST)):
-                readers.write_parquet_split(s3.url(f"digits/{name}"), imgs[idx], labels[idx], storage=st,
+                writers.write_parquet_split(s3.url(f"digits/{name}"), imgs[idx], labels[idx], storage=st,
                                             rows_per_file=ROWS_PER_FILE, row_group_size=20)
             splits = {s: {"format": "parquet", "url": s3.url(f"digits/{s}")} for s in ("train", "test")}
             yield Env(s3, imgs, labels, s3.url("ckpt/epoch_*.pt"), res.train_error, splits)
@@ -351,12 +351,12 @@ def test_ray_audit_equals_single_process_score(env, audits, reference):
 
 def test_read_blocks_reach_the_reader(env):
     """``compute.read_blocks`` is the number of read tasks of every split."""
-    from vog_ray import readers
     from vog_ray.config import validate
+    from vog_ray.data.dataset import dataset_from_config
 
     for blocks in (1, 6):
         cfg = validate(_cfg_dict(env, "blocks", compute={"read_blocks": blocks}))
-        ds = readers.dataset_from_config(cfg, cfg.storage.options()).materialize()
+        ds = dataset_from_config(cfg, cfg.storage.options()).materialize()
         assert ds.count() == len(TRAIN) + len(TEST)
         assert ds.num_blocks() == 2 * blocks, blocks  # two splits
 
@@ -437,7 +437,7 @@ def _png(a: np.ndarray) -> bytes:
 
 
 def test_every_reader_from_s3(env):
-    from vog_ray import readers
+    from vog_ray.testing import writers
     from vog_ray.config import validate
     from vog_ray.distributed.audit import run_audit
     from vog_ray.runs import open_run
@@ -449,19 +449,19 @@ def test_every_reader_from_s3(env):
     imgs, labels = env.imgs, env.labels
     same = np.arange(1000, 1030)              # the same 30 digits as raw Parquet and as npz
     png_idx, folder_idx, cifar_idx = np.arange(1100, 1140), np.arange(1200, 1230), np.arange(1300, 1320)
-    readers.write_parquet_split(s3.url("r/png"), imgs[png_idx], labels[png_idx], storage=st, rows_per_file=20)
+    writers.write_parquet_split(s3.url("r/png"), imgs[png_idx], labels[png_idx], storage=st, rows_per_file=20)
     fs, root = resolve(s3.url("r/png"), st)
     with fs.open(f"{root}/part-00002.parquet", "wb") as fh:   # a corrupt PNG and a label out of range
         pq.write_table(pa.table({"image": pa.array([b"\x89PNG\r\n\x1a\n truncated", _png(imgs[0])], pa.binary()),
                                  "label": pa.array([3, 12], pa.int64())}), fh)
-    readers.write_parquet_split(s3.url("r/raw"), imgs[same], labels[same], storage=st, encode="raw",
+    writers.write_parquet_split(s3.url("r/raw"), imgs[same], labels[same], storage=st, encode="raw",
                                 rows_per_file=16)
     names = [str(i) for i in range(10)]
-    folder_ids = readers.write_image_folder(s3.url("r/folder"), imgs[folder_idx], labels[folder_idx], names, st)
+    folder_ids = writers.write_image_folder(s3.url("r/folder"), imgs[folder_idx], labels[folder_idx], names, st)
     big = np.repeat(np.repeat(imgs[cifar_idx], 4, axis=1), 4, axis=2)            # 32×32
-    readers.write_cifar_batches(s3.url("r/cifar"), np.stack([big] * 3, axis=-1), labels[cifar_idx], storage=st,
+    writers.write_cifar_batches(s3.url("r/cifar"), np.stack([big] * 3, axis=-1), labels[cifar_idx], storage=st,
                                 names=("data_batch_1", "data_batch_2"))
-    readers.write_npz_split(s3.url("r/npz/digits.npz"), imgs[same], labels[same], st)
+    writers.write_npz_split(s3.url("r/npz/digits.npz"), imgs[same], labels[same], st)
     splits = {
         "png": {"format": "parquet", "url": s3.url("r/png")},
         "raw": {"format": "parquet", "url": s3.url("r/raw"), "image_shape": [8, 8]},

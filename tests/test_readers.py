@@ -13,12 +13,15 @@ import pytest
 from PIL import Image
 
 from vog_ray.config import AuditConfig, SplitSpec, TransformSpec
-from vog_ray.readers import (CifarPickleError, count_rows, count_split_rows, decode, decode_batch,
-                             dataset_from_config, fetch_images, infer_input_shape, list_classes,
-                             load_cifar_batch, read_split, split_rejected, write_cifar_batches,
-                             write_image_folder, write_npz_split, write_parquet_split)
-from vog_ray.readers import _balanced_groups, _base_and_files, _make_datasource, _Piece, SourceFile
+from vog_ray.data.cifar import CifarPickleError, load_cifar_batch
+from vog_ray.data.dataset import dataset_from_config, read_split
+from vog_ray.data.datasource import Piece, SplitDatasource, balanced_groups
+from vog_ray.data.decode import decode, decode_batch
+from vog_ray.data.fetch import fetch_images
+from vog_ray.data.listing import SourceFile, list_classes, split_files
+from vog_ray.data.metadata import count_rows, count_split_rows, infer_input_shape
 from vog_ray.storage import resolve
+from vog_ray.testing.writers import write_cifar_batches, write_image_folder, write_npz_split, write_parquet_split
 
 pytestmark = pytest.mark.integration
 
@@ -122,9 +125,9 @@ def test_parquet_png_ids_stable_and_statuses(data):
     if data["fresh_ray"]:  # workers never saw the AWS_* env: the filesystem object carries the endpoint
         assert ray.get(ray.remote(lambda: os.environ.get("AWS_ENDPOINT_URL")).remote()) is None
     spec = _spec(data, "parquet", "png", keep_columns=["is_noisy"])
-    fs, _, files = _base_and_files(spec, data["storage"])
+    fs, _, files = split_files(spec, data["storage"])
     assert [f.rel for f in files] == [f"part-0000{i}.parquet" for i in range(4)]     # _SUCCESS skipped
-    assert len(_make_datasource("train", spec, fs, files).get_read_tasks(7)) == 7     # row-group pieces
+    assert len(SplitDatasource("train", spec, fs, files).get_read_tasks(7)) == 7     # row-group pieces
     a = _rows(read_split("train", spec, data["storage"], override_num_blocks=1))
     b = _rows(read_split("train", spec, data["storage"], override_num_blocks=7))  # splits row groups
     assert len(a) == len(b) == 33
@@ -313,7 +316,9 @@ def test_decode_transforms_and_reasons():
                                    "bad_shape: (1,4,5) != (3,10,12)"]
     out = decode_batch(_batch([_png(rgb)], labels=[3]), TransformSpec(), None, num_classes=3)
     assert out["status"][0] == "label_out_of_range: 3 not in [0, 3)"
-    ok, rej = split_rejected(out)
+    keep = np.asarray(out["status"]) == "ok"
+    ok = {k: np.asarray(v)[keep] for k, v in out.items()}
+    rej = {k: np.asarray(v)[~keep] for k, v in out.items() if k != "x"}
     assert len(ok["id"]) == 0 and list(rej["status"]) == ["label_out_of_range: 3 not in [0, 3)"]
     assert "x" not in rej and ok["x"].shape == (0, 3, 10, 12)
 
@@ -347,8 +352,8 @@ def test_cifar100_style_and_restricted_globals(tmp_path):
 
 
 def test_balanced_groups_contiguous():
-    pieces = [_Piece(SourceFile(f"f{i}", f"f{i}", size)) for i, size in enumerate([5, 0, 1, 100, 3, 3, 0, 7])]
+    pieces = [Piece(SourceFile(f"f{i}", f"f{i}", size)) for i, size in enumerate([5, 0, 1, 100, 3, 3, 0, 7])]
     for k in range(1, 11):
-        groups = _balanced_groups(pieces, k, lambda p: p.file.size)
+        groups = balanced_groups(pieces, k, lambda p: p.file.size)
         assert len(groups) == min(k, len(pieces)) and all(groups)
         assert [p for g in groups for p in g] == pieces

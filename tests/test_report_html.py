@@ -22,9 +22,9 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 def _readers(monkeypatch):
     """The real image reader when there is one; else the test stand-in."""
     try:
-        from vog_ray.readers import fetch_images  # noqa: F401
+        from vog_ray.data.fetch import fetch_images  # noqa: F401
     except ImportError:
-        monkeypatch.setitem(sys.modules, "vog_ray.readers", rf.fake_readers())
+        monkeypatch.setitem(sys.modules, "vog_ray.data.fetch", rf.fake_readers())
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_page_is_self_contained_and_escaped(report):
 
 def test_every_string_is_escaped(tmp_path, monkeypatch):
     """Ids, class names, carried flag names and config values with markup stay text."""
-    monkeypatch.setitem(sys.modules, "vog_ray.readers", rf.fake_readers())
+    monkeypatch.setitem(sys.modules, "vog_ray.data.fetch", rf.fake_readers())
     evil_id = '"><img src=x onerror=alert(2)>'
     n = 20
     ids = [f"r{i}" for i in range(n - 1)] + [evil_id]
@@ -134,7 +134,7 @@ def test_every_string_is_escaped(tmp_path, monkeypatch):
 
 
 def test_missing_image_reader_skips_grids(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vog_ray.readers", None)
+    monkeypatch.setitem(sys.modules, "vog_ray.data.fetch", None)
     url = rf.synthetic_run(str(tmp_path), {"train": {"label": [0, 1] * 5, "vog_late_logit": np.arange(10.0)}})
     rep = build_report(url)
     assert any("image grids skipped" in w for w in rep["warnings"])
@@ -145,7 +145,7 @@ def test_missing_image_reader_skips_grids(tmp_path, monkeypatch):
 
 
 def test_report_on_s3(s3_server, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vog_ray.readers", None)
+    monkeypatch.setitem(sys.modules, "vog_ray.data.fetch", None)
     root = s3_server.url("audits")
     rows = {"train": {"label": [0, 1] * 10, "vog_late_logit": np.arange(20.0)}}
     url = rf.synthetic_run(root, rows, storage=s3_server.storage)

@@ -17,7 +17,7 @@ from vog_ray.report import ReportError, build_report, fpr_at_tpr, ood_metrics
 @pytest.fixture(autouse=True)
 def _no_tiles(monkeypatch):
     # image grids are the HTML test's business; here they are skipped (with a warning)
-    monkeypatch.setitem(sys.modules, "vog_ray.readers", None)
+    monkeypatch.setitem(sys.modules, "vog_ray.data.fetch", None)
 
 
 # ---------------------------------------------------------------- metrics by hand

@@ -23,7 +23,7 @@ from vog_ray.runs import Run, open_run
 def _no_tiles():
     # image grids are the HTML test's business; here they are skipped (with a warning)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(__import__("sys").modules, "vog_ray.readers", None)
+        mp.setitem(__import__("sys").modules, "vog_ray.data.fetch", None)
         yield
 
 
@@ -256,7 +256,7 @@ def test_failure_while_rendering_writes_nothing(tmp_path, monkeypatch):
 
 def test_small_synthetic_run_by_hand(tmp_path, monkeypatch):
     """20 rows, 2 classes; VoG = row index within class, errors on the 4 highest-VoG rows."""
-    monkeypatch.setitem(__import__("sys").modules, "vog_ray.readers", None)  # grids: skipped, warned
+    monkeypatch.setitem(__import__("sys").modules, "vog_ray.data.fetch", None)  # grids: skipped, warned
     label = np.array([0, 1] * 10)
     vog = np.repeat(np.arange(10.0), 2)         # both classes: 0..9 -> same z per class
     pred = label.copy()

@@ -104,7 +104,7 @@ def _secrets_in(text: str) -> list[str]:
 
 def test_no_credentials_anywhere_and_the_report_escapes_class_names(tiny_digits, http_ckpts, tmp_path):
     from tests.s3 import s3_endpoint
-    from vog_ray.readers import write_parquet_split
+    from vog_ray.testing.writers import write_parquet_split
     from vog_ray.storage import resolve
 
     factory_dir = tmp_path / "factory"

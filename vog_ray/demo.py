@@ -71,7 +71,7 @@ def shuffle_labels(y: np.ndarray, frac: float, seed: int = 0, num_classes: int =
 def prepare(out: Path, sizes: DemoSizes, seed: int = 0) -> dict[str, Any]:
     """Data, corruptions and training; returns paths and facts for the config."""
     from .corruptions import CORRUPTIONS, corrupt
-    from .readers import write_parquet_split
+    from .testing.writers import write_parquet_split
     from .train import train
 
     store = out / "store"

@@ -250,6 +250,10 @@ class ClassMoments:
         m2 = np.bincount(g, weights=(v - mean[g]) ** 2, minlength=num_groups)
         return cls(n, mean, m2)
 
+    def update(self, value: float) -> "ClassMoments":
+        """Fold one value in (Welford: :func:`chan_merge` with a set of one)."""
+        return self.merge(ClassMoments(np.float64(1), np.float64(value), np.float64(0)))
+
     def merge(self, other: "ClassMoments") -> "ClassMoments":
         """Both sets of values together (:func:`chan_merge`, per class)."""
         n, mean, m2 = chan_merge(np.asarray(self.n, np.float64), np.asarray(self.mean, np.float64),

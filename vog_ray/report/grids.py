@@ -56,10 +56,10 @@ def _grid_plan(ctx: ReportContext) -> list[dict[str, Any]]:
 def _image_fetcher(warns: list[str]) -> Callable | None:
     """The source-data image reader (``fetch_images``), or None with a warning."""
     try:
-        readers = importlib.import_module("vog_ray.readers")
+        readers = importlib.import_module("vog_ray.data.fetch")
         return readers.fetch_images
     except (ImportError, AttributeError) as e:
-        warns.append(f"image grids skipped: vog_ray.readers.fetch_images is not available ({e})")
+        warns.append(f"image grids skipped: vog_ray.data.fetch.fetch_images is not available ({e})")
         return None
 
 

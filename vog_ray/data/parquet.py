@@ -1,0 +1,135 @@
+"""Parquet splits: reading a file's rows (or a range of its row groups) inside a Ray read task,
+row counts from the footers, the first image payloads, and image payloads by id for reports.
+Imports neither Ray nor torch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from ..core.table import keep_array
+from ..storage import StorageOptions
+from .listing import SourceFile, list_split_files
+from .rows import ids_array, image_column_to_binary, labels_array, make_block, row_ids, rows_per_block
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import SplitSpec
+    from .datasource import Piece
+
+__all__ = ["read_piece", "num_row_groups", "num_rows", "peek_payloads", "fetch_rows", "fetch_by_id_column"]
+
+Found = Callable[[str, Any], None]   # called with (id, image payload) for each row fetched
+
+
+def read_piece(fs, piece: "Piece", name: str, spec: "SplitSpec") -> Iterator[pa.Table]:
+    """The rows of a piece (a file, or row groups ``[rg_start, rg_stop)`` of it) as blocks."""
+    import pyarrow.parquet as pq
+
+    f = piece.file
+    with fs.open(f.path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        names = pf.schema_arrow.names
+        wanted = [spec.image_column] + ([spec.label_column] if spec.label_column else []) \
+            + ([spec.id_column] if spec.id_column else []) + list(spec.keep_columns)
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            hint = " (set label_column: null for an unlabelled split)" if spec.label_column in missing else ""
+            raise KeyError(f"{f.rel} ({f.path}): no column {missing[0]!r}; columns are {names}{hint}")
+        cols = list(dict.fromkeys(wanted))
+        md = pf.metadata
+        rgs = list(range(md.num_row_groups))
+        if piece.rg_start is not None:
+            rgs = rgs[piece.rg_start:piece.rg_stop]
+        offset = sum(md.row_group(i).num_rows for i in range(rgs[0] if rgs else 0))
+        per_row = f.size / max(1, md.num_rows)
+        for batch in pf.iter_batches(batch_size=rows_per_block(per_row * 2), row_groups=rgs, columns=cols,
+                                     use_threads=False):
+            n = batch.num_rows
+            tbl = pa.Table.from_batches([batch])
+            ids = (ids_array(tbl.column(spec.id_column), n, f.rel, spec.id_column) if spec.id_column
+                   else row_ids(f.rel, offset, n))
+            labels = labels_array(tbl.column(spec.label_column) if spec.label_column else None,
+                                  n, f.rel, spec.label_column or "")
+            images = image_column_to_binary(tbl.column(spec.image_column), spec, f.rel)
+            keep = {k: keep_array(tbl.column(k)) for k in spec.keep_columns}
+            offset += n
+            yield make_block(ids, name, labels, images, keep)
+
+
+def num_row_groups(fs, f: SourceFile) -> int:
+    """The number of row groups of a file (from its footer)."""
+    import pyarrow.parquet as pq
+
+    with fs.open(f.path, "rb") as fh:
+        return pq.ParquetFile(fh).metadata.num_row_groups
+
+
+def num_rows(fs, f: SourceFile) -> int:
+    """The number of rows of a file (from its footer); a file that is not Parquet is an error."""
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(f.path, "rb") as fh:
+            return pq.ParquetFile(fh).metadata.num_rows
+    except (pa.ArrowException, OSError) as e:  # truncated / corrupt / not Parquet at all
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{f.rel} ({f.path}): not a readable Parquet file "
+                         f"(truncated or corrupt?): {e}") from None
+
+
+def peek_payloads(fs, f: SourceFile, spec: "SplitSpec", n: int) -> Optional[list[Any]]:
+    """The image payloads of the first ``n`` rows of a file; ``None`` when it has no rows."""
+    import pyarrow.parquet as pq
+
+    with fs.open(f.path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        if pf.metadata.num_rows == 0:
+            return None
+        g = next(i for i in range(pf.metadata.num_row_groups) if pf.metadata.row_group(i).num_rows)
+        col = pf.read_row_group(g, columns=[spec.image_column]).column(0).slice(0, n)
+    return image_column_to_binary(col, spec, f.rel).to_pylist()
+
+
+def fetch_rows(fs, f: SourceFile, spec: "SplitSpec", wanted: list[tuple[str, int]], found: Found) -> None:
+    """``found(id, payload)`` for each ``(id, row)`` of ``wanted`` that is a row of the file."""
+    import pyarrow.parquet as pq
+
+    with fs.open(f.path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        md = pf.metadata
+        starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+        by_rg: dict[int, list[tuple[str, int]]] = {}
+        for i, row in wanted:
+            if 0 <= row < md.num_rows:
+                g = int(np.searchsorted(starts, row, side="right") - 1)
+                by_rg.setdefault(g, []).append((i, row - int(starts[g])))
+        for g, items in sorted(by_rg.items()):
+            col = pf.read_row_group(g, columns=[spec.image_column], use_threads=False).column(0)
+            col = image_column_to_binary(col.take(pa.array([r for _, r in items])), spec, f.rel)
+            for (i, _), b in zip(items, col.to_pylist()):
+                found(i, b)
+
+
+def fetch_by_id_column(fs, spec: "SplitSpec", storage: StorageOptions | None, ids: list[str],
+                       found: Found) -> None:
+    """``found(id, payload)`` for each row whose ``id_column`` value is in ``ids`` (scans the column)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    wanted = pa.array(ids, pa.string())
+    for f in list_split_files(spec, storage):
+        with fs.open(f.path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            for g in range(pf.metadata.num_row_groups):
+                idc = pf.read_row_group(g, columns=[spec.id_column]).column(0).cast(pa.string())
+                hit = pc.is_in(idc, value_set=wanted)
+                if not pc.any(hit).as_py():
+                    continue
+                rows = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
+                col = pf.read_row_group(g, columns=[spec.image_column]).column(0).take(pa.array(rows))
+                col = image_column_to_binary(col, spec, f.rel)
+                for i, b in zip(idc.take(pa.array(rows)).to_pylist(), col.to_pylist()):
+                    found(i, b)
