@@ -61,6 +61,8 @@ def configure_data_context(c: ComputeSpec) -> None:
 def _remote(fn: Callable, options: tuple) -> Any:
     import ray
 
+    if not options:
+        return ray.remote(fn)
     return ray.remote(**{k: list(v) if isinstance(v, tuple) else v for k, v in options})(fn)
 
 

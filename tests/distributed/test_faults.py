@@ -57,7 +57,7 @@ COMPUTE = {"device": "cpu", "batch_size": 8, "decode_batch_size": 8, "read_block
 S3_COMPUTE = {"device": "cpu", "batch_size": 80, "decode_batch_size": 80, "read_blocks": 4}
 SLOW_MODEL = {"name": "tests.faultproxy:slow_small_cnn", "delay": 0.02, "size": 8, "width": 4,
               "num_classes": 10}
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REPORT: dict[str, Any] = {}
 
 

@@ -18,7 +18,7 @@ from vog_ray.models.checkpoints import CheckpointError, list_checkpoints, load_i
 from vog_ray.models import build_model
 from vog_ray.models.checkpoints import load_checkpoints
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MLP = {"name": "mlp", "in_features": 6, "hidden": [5, 4], "num_classes": 3, "activation": "tanh"}
 
 

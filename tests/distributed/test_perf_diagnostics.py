@@ -16,7 +16,7 @@ import torch
 from vog_ray.models import build_model
 from vog_ray.distributed.scorer import ScorerActor
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "pipeline.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "pipeline.py"
 
 
 def bench_module():

@@ -202,7 +202,7 @@ def test_scheduled_audit_job_entrypoint_up_to_date(s3, three_runs, tmp_path):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     cfg = tmp_path / "scheduled.yaml"
     cfg.write_text(yaml.safe_dump(config_dict(s3, three_runs["out"], three_runs["live"])))
     env = {**os.environ, **s3.env}
@@ -380,7 +380,7 @@ def test_example_configs_validate(name):
     from vog_ray.config import load_config
     from vog_ray.distributed.incremental import check_incremental_config
 
-    path = Path(__file__).resolve().parents[1] / "configs" / name
+    path = Path(__file__).resolve().parents[2] / "configs" / name
     cfg = load_config(path)
     assert cfg.output.url and cfg.checkpoints
     if name == "scheduled_audit.yaml":

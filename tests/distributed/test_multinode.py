@@ -40,7 +40,7 @@ import yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 MODEL = {"name": "small_cnn", "size": 8, "width": 8, "num_classes": 10}  # conftest DIGITS_MODEL
