@@ -200,14 +200,14 @@ def test_duplicates_across_sorted_blocks_are_found(env):
     """The duplicate check works on a multi-block dataset (repeats inside and across blocks)."""
     import ray.data
 
-    from vog_ray.distributed.reduce import check_unique_ids as _check_unique_ids
+    from vog_ray.distributed.reduce import check_unique_ids
 
     ids = [f"id-{i:03d}" for i in range(300)]
     blocks = [pa.table({"split": ["s"] * 100, "id": ids[a:a + 100]}) for a in range(0, 300, 100)]
     blocks.append(pa.table({"split": ["s", "t"], "id": ["id-100", "id-100"]}))  # a repeat in s only
-    _check_unique_ids(ray.data.from_arrow(blocks[:3] + [pa.table({"split": ["t"], "id": ["id-100"]})]), 301)
+    check_unique_ids(ray.data.from_arrow(blocks[:3] + [pa.table({"split": ["t"], "id": ["id-100"]})]), 301)
     with pytest.raises(ValueError, match=r"'id-100' in split 's'") as ei:
-        _check_unique_ids(ray.data.from_arrow(blocks), 302)
+        check_unique_ids(ray.data.from_arrow(blocks), 302)
     assert "split 't'" not in str(ei.value)
 
 
@@ -318,7 +318,7 @@ def test_a_pool_that_takes_every_cpu_is_refused_naming_the_keys():
     """actors.min × cpus_per_actor must leave one CPU for the read/decode tasks: otherwise nothing
     is read and the audit waits forever (seen with 2 actors × 1 CPU on a 2-CPU Ray)."""
     from vog_ray.config import validate
-    from vog_ray.distributed.cluster import check_cpus_left as _check_cpus_left
+    from vog_ray.distributed.cluster import check_cpus_left
 
     def cfg(**compute):
         return validate({"data": {"splits": {"train": {"format": "npz", "url": "x.npz"}}}, "model": "lenet",
@@ -326,15 +326,15 @@ def test_a_pool_that_takes_every_cpu_is_refused_naming_the_keys():
 
     with pytest.raises(ValueError, match=r"compute\.actors\.min \(2\) × compute\.cpus_per_actor \(1\) = 2 CPUs, "
                                          r"but the Ray cluster has 2"):
-        _check_cpus_left(cfg(actors={"min": 2, "max": 2}), 2.0, 1)
+        check_cpus_left(cfg(actors={"min": 2, "max": 2}), 2.0, 1)
     with pytest.raises(ValueError, match=r"× 3 checkpoint groups = 3 CPUs"):
-        _check_cpus_left(cfg(checkpoint_groups=3), 3.0, 3)
-    _check_cpus_left(cfg(actors={"min": 1, "max": 4}), 2.0, 1)  # one actor, one CPU left: fine
-    _check_cpus_left(cfg(actors={"min": 2, "max": 2}, cpus_per_actor=0.5), 2.0, 1)
-    _check_cpus_left(cfg(checkpoint_groups=3, cpus_per_actor=0.25), 2.0, 3)
+        check_cpus_left(cfg(checkpoint_groups=3), 3.0, 3)
+    check_cpus_left(cfg(actors={"min": 1, "max": 4}), 2.0, 1)  # one actor, one CPU left: fine
+    check_cpus_left(cfg(actors={"min": 2, "max": 2}, cpus_per_actor=0.5), 2.0, 1)
+    check_cpus_left(cfg(checkpoint_groups=3, cpus_per_actor=0.25), 2.0, 3)
     # autoscaling clusters: CPU workers from 0 (no CPU yet), or gpu_wait_s declared: not refused
-    _check_cpus_left(cfg(actors={"min": 2, "max": 2}), 0.0, 1)
-    _check_cpus_left(cfg(actors={"min": 2, "max": 2}, gpu_wait_s=600), 2.0, 1)
+    check_cpus_left(cfg(actors={"min": 2, "max": 2}), 0.0, 1)
+    check_cpus_left(cfg(actors={"min": 2, "max": 2}, gpu_wait_s=600), 2.0, 1)
 
 
 def test_cuda_without_gpu_waits_for_the_autoscaler_then_fails_clearly(env, tmp_path):
@@ -344,15 +344,15 @@ def test_cuda_without_gpu_waits_for_the_autoscaler_then_fails_clearly(env, tmp_p
     import time as _time
 
     from vog_ray.config import validate
-    from vog_ray.distributed.cluster import wait_for_gpus as _wait_for_gpus
+    from vog_ray.distributed.cluster import wait_for_gpus
 
     cfg = validate({"data": {"splits": {"train": {"format": "npz", "url": "x.npz"}}}, "model": "lenet",
                     "checkpoints": "c/*.pt", "output": {"url": str(tmp_path / "out")},
                     "compute": {"device": "cuda", "gpu_wait_s": 3}})
     t = _time.monotonic()
-    assert _wait_for_gpus(cfg) is False
+    assert wait_for_gpus(cfg.compute) is False
     assert 2.5 <= _time.monotonic() - t < 30
-    assert _wait_for_gpus(validate({**cfg.to_dict(), "compute": {"device": "cuda", "gpu_wait_s": 0}})) is False
+    assert wait_for_gpus(validate({**cfg.to_dict(), "compute": {"device": "cuda", "gpu_wait_s": 0}}).compute) is False
     # the whole audit: a clear error naming the key, nothing scored
     tiny = env["tiny"]
     c = tiny.config(env["splits"], str(tmp_path / "gpu-out"))

@@ -80,7 +80,7 @@ def test_cpu_layout_hint_suggests_a_pool_the_audit_accepts(cpus, groups):
     import re
 
     from vog_ray.config import ComputeSpec
-    from vog_ray.distributed.cluster import check_cpus_left as _check_cpus_left, cpu_layout_hint
+    from vog_ray.distributed.cluster import check_cpus_left, cpu_layout_hint
 
     hint = cpu_layout_hint(ComputeSpec(checkpoint_groups=groups), cpus, groups)  # defaults: 1 actor × 1 thread
     m = re.search(r"min: (\d+), max: (\d+)\}, compute.cpus_per_actor: ([\d.]+), compute.threads_per_actor: 1", hint)
@@ -89,7 +89,7 @@ def test_cpu_layout_hint_suggests_a_pool_the_audit_accepts(cpus, groups):
     assert n * groups <= cpus and n * groups >= cpus - groups + 1  # one actor per core (as groups divide)
     suggested = ComputeSpec(actors={"min": n, "max": n}, cpus_per_actor=cpa, threads_per_actor=1,
                             checkpoint_groups=groups)
-    _check_cpus_left(suggested, cpus, groups)  # not refused
+    check_cpus_left(suggested, cpus, groups)  # not refused
     assert cpu_layout_hint(suggested, cpus, groups) is None
 
 
