@@ -1,0 +1,254 @@
+"""The explorer's web app (Starlette, Jinja2 templates with autoescape, no script on any page):
+the results page (grid or table, filters, sort, paging, export links), the example page (image,
+labels, every key's z and percentile, per-checkpoint signals, the VoG heat map), the per-class
+summary and the rejected rows, over one published run.
+
+Every request names examples by split and id; an example is served only when it is a row of the
+run (checked in DuckDB, or known from a page the server rendered), and a file-naming id only
+inside its split's data (:mod:`.guard`). Responses carry a Content-Security-Policy that allows
+no script and no other origin; the Host header must name this machine when bound to loopback.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..config import SplitSpec, StorageSpec
+from ..runs import open_run
+from ..storage import StorageOptions
+from . import pages
+from .export import FORMATS, MEDIA_TYPES, export_table, write_export
+from .guard import Refused, check_source
+from .heatmap import HeatMapError, MapMaker
+from .images import HeatMaps, ImageCache, placeholder_png
+from .params import BadRequest, parse_view
+from .queries import RunTables
+
+__all__ = ["Explorer", "create_app", "LOOPBACK"]
+
+log = logging.getLogger("vog_ray.explore")
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self'; form-action 'self'; base-uri 'none'; "
+       "frame-ancestors 'none'")
+SIZES = {"thumb": 96, "large": 224}
+KNOWN_ROWS = 100_000   # (split, id) pairs remembered from rendered pages (served without a lookup)
+
+
+class Explorer:
+    """The state behind the pages: the run, its DuckDB views, the image and heat-map caches."""
+
+    def __init__(self, run: str, *, storage: StorageOptions | None = None,
+                 data_storage: StorageOptions | None = None, device: str = "cpu"):
+        self.run = open_run(run, storage)
+        self.tables = RunTables(self.run)
+        self.config = self.run.manifest.get("config") or {}
+        data = self.config.get("data") or {}
+        self.splits_cfg = data.get("splits") or {}
+        self.class_names: list[str] | None = data.get("class_names")
+        self.num_classes = self._num_classes()
+        self.data_storage = data_storage or (storage if storage is not None else
+                                             StorageSpec.model_validate(self.config.get("storage") or {}).options())
+        self.images = ImageCache(self._load_images)
+        self.heatmaps = HeatMaps(lambda key: MapMaker(self.run, key, data_storage=self.data_storage, device=device))
+        self.known: dict[tuple[str, str], int | None] = {}
+        self.known_lock = threading.Lock()
+
+    def _num_classes(self) -> int:
+        if self.class_names:
+            return len(self.class_names)
+        cur = self.tables.con.cursor()
+        try:
+            top = cur.execute("SELECT greatest(max(label), max(pred), max(target_label)) FROM scores").fetchone()[0]
+        finally:
+            cur.close()
+        return int(top or 0) + 1
+
+    def class_label(self, c: Any) -> str:
+        if c is None or int(c) < 0:
+            return "?"
+        c = int(c)
+        return f"{c}: {self.class_names[c]}" if self.class_names and c < len(self.class_names) else str(c)
+
+    def spec(self, split: str) -> SplitSpec:
+        return SplitSpec.model_validate(self.splits_cfg[split])
+
+    def _load_images(self, split: str, ids: list[str]) -> dict[str, Any]:
+        from ..data.fetch import fetch_images
+
+        spec = self.spec(split)
+        allowed = []
+        for i in ids:
+            try:
+                check_source(spec, i, self.data_storage)
+                allowed.append(i)
+            except Refused as e:
+                log.warning("%s", e)
+        return fetch_images(spec, allowed, self.data_storage, on_error="skip")
+
+    def remember(self, rows: list[dict[str, Any]]) -> None:
+        """Rows a page showed (read from the run): their images may be served without a lookup."""
+        with self.known_lock:
+            if len(self.known) > KNOWN_ROWS:
+                self.known.clear()
+            for r in rows:
+                self.known[(r["split"], r["id"])] = r.get("rank")
+
+    def is_row(self, split: str, example_id: str) -> bool:
+        with self.known_lock:
+            if (split, example_id) in self.known:
+                return True
+        return split in self.splits_cfg and self.tables.has_example(split, example_id)
+
+    def close(self) -> None:
+        self.images.close()
+        self.tables.close()
+
+
+def _split_id(request: Request, ex: Explorer) -> tuple[str, str]:
+    """The ``split`` and ``id`` parameters, which must name a row of the run (else 404)."""
+    split, eid = request.query_params.get("split", ""), request.query_params.get("id", "")
+    if split not in ex.splits_cfg or not ex.is_row(split, eid):
+        raise LookupError(f"no example {eid!r} in split {split!r} of this run")
+    return split, eid
+
+
+def create_app(ex: Explorer, *, host: str = "127.0.0.1") -> Starlette:
+    """The Starlette app serving ``ex``."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    def html(request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> Response:
+        return pages.render(request, name, {"ex": ex, **ctx}, status)
+
+    def guarded(fn):
+        def endpoint(request: Request) -> Response:
+            try:
+                return fn(request)
+            except BadRequest as e:
+                return html(request, "error.html", {"title": "Bad request", "message": str(e)}, 400)
+            except LookupError as e:
+                return html(request, "error.html", {"title": "Not found", "message": str(e)}, 404)
+            except Refused as e:
+                return html(request, "error.html", {"title": "Refused", "message": str(e)}, 403)
+        return endpoint
+
+    def results(request: Request) -> Response:
+        view = parse_view(request.query_params, ex.tables, ex.num_classes)
+        page = ex.tables.page(view.filters, sort=view.sort, descending=view.descending, page=view.page,
+                              per_page=view.per_page)
+        ex.remember(page.rows)
+        for s in {r["split"] for r in page.rows}:
+            ex.images.prefetch(s, [r["id"] for r in page.rows if r["split"] == s])
+        return html(request, "results.html", {"view": view, "page": page})
+
+    def example(request: Request) -> Response:
+        split, eid = _split_id(request, ex)
+        return html(request, "example.html", pages.example_context(ex, request, split, eid))
+
+    def classes(request: Request) -> Response:
+        split = request.query_params.get("split", "") or ex.tables.splits[0]
+        if split not in ex.tables.splits:
+            raise BadRequest(f"split: {split!r} is not a split of this run ({ex.tables.splits})")
+        return html(request, "classes.html", {"split": split, "rows": ex.tables.classes(split)})
+
+    def rejected(request: Request) -> Response:
+        split = request.query_params.get("split", "") or None
+        if split is not None and split not in ex.splits_cfg:
+            raise BadRequest(f"split: {split!r} is not a split of this run")
+        try:
+            page_no = max(1, int(request.query_params.get("page", "1") or 1))
+        except ValueError:
+            raise BadRequest("page: not an integer") from None
+        page = ex.tables.rejected(split, page=page_no)
+        ex.remember(page.rows)
+        return html(request, "rejected.html", {"split": split, "page": page})
+
+    def image(request: Request) -> Response:
+        split, eid = _split_id(request, ex)
+        check_source(ex.spec(split), eid, ex.data_storage)
+        size = SIZES.get(request.query_params.get("size", "thumb"), SIZES["thumb"])
+        img = ex.images.get(split, eid)
+        from ..report.figures import tile_png
+
+        png = tile_png(img, min_size=size) if img is not None else placeholder_png(size)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    def heatmap(request: Request) -> Response:
+        split, eid = _split_id(request, ex)
+        check_source(ex.spec(split), eid, ex.data_storage)
+        key = request.query_params.get("key", "") or ex.tables.primary
+        if key not in ex.tables.keys:
+            raise BadRequest(f"key: {key!r} is not one of {ex.tables.keys}")
+        row = ex.tables.example(split, eid)
+        if row is None:
+            raise LookupError(f"example {eid!r} was not scored (rejected rows have no heat map)")
+        try:
+            png, _ = ex.heatmaps.get(split, row, key, request.query_params.get("mode") != "map", SIZES["large"])
+        except (HeatMapError, ValueError) as e:
+            log.warning("heat map of %r: %s", eid, e)
+            png = placeholder_png(SIZES["large"])
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    def export(request: Request) -> Response:
+        fmt = request.query_params.get("format", "csv")
+        if fmt not in FORMATS or fmt == "parquet":
+            raise BadRequest(f"format: {fmt!r} is not one of csv, jsonl, labelstudio")
+        view = parse_view(request.query_params, ex.tables, ex.num_classes)
+        buf = io.BytesIO()
+        write_export(ex.tables, export_table(ex.tables, view.filters), fmt, buf, ex.data_storage)
+        name = f"vog-{ex.run.run_id}.{'json' if fmt == 'labelstudio' else fmt}"
+        return StreamingResponse(iter([buf.getvalue()]), media_type=MEDIA_TYPES[fmt],
+                                 headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    def report(request: Request) -> Response:
+        from ..storage import resolve
+
+        fs, path = resolve(ex.run.path("report.html"), ex.run.storage)
+        if not fs.exists(path):
+            raise LookupError("this run has no report.html (vog-ray report RUN writes it)")
+        with fs.open(path, "rb") as f:
+            return HTMLResponse(f.read(), headers={"Content-Security-Policy": "default-src 'none'; img-src data:; "
+                                                   "style-src 'unsafe-inline'"})
+
+    def style(request: Request) -> Response:
+        return Response(pages.stylesheet(), media_type="text/css", headers={"Cache-Control": "max-age=3600"})
+
+    routes = [Route(p, guarded(fn)) for p, fn in (
+        ("/", results), ("/example", example), ("/classes", classes), ("/rejected", rejected),
+        ("/image", image), ("/heatmap", heatmap), ("/export", export), ("/report", report), ("/style.css", style))]
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=(["127.0.0.1", "localhost", "[::1]"]
+                                                                   if host in LOOPBACK else ["*"])),
+                  Middleware(SecurityHeaders)]
+    return Starlette(routes=routes, middleware=middleware)
+
+
+class SecurityHeaders:
+    """ASGI middleware: the CSP (unless a route set its own), no MIME sniffing, no referrer."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                from starlette.datastructures import MutableHeaders
+
+                h = MutableHeaders(scope=message)
+                h.setdefault("Content-Security-Policy", CSP)
+                h["X-Content-Type-Options"] = "nosniff"
+                h["Referrer-Policy"] = "no-referrer"
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
