@@ -172,6 +172,8 @@ class ReportSpec(_Strict):
     flag_columns: list[str] = Field(default_factory=list, description="boolean columns, e.g. is_noisy")
     ood: Optional[OodSpec] = None
     classes_to_show: list[int] = Field(default_factory=list)
+    heatmaps: bool = Field(default=True, description="a grid of the VoG heat maps of the highest-VoG examples "
+                           "of each split (computed with the run's model and checkpoints)")
     bootstrap: int = Field(default=1000, ge=0)
     seed: int = 0
 

@@ -63,14 +63,7 @@ class Explorer:
         self.known_lock = threading.Lock()
 
     def _num_classes(self) -> int:
-        if self.class_names:
-            return len(self.class_names)
-        cur = self.tables.con.cursor()
-        try:
-            top = cur.execute("SELECT greatest(max(label), max(pred), max(target_label)) FROM scores").fetchone()[0]
-        finally:
-            cur.close()
-        return int(top or 0) + 1
+        return len(self.class_names) if self.class_names else self.tables.num_classes()
 
     def class_label(self, c: Any) -> str:
         if c is None or int(c) < 0:

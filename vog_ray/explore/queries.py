@@ -142,6 +142,15 @@ class RunTables:
     def signal_columns(self) -> list[str]:
         return [c for c in self.types if c.startswith("sig_")]
 
+    def num_classes(self) -> int:
+        """Classes the score table shows: the largest label, prediction or target class + 1."""
+        cur = self.con.cursor()
+        try:
+            top = cur.execute("SELECT greatest(max(label), max(pred), max(target_label)) FROM scores").fetchone()[0]
+        finally:
+            cur.close()
+        return int(top or 0) + 1
+
     def sort_options(self) -> list[str]:
         """Columns a page can be sorted by: the scores, raw and z VoG of each key, the signals
         (their last checkpoint's value)."""
