@@ -69,7 +69,8 @@ class Explorer:
         if c is None or int(c) < 0:
             return "?"
         c = int(c)
-        return f"{c}: {self.class_names[c]}" if self.class_names and c < len(self.class_names) else str(c)
+        name = self.class_names[c] if self.class_names and c < len(self.class_names) else str(c)
+        return str(c) if name == str(c) else f"{c}: {name}"
 
     def spec(self, split: str) -> SplitSpec:
         return SplitSpec.model_validate(self.splits_cfg[split])

@@ -41,11 +41,19 @@ def fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def value(v: Any) -> str:
+    """A carried (keep) column's value: as stored, whole floats without decimals (an integer
+    column with missing values is stored as floats)."""
+    if isinstance(v, float) and math.isfinite(v) and v == int(v) and abs(v) < 1e15:
+        return str(int(v))
+    return fmt(v) if isinstance(v, (bool, float)) or v is None else str(v)
+
+
 @functools.lru_cache(maxsize=1)
 def _env() -> Environment:
     env = Environment(loader=PackageLoader("vog_ray.explore", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(fmt=fmt, qs=query_string, value_text=value_text, per_page_choices=PER_PAGE_CHOICES)
+    env.globals.update(fmt=fmt, value=value, qs=query_string, value_text=value_text, per_page_choices=PER_PAGE_CHOICES)
     return env
 
 
