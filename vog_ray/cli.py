@@ -254,7 +254,7 @@ def _export(args: argparse.Namespace) -> int:
                 with open(cfg_path, "w", encoding="utf-8") as f_cfg:
                     f_cfg.write(labeling_config(names))
                 print(f"Label Studio labeling config: {cfg_path}", file=sys.stderr)
-            print(f"{t.num_rows} rows written to {args.out}", file=sys.stderr)
+        print(f"{t.num_rows} rows written to {'standard output' if args.out == '-' else args.out}", file=sys.stderr)
     finally:
         tables.close()
     return 0
