@@ -164,14 +164,17 @@ def main() -> int:
     t_open = time.perf_counter() - t
     fig: dict[str, float] = {}
     res: dict[str, object] = {}
+    n_train = tables.page(Filters(split="train"), per_page=1).total
+    probe = tables.page(Filters(split="train"), page=n_train // 100, per_page=50).rows[0]   # mid-split
     cases = {
         "first_page": lambda: tables.page(Filters(split="train")),
         "filtered_page": lambda: tables.page(Filters(**FILTER)),
         "deep_page": lambda: tables.page(Filters(split="train"), page=10_000),
         "signal_sort_page": lambda: tables.page(Filters(split="train"), sort="sig_loss"),
         "class_summary": lambda: tables.classes("train"),
-        "example_and_key_ranks": lambda: tables.key_ranks(tables.example("train", "ex00500000")
-                                                          or tables.page(Filters(split="train")).rows[0]),
+        "example_by_id": lambda: tables.example("train", probe["id"]),
+        "example_from_a_page": lambda: tables.example("train", probe["id"], rank=probe["rank"]),
+        "key_ranks": lambda: tables.key_ranks(probe),
         "arrow_first_page": lambda: arrow_page(run_url, False),
         "arrow_filtered_page": lambda: arrow_page(run_url, True),
     }

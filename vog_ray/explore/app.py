@@ -96,6 +96,12 @@ class Explorer:
             for r in rows:
                 self.known[(r["split"], r["id"])] = r.get("rank")
 
+    def example(self, split: str, example_id: str) -> dict[str, Any] | None:
+        """The score row of an example (its rank from a rendered page, if any, finds it fast)."""
+        with self.known_lock:
+            rank = self.known.get((split, example_id))
+        return self.tables.example(split, example_id, rank)
+
     def is_row(self, split: str, example_id: str) -> bool:
         with self.known_lock:
             if (split, example_id) in self.known:
@@ -182,7 +188,7 @@ def create_app(ex: Explorer, *, host: str = "127.0.0.1") -> Starlette:
         key = request.query_params.get("key", "") or ex.tables.primary
         if key not in ex.tables.keys:
             raise BadRequest(f"key: {key!r} is not one of {ex.tables.keys}")
-        row = ex.tables.example(split, eid)
+        row = ex.example(split, eid)
         if row is None:
             raise LookupError(f"example {eid!r} was not scored (rejected rows have no heat map)")
         try:

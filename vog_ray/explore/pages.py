@@ -82,7 +82,7 @@ def example_context(ex: "Explorer", request: Request, split: str, eid: str) -> d
     beside the table's raw VoG)."""
     from .params import BadRequest
 
-    row = ex.tables.example(split, eid)
+    row = ex.example(split, eid)
     ctx: dict[str, Any] = {"split": split, "eid": eid, "row": row, "rejected": None, "keys": [],
                            "signals": [], "key": None, "heat": None, "heat_error": None,
                            "keep": {}, "correct": []}

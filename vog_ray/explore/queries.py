@@ -259,11 +259,18 @@ class RunTables:
         """The columns of a results row: everything but the per-checkpoint signals."""
         return [c for c in self.types if not c.startswith("sig_")]
 
-    def example(self, split: str, example_id: str) -> dict[str, Any] | None:
-        """Every column of one scored example (None when it is not in the run)."""
+    def example(self, split: str, example_id: str, rank: int | None = None) -> dict[str, Any] | None:
+        """Every column of one scored example (None when it is not in the run). ``rank``: where a
+        page showed it (the score files are in rank order: found from row-group statistics
+        instead of a scan of every id); a wrong hint falls back to the scan."""
         cur = self.con.cursor()
         try:
-            rows = _dicts(cur.execute("SELECT * FROM scores WHERE split = ? AND id = ?", [split, example_id]))
+            rows = []
+            if rank is not None:
+                rows = _dicts(cur.execute("SELECT * FROM scores WHERE split = ? AND rank = ? AND id = ?",
+                                          [split, int(rank), example_id]))
+            if not rows:
+                rows = _dicts(cur.execute("SELECT * FROM scores WHERE split = ? AND id = ?", [split, example_id]))
         finally:
             cur.close()
         return rows[0] if rows else None
