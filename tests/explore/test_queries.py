@@ -172,3 +172,13 @@ def test_a_run_on_s3(s3_server):
             tables.select(where_sql=f"id IN (SELECT id FROM read_parquet('s3://{path}'))")
     finally:
         tables.close()
+
+
+def test_example_with_and_without_a_rank_hint(run):
+    tables, df = run
+    row = df[df.split == "train"].iloc[37]
+    by_id = tables.example("train", row.id)
+    assert by_id["id"] == row.id and by_id["rank"] == row["rank"] and list(by_id["sig_loss"]) == list(row.sig_loss)
+    assert tables.example("train", row.id, rank=int(row["rank"])) == by_id
+    assert tables.example("train", row.id, rank=int(row["rank"]) + 1) == by_id      # a wrong hint: the scan
+    assert tables.example("test", row.id) is None and tables.example("train", "nope", rank=1) is None
