@@ -108,6 +108,22 @@ class Explorer:
                 return True
         return split in self.splits_cfg and self.tables.has_example(split, example_id)
 
+    def warm(self) -> None:
+        """Before the first request: compile the templates, import the image readers, and load the
+        ranked key's checkpoints in the background (the first example page then finds them)."""
+        from ..data import fetch  # noqa: F401 - imported for its side effect: the first page is not slower
+        from ..report import figures  # noqa: F401
+
+        pages.compile_templates()
+
+        def load() -> None:
+            try:
+                self.heatmaps.maker(self.tables.primary)
+            except Exception as e:  # noqa: BLE001 - the example page reports it when asked
+                log.info("heat maps of %s not ready: %s", self.tables.primary, e)
+
+        threading.Thread(target=load, name="vog-explore-warm", daemon=True).start()
+
     def close(self) -> None:
         self.images.close()
         self.tables.close()

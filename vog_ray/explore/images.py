@@ -118,15 +118,21 @@ class HeatMaps:
         self.cache = _LRU(CACHE_HEATMAPS)
         self.lock = threading.Lock()
 
+    def maker(self, key: str) -> MapMaker:
+        """The key's :class:`MapMaker` (made on first use; a failure is raised, not kept)."""
+        with self.lock:
+            if key not in self.makers:
+                self.makers[key] = self.make(key)
+            return self.makers[key]
+
     def get(self, split: str, row: dict[str, Any], key: str, overlay: bool, size: int) -> tuple[bytes, Any]:
         """(PNG, the :class:`~.heatmap.VogMap`) of one scored row."""
         ck = (split, row["id"], key)
+        maker = self.maker(key)
         with self.lock:
             vm = self.cache.get(ck)
             if vm is None:
-                if key not in self.makers:
-                    self.makers[key] = self.make(key)
-                vm = self.makers[key].maps(split, [row])[str(row["id"])]
+                vm = maker.maps(split, [row])[str(row["id"])]
                 self.cache.put(ck, vm)
         pix = vm.pixels()
         if pix is None:

@@ -20,7 +20,7 @@ from .plots import sparkline
 if TYPE_CHECKING:  # pragma: no cover
     from .app import Explorer
 
-__all__ = ["render", "stylesheet", "example_context", "SIGNAL_PLOTS"]
+__all__ = ["render", "stylesheet", "example_context", "compile_templates", "SIGNAL_PLOTS"]
 
 # the per-checkpoint signals the example page plots, with their captions
 SIGNAL_PLOTS = {"loss": "loss", "label_prob": "p(target)", "margin": "margin", "max_prob": "max softmax"}
@@ -55,6 +55,13 @@ def _env() -> Environment:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.globals.update(fmt=fmt, value=value, qs=query_string, value_text=value_text, per_page_choices=PER_PAGE_CHOICES)
     return env
+
+
+def compile_templates() -> None:
+    """Load and compile every template now (not on a page's first request)."""
+    env = _env()
+    for name in env.list_templates(extensions=["html"]):
+        env.get_template(name)
 
 
 def render(request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> HTMLResponse:

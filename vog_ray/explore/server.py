@@ -26,6 +26,7 @@ def serve(run: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, storag
     import uvicorn
 
     ex = Explorer(run, storage=storage, data_storage=data_storage, device=device)
+    ex.warm()
     if host not in LOOPBACK:
         log.warning("the explorer is bound to %s: anyone who can reach this address can browse the run", host)
     shown = f"[{host}]" if ":" in host else host
@@ -56,6 +57,7 @@ class ExplorerServer:
     def __enter__(self) -> "ExplorerServer":
         import uvicorn
 
+        self.explorer.warm()
         config = uvicorn.Config(create_app(self.explorer, host=self.host), host=self.host, port=self.port,
                                 log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
