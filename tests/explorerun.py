@@ -37,7 +37,7 @@ class ExploreRun:
     images: dict             # split -> id -> uint8 image as stored
 
 
-def _png(a: np.ndarray) -> bytes:
+def png(a: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -62,7 +62,7 @@ def build(tiny, root: Path) -> ExploreRun:
     y[noisy] = (y[noisy] + rng.integers(1, 10, int(noisy.sum()))) % 10
     grp = np.where(rng.random(N_TRAIN) < 0.5, EVIL_VALUE, "plain")
     (root / "train").mkdir(parents=True)
-    payloads = [_png(imgs[i]) for i in range(N_TRAIN)] + [b"\x89PNG\r\n\x1a\n not an image"]
+    payloads = [png(imgs[i]) for i in range(N_TRAIN)] + [b"\x89PNG\r\n\x1a\n not an image"]
     pq.write_table(pa.table({"key": ids + [BAD_ID], "image": pa.array(payloads, pa.binary()),
                              "label": pa.array(list(y) + [1], pa.int64()),
                              "is_noisy": pa.array(list(noisy) + [False]), EVIL_COLUMN: list(grp) + ["plain"]}),
@@ -70,7 +70,7 @@ def build(tiny, root: Path) -> ExploreRun:
     (root / "test").mkdir()
     test_idx = range(600, 600 + N_TEST)
     for part, chunk in enumerate((list(test_idx)[:50], list(test_idx)[50:])):
-        pq.write_table(pa.table({"image": pa.array([_png(imgs[i]) for i in chunk], pa.binary()),
+        pq.write_table(pa.table({"image": pa.array([png(imgs[i]) for i in chunk], pa.binary()),
                                  "label": pa.array(labels[chunk], pa.int64())}),
                        root / "test" / f"part-{part}.parquet")
     splits = {

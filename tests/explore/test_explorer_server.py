@@ -150,15 +150,15 @@ def test_crafted_ids_outside_the_data_are_refused(tmp_path):
     import pyarrow.parquet as pq
 
     import runfactory as rf
-    from tests.explorerun import _png
+    from tests.explorerun import png
 
     secret = tmp_path / "secret"
     secret.mkdir()
-    pq.write_table(pa.table({"image": [_png(np.full((8, 8), 255, np.uint8))], "label": [0]}),
+    pq.write_table(pa.table({"image": [png(np.full((8, 8), 255, np.uint8))], "label": [0]}),
                    secret / "part-0.parquet")
     data = tmp_path / "data"
     data.mkdir()
-    pq.write_table(pa.table({"image": [_png(np.zeros((8, 8), np.uint8))] * 4, "label": [0, 1, 0, 1]}),
+    pq.write_table(pa.table({"image": [png(np.zeros((8, 8), np.uint8))] * 4, "label": [0, 1, 0, 1]}),
                    data / "part-0.parquet")
     bad = ["../secret/part-0.parquet:0", f"{secret}/part-0.parquet:0", "part-0.parquet/../../secret/part-0.parquet:0"]
     rows = {"test": {"label": [0, 1, 0, 1, 0, 1, 0], "vog_late_logit": np.arange(7.0),

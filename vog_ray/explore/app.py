@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from ..config import SplitSpec, StorageSpec
@@ -137,114 +137,133 @@ def _split_id(request: Request, ex: Explorer) -> tuple[str, str]:
     return split, eid
 
 
+def _html(request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> Response:
+    return pages.render(request, name, {"ex": request.app.state.explorer, **ctx}, status)
+
+
+def _page(fn):
+    """A route: ``fn(request, explorer)``; bad input is a 400 page, an unknown example 404, a
+    path outside the data 403 (each names the problem)."""
+    def endpoint(request: Request) -> Response:
+        try:
+            return fn(request, request.app.state.explorer)
+        except BadRequest as e:
+            return _html(request, "error.html", {"title": "Bad request", "message": str(e)}, 400)
+        except LookupError as e:
+            return _html(request, "error.html", {"title": "Not found", "message": str(e)}, 404)
+        except Refused as e:
+            return _html(request, "error.html", {"title": "Refused", "message": str(e)}, 403)
+    return endpoint
+
+
+def results(request: Request, ex: Explorer) -> Response:
+    view = parse_view(request.query_params, ex.tables, ex.num_classes)
+    page = ex.tables.page(view.filters, sort=view.sort, descending=view.descending, page=view.page,
+                          per_page=view.per_page)
+    ex.remember(page.rows)
+    for s in {r["split"] for r in page.rows}:
+        ex.images.prefetch(s, [r["id"] for r in page.rows if r["split"] == s])
+    return _html(request, "results.html", {"view": view, "page": page})
+
+
+def example(request: Request, ex: Explorer) -> Response:
+    split, eid = _split_id(request, ex)
+    return _html(request, "example.html", pages.example_context(ex, request, split, eid))
+
+
+def classes(request: Request, ex: Explorer) -> Response:
+    split = request.query_params.get("split", "") or ex.tables.splits[0]
+    if split not in ex.tables.splits:
+        raise BadRequest(f"split: {split!r} is not a split of this run ({ex.tables.splits})")
+    return _html(request, "classes.html", {"split": split, "rows": ex.tables.classes(split)})
+
+
+def rejected(request: Request, ex: Explorer) -> Response:
+    split = request.query_params.get("split", "") or None
+    if split is not None and split not in ex.splits_cfg:
+        raise BadRequest(f"split: {split!r} is not a split of this run")
+    try:
+        page_no = max(1, int(request.query_params.get("page", "1") or 1))
+    except ValueError:
+        raise BadRequest("page: not an integer") from None
+    page = ex.tables.rejected(split, page=page_no)
+    ex.remember(page.rows)
+    return _html(request, "rejected.html", {"split": split, "page": page})
+
+
+def _png(png: bytes) -> Response:
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def image(request: Request, ex: Explorer) -> Response:
+    from ..report.figures import tile_png
+
+    split, eid = _split_id(request, ex)
+    check_source(ex.spec(split), eid, ex.data_storage)
+    size = SIZES.get(request.query_params.get("size", "thumb"), SIZES["thumb"])
+    img = ex.images.get(split, eid)
+    return _png(tile_png(img, min_size=size) if img is not None else placeholder_png(size))
+
+
+def heatmap(request: Request, ex: Explorer) -> Response:
+    split, eid = _split_id(request, ex)
+    check_source(ex.spec(split), eid, ex.data_storage)
+    key = request.query_params.get("key", "") or ex.tables.primary
+    if key not in ex.tables.keys:
+        raise BadRequest(f"key: {key!r} is not one of {ex.tables.keys}")
+    row = ex.example(split, eid)
+    if row is None:
+        raise LookupError(f"example {eid!r} was not scored (rejected rows have no heat map)")
+    try:
+        png, _ = ex.heatmaps.get(split, row, key, request.query_params.get("mode") != "map", SIZES["large"])
+    except (HeatMapError, ValueError, OSError) as e:
+        log.warning("heat map of %r: %s", eid, e)
+        png = placeholder_png(SIZES["large"])
+    return _png(png)
+
+
+def export(request: Request, ex: Explorer) -> Response:
+    fmt = request.query_params.get("format", "csv")
+    if fmt not in FORMATS or fmt == "parquet":
+        raise BadRequest(f"format: {fmt!r} is not one of csv, jsonl, labelstudio")
+    view = parse_view(request.query_params, ex.tables, ex.num_classes)
+    buf = io.BytesIO()
+    write_export(ex.tables, export_table(ex.tables, view.filters), fmt, buf, ex.data_storage)
+    name = f"vog-{ex.run.run_id}.{'json' if fmt == 'labelstudio' else fmt}"
+    return Response(buf.getvalue(), media_type=MEDIA_TYPES[fmt],
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def report(request: Request, ex: Explorer) -> Response:
+    from ..storage import resolve
+
+    fs, path = resolve(ex.run.path("report.html"), ex.run.storage)
+    if not fs.exists(path):
+        raise LookupError("this run has no report.html (vog-ray report RUN writes it)")
+    with fs.open(path, "rb") as f:
+        # the report is self-contained: inline styles and data: images, no script
+        return HTMLResponse(f.read(), headers={"Content-Security-Policy": "default-src 'none'; img-src data:; "
+                                               "style-src 'unsafe-inline'"})
+
+
+def style(request: Request, ex: Explorer) -> Response:
+    return Response(pages.stylesheet(), media_type="text/css", headers={"Cache-Control": "max-age=3600"})
+
+
+ROUTES = {"/": results, "/example": example, "/classes": classes, "/rejected": rejected, "/image": image,
+          "/heatmap": heatmap, "/export": export, "/report": report, "/style.css": style}
+
+
 def create_app(ex: Explorer, *, host: str = "127.0.0.1") -> Starlette:
-    """The Starlette app serving ``ex``."""
+    """The Starlette app serving ``ex`` (bound to ``host``: loopback accepts only local Host headers)."""
     from starlette.middleware import Middleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    def html(request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> Response:
-        return pages.render(request, name, {"ex": ex, **ctx}, status)
-
-    def guarded(fn):
-        def endpoint(request: Request) -> Response:
-            try:
-                return fn(request)
-            except BadRequest as e:
-                return html(request, "error.html", {"title": "Bad request", "message": str(e)}, 400)
-            except LookupError as e:
-                return html(request, "error.html", {"title": "Not found", "message": str(e)}, 404)
-            except Refused as e:
-                return html(request, "error.html", {"title": "Refused", "message": str(e)}, 403)
-        return endpoint
-
-    def results(request: Request) -> Response:
-        view = parse_view(request.query_params, ex.tables, ex.num_classes)
-        page = ex.tables.page(view.filters, sort=view.sort, descending=view.descending, page=view.page,
-                              per_page=view.per_page)
-        ex.remember(page.rows)
-        for s in {r["split"] for r in page.rows}:
-            ex.images.prefetch(s, [r["id"] for r in page.rows if r["split"] == s])
-        return html(request, "results.html", {"view": view, "page": page})
-
-    def example(request: Request) -> Response:
-        split, eid = _split_id(request, ex)
-        return html(request, "example.html", pages.example_context(ex, request, split, eid))
-
-    def classes(request: Request) -> Response:
-        split = request.query_params.get("split", "") or ex.tables.splits[0]
-        if split not in ex.tables.splits:
-            raise BadRequest(f"split: {split!r} is not a split of this run ({ex.tables.splits})")
-        return html(request, "classes.html", {"split": split, "rows": ex.tables.classes(split)})
-
-    def rejected(request: Request) -> Response:
-        split = request.query_params.get("split", "") or None
-        if split is not None and split not in ex.splits_cfg:
-            raise BadRequest(f"split: {split!r} is not a split of this run")
-        try:
-            page_no = max(1, int(request.query_params.get("page", "1") or 1))
-        except ValueError:
-            raise BadRequest("page: not an integer") from None
-        page = ex.tables.rejected(split, page=page_no)
-        ex.remember(page.rows)
-        return html(request, "rejected.html", {"split": split, "page": page})
-
-    def image(request: Request) -> Response:
-        split, eid = _split_id(request, ex)
-        check_source(ex.spec(split), eid, ex.data_storage)
-        size = SIZES.get(request.query_params.get("size", "thumb"), SIZES["thumb"])
-        img = ex.images.get(split, eid)
-        from ..report.figures import tile_png
-
-        png = tile_png(img, min_size=size) if img is not None else placeholder_png(size)
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
-
-    def heatmap(request: Request) -> Response:
-        split, eid = _split_id(request, ex)
-        check_source(ex.spec(split), eid, ex.data_storage)
-        key = request.query_params.get("key", "") or ex.tables.primary
-        if key not in ex.tables.keys:
-            raise BadRequest(f"key: {key!r} is not one of {ex.tables.keys}")
-        row = ex.example(split, eid)
-        if row is None:
-            raise LookupError(f"example {eid!r} was not scored (rejected rows have no heat map)")
-        try:
-            png, _ = ex.heatmaps.get(split, row, key, request.query_params.get("mode") != "map", SIZES["large"])
-        except (HeatMapError, ValueError) as e:
-            log.warning("heat map of %r: %s", eid, e)
-            png = placeholder_png(SIZES["large"])
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
-
-    def export(request: Request) -> Response:
-        fmt = request.query_params.get("format", "csv")
-        if fmt not in FORMATS or fmt == "parquet":
-            raise BadRequest(f"format: {fmt!r} is not one of csv, jsonl, labelstudio")
-        view = parse_view(request.query_params, ex.tables, ex.num_classes)
-        buf = io.BytesIO()
-        write_export(ex.tables, export_table(ex.tables, view.filters), fmt, buf, ex.data_storage)
-        name = f"vog-{ex.run.run_id}.{'json' if fmt == 'labelstudio' else fmt}"
-        return StreamingResponse(iter([buf.getvalue()]), media_type=MEDIA_TYPES[fmt],
-                                 headers={"Content-Disposition": f'attachment; filename="{name}"'})
-
-    def report(request: Request) -> Response:
-        from ..storage import resolve
-
-        fs, path = resolve(ex.run.path("report.html"), ex.run.storage)
-        if not fs.exists(path):
-            raise LookupError("this run has no report.html (vog-ray report RUN writes it)")
-        with fs.open(path, "rb") as f:
-            return HTMLResponse(f.read(), headers={"Content-Security-Policy": "default-src 'none'; img-src data:; "
-                                                   "style-src 'unsafe-inline'"})
-
-    def style(request: Request) -> Response:
-        return Response(pages.stylesheet(), media_type="text/css", headers={"Cache-Control": "max-age=3600"})
-
-    routes = [Route(p, guarded(fn)) for p, fn in (
-        ("/", results), ("/example", example), ("/classes", classes), ("/rejected", rejected),
-        ("/image", image), ("/heatmap", heatmap), ("/export", export), ("/report", report), ("/style.css", style))]
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=(["127.0.0.1", "localhost", "[::1]"]
-                                                                   if host in LOOPBACK else ["*"])),
-                  Middleware(SecurityHeaders)]
-    return Starlette(routes=routes, middleware=middleware)
+    hosts = ["127.0.0.1", "localhost", "[::1]"] if host in LOOPBACK else ["*"]
+    app = Starlette(routes=[Route(p, _page(fn)) for p, fn in ROUTES.items()],
+                    middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts), Middleware(SecurityHeaders)])
+    app.state.explorer = ex
+    return app
 
 
 class SecurityHeaders:
