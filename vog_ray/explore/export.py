@@ -24,6 +24,7 @@ MEDIA_TYPES = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet", "
                "labelstudio": "application/json"}
 LABEL_STUDIO_FROM = "label"   # the <Choices name=…> of labeling_config()
 LABEL_STUDIO_TO = "image"     # the <Image name=…> of labeling_config()
+LABEL_STUDIO_MIN_SIZE = 128   # small images are enlarged (nearest-neighbour) to at least this many pixels
 
 
 def export_table(tables: RunTables, f: Filters | None = None, *, where_sql: str | None = None,
@@ -77,7 +78,8 @@ def _image_uris(tables: RunTables, rows: list[dict[str, Any]], storage: Any) -> 
             out.update({(s, i): join(str(spec.url), i) for i in ids})
             continue
         for i, img in fetch_images(spec, ids, storage, on_error="skip").items():
-            out[(s, i)] = "data:image/png;base64," + base64.b64encode(tile_png(img, min_size=1)).decode("ascii")
+            png = tile_png(img, min_size=LABEL_STUDIO_MIN_SIZE)
+            out[(s, i)] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     return out
 
 
