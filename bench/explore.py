@@ -206,6 +206,7 @@ def http_figures(run_url: str, reps: int) -> dict[str, float]:
     from vog_ray.explore.server import ExplorerServer
 
     with ExplorerServer(run_url, port=0) as srv:
+        srv.explorer.wait_warm()   # the heat-map models load in the background at start: not timed here
         first = f"{srv.url}/?{urlencode({'split': 'train'})}"
         filt = f"{srv.url}/?{urlencode({'split': 'train', 'label': 3, 'mismatch': 1, 'keep.is_noisy': 'true', 'pct_min': 50})}"
         out = {}

@@ -122,7 +122,13 @@ class Explorer:
             except Exception as e:  # noqa: BLE001 - the example page reports it when asked
                 log.info("heat maps of %s not ready: %s", self.tables.primary, e)
 
-        threading.Thread(target=load, name="vog-explore-warm", daemon=True).start()
+        self._warming = threading.Thread(target=load, name="vog-explore-warm", daemon=True)
+        self._warming.start()
+
+    def wait_warm(self, timeout: float | None = None) -> None:
+        """Wait for :meth:`warm`'s background loading (benchmarks time the server after it)."""
+        if getattr(self, "_warming", None) is not None:
+            self._warming.join(timeout)
 
     def close(self) -> None:
         self.images.close()
