@@ -44,3 +44,18 @@ def test_single_process_flags(tmp_path):
     want = (t["rank"] <= 10) & (t.score > 0.5)
     assert want.sum() > 0 and (t.flagged == want).all()
     assert np.array_equal(np.sort(t[t.flagged]["rank"]), np.arange(1, want.sum() + 1))
+
+
+def test_flags_do_not_change_the_stage1_work_key():
+    """Adding or changing flags re-publishes from the same stage-1 work (nothing is re-scored)."""
+    from vog_ray.config import validate
+    from vog_ray.distributed.stage import work_key
+    from vog_ray.models.checkpoints import CheckpointInfo
+
+    base = {"data": {"splits": {"train": {"format": "npz", "url": "x.npz", "keep_columns": ["is_noisy"]}}},
+            "model": "lenet", "checkpoints": "c", "output": {"url": "o"}}
+    ck = [CheckpointInfo("c0", 1, "a" * 64)]
+    keys = {work_key(validate({**base, **extra}), ck) for extra in (
+        {}, {"flags": {"top_percent": 5}}, {"flags": {"z_above": 2.0, "ground_truth": "is_noisy"}})}
+    assert len(keys) == 1
+    assert work_key(validate({**base, "vog": {"targets": ["softmax"]}}), ck) not in keys
