@@ -167,8 +167,9 @@ def test_crafted_ids_outside_the_data_are_refused(tmp_path):
     with ExplorerServer(url) as srv:
         assert get(srv, "/image", {"split": "test", "id": "part-0.parquet:2"})[0] == 200
         for i in bad:
-            status, body, _ = get(srv, "/image", {"split": "test", "id": i})
-            assert status == 403 and b"outside" in body, i
+            for path in ("/image", "/heatmap", "/example"):
+                status, body, _ = get(srv, path, {"split": "test", "id": i})
+                assert status == 403 and b"outside" in body, (path, i)
         # the results page lists them (they are rows); the background fetch of the page's images
         # refuses them: nothing is read for them (cached as "no image"), the others are read
         status, body, _ = get(srv, "/", {"split": "test"})

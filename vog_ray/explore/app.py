@@ -26,7 +26,7 @@ from ..runs import open_run
 from ..storage import StorageOptions
 from . import pages
 from .export import FORMATS, MEDIA_TYPES, export_table, write_export
-from .guard import Refused, check_source
+from .guard import Refused, check_source, id_file, split_base
 from .heatmap import HeatMapError, MapMaker
 from .images import HeatMaps, ImageCache, placeholder_png
 from .params import BadRequest, parse_view
@@ -60,6 +60,7 @@ class Explorer:
         self.images = ImageCache(self._load_images)
         self.heatmaps = HeatMaps(lambda key: MapMaker(self.run, key, data_storage=self.data_storage, device=device))
         self.known: dict[tuple[str, str], int | None] = {}
+        self.bases: dict[str, str] = {}
         self.known_lock = threading.Lock()
 
     def _num_classes(self) -> int:
@@ -75,18 +76,30 @@ class Explorer:
     def spec(self, split: str) -> SplitSpec:
         return SplitSpec.model_validate(self.splits_cfg[split])
 
+    def check_source(self, split: str, example_id: str) -> None:
+        """:func:`.guard.check_source` with the split's base directory resolved once."""
+        spec = self.spec(split)
+        if id_file(spec, example_id) is None:
+            return
+        with self.known_lock:
+            base = self.bases.get(split)
+        if base is None:
+            base = split_base(spec, self.data_storage)
+            with self.known_lock:
+                self.bases[split] = base
+        check_source(spec, example_id, self.data_storage, base=base)
+
     def _load_images(self, split: str, ids: list[str]) -> dict[str, Any]:
         from ..data.fetch import fetch_images
 
-        spec = self.spec(split)
         allowed = []
         for i in ids:
             try:
-                check_source(spec, i, self.data_storage)
+                self.check_source(split, i)
                 allowed.append(i)
             except Refused as e:
                 log.warning("%s", e)
-        return fetch_images(spec, allowed, self.data_storage, on_error="skip")
+        return fetch_images(self.spec(split), allowed, self.data_storage, on_error="skip")
 
     def remember(self, rows: list[dict[str, Any]]) -> None:
         """Rows a page showed (read from the run): their images may be served without a lookup."""
@@ -174,6 +187,7 @@ def results(request: Request, ex: Explorer) -> Response:
 
 def example(request: Request, ex: Explorer) -> Response:
     split, eid = _split_id(request, ex)
+    ex.check_source(split, eid)   # the page reads the example's source (its heat map)
     return _html(request, "example.html", pages.example_context(ex, request, split, eid))
 
 
@@ -205,7 +219,7 @@ def image(request: Request, ex: Explorer) -> Response:
     from ..report.figures import tile_png
 
     split, eid = _split_id(request, ex)
-    check_source(ex.spec(split), eid, ex.data_storage)
+    ex.check_source(split, eid)
     size = SIZES.get(request.query_params.get("size", "thumb"), SIZES["thumb"])
     img = ex.images.get(split, eid)
     return _png(tile_png(img, min_size=size) if img is not None else placeholder_png(size))
@@ -213,7 +227,7 @@ def image(request: Request, ex: Explorer) -> Response:
 
 def heatmap(request: Request, ex: Explorer) -> Response:
     split, eid = _split_id(request, ex)
-    check_source(ex.spec(split), eid, ex.data_storage)
+    ex.check_source(split, eid)
     key = request.query_params.get("key", "") or ex.tables.primary
     if key not in ex.tables.keys:
         raise BadRequest(f"key: {key!r} is not one of {ex.tables.keys}")

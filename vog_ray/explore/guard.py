@@ -14,7 +14,7 @@ from ..storage import StorageOptions
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import SplitSpec
 
-__all__ = ["Refused", "id_file", "check_source"]
+__all__ = ["Refused", "id_file", "split_base", "check_source"]
 
 
 class Refused(PermissionError):
@@ -38,21 +38,27 @@ def _inside(rel: str) -> bool:
     return ".." not in parts and posixpath.normpath(rel) == rel.rstrip("/") and not rel.startswith("./")
 
 
-def check_source(spec: "SplitSpec", example_id: str, storage: StorageOptions | None = None) -> None:
-    """Raise :class:`Refused` when ``example_id`` names a file outside its split's base directory."""
+def split_base(spec: "SplitSpec", storage: StorageOptions | None = None) -> str:
+    """The directory (filesystem path) that a split's file-naming ids are relative to."""
+    if spec.format == "image_folder":
+        from ..data.listing import folder_root
+
+        return folder_root(spec, storage)[1]
+    from ..data.listing import split_files
+
+    return split_files(spec, storage, list_files=False)[1]
+
+
+def check_source(spec: "SplitSpec", example_id: str, storage: StorageOptions | None = None, *,
+                 base: str | None = None) -> None:
+    """Raise :class:`Refused` when ``example_id`` names a file outside its split's base directory
+    (``base``: :func:`split_base`, when the caller has it already)."""
     rel = id_file(spec, example_id)
     if rel is None:
         return
     if not _inside(rel):
         raise Refused(f"id {example_id!r} names a path outside its split's data")
-    if spec.format == "image_folder":
-        from ..data.listing import folder_root
-
-        _, base = folder_root(spec, storage)
-    else:
-        from ..data.listing import split_files
-
-        _, base, _ = split_files(spec, storage, list_files=False)
+    base = split_base(spec, storage) if base is None else base
     full = posixpath.normpath(posixpath.join(base, rel))
     if base not in ("", "/") and not full.startswith(base.rstrip("/") + "/"):
         raise Refused(f"id {example_id!r} names a path outside its split's data")

@@ -40,16 +40,19 @@ def placeholder_png(size: int = 96) -> bytes:
     return buf.getvalue()
 
 
+MISSING = object()   # not in a cache (None is a cached "no image")
+
+
 class _LRU:
     def __init__(self, size: int):
         self.size, self.d, self.lock = size, OrderedDict(), threading.Lock()
 
-    def get(self, k: Any) -> Any:
+    def get(self, k: Any, default: Any = None) -> Any:
         with self.lock:
             if k in self.d:
                 self.d.move_to_end(k)
                 return self.d[k]
-        return None
+        return default
 
     def put(self, k: Any, v: Any) -> None:
         with self.lock:
@@ -86,7 +89,7 @@ class ImageCache:
         """Read the images of ``ids`` not cached yet, in one background pass."""
         with self.lock:
             todo = [i for i in dict.fromkeys(ids) if (split, i) not in self.pending
-                    and self.cache.get((split, i)) is None]
+                    and self.cache.get((split, i), MISSING) is MISSING]
             if not todo:
                 return
             fut = self.pool.submit(self._load, split, todo)
@@ -99,8 +102,8 @@ class ImageCache:
             fut = self.pending.get(key)
         if fut is not None:
             return fut.result().get(example_id)
-        hit = self.cache.get(key)
-        if hit is not None:
+        hit = self.cache.get(key, MISSING)
+        if hit is not MISSING:
             return hit
         return self._load(split, [example_id]).get(example_id)
 
