@@ -60,3 +60,19 @@ def test_run_without_flags(tmp_path, monkeypatch):
     assert rep["flag_quality"] is None
     with open(os.path.join(rep["files"]["report_html"]), encoding="utf-8") as f:
         assert "No flags configured" in f.read()
+
+
+def test_ground_truth_must_be_boolean(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vog_ray.data.fetch", None)
+    rows = {"train": {"label": [0, 1] * 3, "vog_late_logit": np.arange(6.0), "flagged": [False] * 4 + [True] * 2,
+                      "note": ["yes", "no", "False", "True", "x", "y"]}}
+    url = rf.synthetic_run(str(tmp_path), rows, report={"bootstrap": 0, "heatmaps": False})
+    p = os.path.join(url, "manifest.json")
+    with open(p) as f:
+        man = json.load(f)
+    man["flags"] = {"rules": {"train": {"top_percent": 34}}, "ground_truth": "note"}
+    with open(p, "w") as f:
+        json.dump(man, f)
+    rep = build_report(url)
+    assert "against_ground_truth" not in rep["flag_quality"]["splits"]["train"]
+    assert any("not a boolean one" in w for w in rep["warnings"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ..core.flags import FLAGGED, precision_recall
 from .common import ReportError
@@ -29,7 +30,14 @@ def flag_quality_section(ctx: ReportContext) -> dict[str, Any] | None:
         raise ReportError(f"run {ctx.run.url!r}: cannot read the flags' columns {cols}: {e}") from None
     split = np.asarray(t.column("split").to_pylist(), dtype=object)
     flagged = np.asarray(t.column(FLAGGED).to_pylist(), dtype=bool)
-    truth = np.asarray(t.column(gt).to_pylist(), dtype=object) if gt else None
+    truth = None
+    if gt:
+        typ = t.schema.field(gt).type
+        if pa.types.is_boolean(typ) or pa.types.is_integer(typ) or pa.types.is_null(typ):
+            truth = np.asarray(t.column(gt).to_pylist(), dtype=object)
+        else:
+            ctx.warnings.append(f"flags.ground_truth {gt!r} is a {typ} column, not a boolean one: "
+                                "no precision and recall")
     out: dict[str, Any] = {"ground_truth": gt, "splits": {}}
     for s in ctx.splits:
         rows = split == s
