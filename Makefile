@@ -16,13 +16,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-# Headless Chromium for the HTML-report test (Debian's package; skipped when already there)
+# Headless Chromium for the HTML-report and explorer tests, and chromedriver for Selenium
+# (Debian's packages; skipped when already there)
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	      || echo "warning: could not install chromium; the browser test will fail"; \
-	  else echo "warning: chromium missing (install Debian's 'chromium' package)"; fi; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	      || echo "warning: could not install chromium / chromium-driver; the browser tests will fail"; \
+	  else echo "warning: chromium or chromedriver missing (install Debian's 'chromium' and 'chromium-driver' packages)"; fi; }
 
 test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -35,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/reduce.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/incremental.py
+	$(PY) bench/explore.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -204,3 +204,14 @@ def processes_with_env(name: str, value: str) -> list[int]:
         if needle in env:
             out.append(int(pid))
     return out
+
+
+# ---- a small real run for the explorer (tests/explore; see tests/explorerun.py) ------------
+
+
+@pytest.fixture(scope="session")
+def explore_run(tiny_digits, tmp_path_factory):
+    """A Ray audit of the tiny digits with hostile strings, flags and a rejected row."""
+    from tests.explorerun import build
+
+    return build(tiny_digits, tmp_path_factory.mktemp("explore-run"))

@@ -202,8 +202,15 @@ def digits_run(root: str, *, noise: float = 0.2, label_mode: str = "true",
     return write_run(root, table, pa.concat_tables(classes), config=cfg, windows=windows,
                      targets=targets, primary=primary, label_mode=label_mode,
                      num_checkpoints=num_checkpoints, run_id=run_id, published=published,
-                     checkpoints=[{"url": p, "size": os.path.getsize(p), "sha256": "0" * 64}
+                     checkpoints=[{"url": p, "size": os.path.getsize(p), "sha256": _sha256(p)}
                                   for p in ckpts])
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def synthetic_table(split_rows: dict[str, dict[str, Any]], K: int = 3,

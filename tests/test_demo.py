@@ -29,8 +29,12 @@ def test_reduced_demo_end_to_end(tmp_path):
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, proc.stderr[-4000:]
     # what a newcomer sees
-    for needle in ("rows:", "Welch t-test", "top decile", "OoD (test vs each group", "report: ", "config: "):
+    for needle in ("rows:", "Welch t-test", "top decile", "OoD (test vs each group", "report: ", "config: ",
+                   "flags (top 10% VoG) vs shuffled labels, train:"):
         assert needle in proc.stdout, needle
+    # it ends with the command that opens the run in the explorer
+    last = [ln for ln in proc.stdout.strip().splitlines() if "vog-ray explore" in ln]
+    assert last and last[0].split("vog-ray explore ", 1)[1].strip() in proc.stdout.split("report: ", 1)[1]
     run_url = proc.stdout.split("report: ", 1)[1].split()[0].rsplit("/report.html", 1)[0]
     rep = json.loads(Path(run_url, "report.json").read_text())
     man = json.loads(Path(run_url, "manifest.json").read_text())
@@ -56,3 +60,8 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert "max_softmax" in row and any(k.startswith("vog_late_") for k in row)
     assert Path(run_url, "report.html").exists()
     assert (out / "audit.yaml").exists()
+
+    # the flags: the top 10% of each split, checked against the shuffled labels in the report
+    fq = rep["flag_quality"]["splits"]["train"]
+    assert fq["n_flagged"] == 800 // 10 and fq["against_ground_truth"]["precision"] > 0.2   # above the base rate
+    assert len(rep["heatmap_grids"]) == 3

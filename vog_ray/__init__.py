@@ -18,7 +18,7 @@ _EXPORTS = {
     "ClassMoments": "core.moments", "PixelMoments": "core.moments", "class_normalize": "core.moments",
     "vog_from_gradient_maps": "core.moments", "GradientEngine": "core.engine", "resolve_windows": "core.windows",
     "build_model": "models", "register": "models", "score": "single", "VogOptions": "core.options",
-    "open_run": "runs",
+    "open_run": "runs", "vog_map": "explore.heatmap", "vog_maps": "explore.heatmap",
 }
 
 __all__ = list(_EXPORTS)

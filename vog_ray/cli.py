@@ -7,6 +7,8 @@
     vog-ray compare RUN_A RUN_B [--out compare.json]
     vog-ray runs OUTPUT_URL
     vog-ray validate CONFIG.yaml [--set …]
+    vog-ray explore RUN_OR_OUTPUT_URL [--port 8765] [--host 127.0.0.1]
+    vog-ray export RUN [--where SQL] [--flagged] [--split S] [--top N] --to csv|parquet|jsonl|labelstudio [--out FILE]
 """
 
 from __future__ import annotations
@@ -65,7 +67,30 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("output")
     ls.add_argument("--endpoint-url", default=None)
     ls.add_argument("--anonymous", action="store_true")
+    _explore_parsers(sub)
     return p
+
+
+def _explore_parsers(sub) -> None:
+    """``vog-ray explore`` and ``vog-ray export``."""
+    e = sub.add_parser("explore", help="browse, filter and inspect a run's ranked examples in a browser")
+    e.add_argument("run", help="a run URL, or an output URL (its latest run)")
+    e.add_argument("--port", type=int, default=8765)
+    e.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    e.add_argument("--device", default="cpu", help="where heat maps are computed (cpu, cuda, auto)")
+    x = sub.add_parser("export", help="write a selection of a run's ranked examples (CSV, Parquet, JSON lines, "
+                                      "Label Studio tasks)")
+    x.add_argument("run", help="a run URL, or an output URL (its latest run)")
+    x.add_argument("--where", default=None, metavar="SQL",
+                   help="a condition over the score table's columns, e.g. \"label <> pred AND percentile >= 99\"")
+    x.add_argument("--flagged", action="store_true", help="only the rows the run's flags section flagged")
+    x.add_argument("--split", default=None)
+    x.add_argument("--top", type=int, default=None, metavar="N", help="the N highest scores (z) of the selection")
+    x.add_argument("--to", dest="fmt", required=True, choices=["csv", "parquet", "jsonl", "labelstudio"])
+    x.add_argument("--out", default="-", help="output file (default: standard output; parquet needs a file)")
+    for q in (e, x):
+        q.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (or AWS_ENDPOINT_URL)")
+        q.add_argument("--anonymous", action="store_true")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,7 +201,63 @@ def _dispatch(args: argparse.Namespace) -> int:
         for rid in list_runs(args.output, _storage(args)):
             print(rid)
         return 0
+    if args.cmd == "explore":
+        return _explore(args)
+    if args.cmd == "export":
+        return _export(args)
     raise AssertionError(args.cmd)
+
+
+def _explore(args: argparse.Namespace) -> int:
+    from .explore.server import serve
+
+    serve(args.run, host=args.host, port=args.port, storage=_storage(args), device=args.device)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Rows of a run to a file or stdout; a bad ``--where``/``--split``/``--top`` exits 2."""
+    import duckdb
+
+    from .explore.export import export_table, labeling_config, write_export
+    from .explore.queries import Filters, RunTables
+    from .runs import open_run
+
+    if args.fmt == "parquet" and args.out == "-":
+        raise ConfigError("export --to parquet: give the output file with --out")
+    if args.top is not None and args.top < 1:
+        raise ConfigError(f"export --top: {args.top} is not a positive number of rows")
+    tables = RunTables(open_run(args.run, _storage(args)))
+    try:
+        if args.split is not None and args.split not in tables.splits:
+            raise ConfigError(f"export --split: {args.split!r} is not a split of the run ({tables.splits})")
+        if args.flagged and not tables.has_flagged:
+            raise ConfigError("export --flagged: the run has no flagged column (its config has no flags section)")
+        f = Filters(split=args.split, flagged=True if args.flagged else None)
+        try:
+            t = export_table(tables, f, where_sql=args.where, top=args.top)
+        except duckdb.Error as e:  # DuckDB's parser and binder errors name the problem
+            if args.where:
+                raise ConfigError(f"export --where {args.where!r}: {str(e).splitlines()[0]}") from None
+            raise
+        storage = tables.run.storage
+        if args.out == "-":
+            write_export(tables, t, args.fmt, sys.stdout.buffer, storage)
+            sys.stdout.flush()
+        else:
+            with open(args.out, "wb") as f_out:
+                write_export(tables, t, args.fmt, f_out, storage)
+            if args.fmt == "labelstudio":
+                names = ((tables.run.manifest.get("config") or {}).get("data") or {}).get("class_names") or \
+                    [str(c) for c in range(tables.num_classes())]
+                cfg_path = args.out.rsplit(".", 1)[0] + ".label_config.xml"
+                with open(cfg_path, "w", encoding="utf-8") as f_cfg:
+                    f_cfg.write(labeling_config(names))
+                print(f"Label Studio labeling config: {cfg_path}", file=sys.stderr)
+        print(f"{t.num_rows} rows written to {'standard output' if args.out == '-' else args.out}", file=sys.stderr)
+    finally:
+        tables.close()
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

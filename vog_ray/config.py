@@ -172,8 +172,36 @@ class ReportSpec(_Strict):
     flag_columns: list[str] = Field(default_factory=list, description="boolean columns, e.g. is_noisy")
     ood: Optional[OodSpec] = None
     classes_to_show: list[int] = Field(default_factory=list)
+    heatmaps: bool = Field(default=True, description="a grid of the VoG heat maps of the highest-VoG examples "
+                           "of each split (computed with the run's model and checkpoints)")
     bootstrap: int = Field(default=1000, ge=0)
     seed: int = 0
+
+
+class FlagRuleSpec(_Strict):
+    """Which ranked rows of a split are flagged: every criterion given must hold."""
+
+    top_percent: Optional[float] = Field(
+        default=None, gt=0, le=100, description="the top share of the split by rank (5: the 5% highest scores)")
+    z_above: Optional[float] = Field(default=None, description="the ranked score (z of rank_by) above this")
+    label_mismatch: bool = Field(default=False, description="require a known label that differs from the "
+                                 "last checkpoint's prediction")
+
+
+class FlagsSpec(FlagRuleSpec):
+    """``flags``: the ``flagged`` column of the score table and ``flagged.parquet``. The top-level
+    rule applies to every split; ``splits.<name>`` overrides its keys for one split."""
+
+    splits: dict[str, FlagRuleSpec] = Field(default_factory=dict)
+    ground_truth: Optional[str] = Field(
+        default=None, description="a boolean keep column (e.g. is_noisy): the report shows the flags' "
+        "precision and recall against it")
+
+    def rules(self, split_names: list[str]) -> dict[str, dict[str, Any]]:
+        """split -> its rule (the top-level keys, overridden by the keys set in ``splits.<name>``)."""
+        base = FlagRuleSpec(**{k: getattr(self, k) for k in FlagRuleSpec.model_fields}).model_dump()
+        return {s: {**base, **(self.splits[s].model_dump(exclude_unset=True) if s in self.splits else {})}
+                for s in split_names}
 
 
 class AuditConfig(_Strict):
@@ -186,6 +214,19 @@ class AuditConfig(_Strict):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     output: OutputSpec
     report: ReportSpec = Field(default_factory=ReportSpec)
+    flags: Optional[FlagsSpec] = None
+
+    @model_validator(mode="after")
+    def _flags_names(self) -> "AuditConfig":
+        if self.flags is None:
+            return self
+        for s in self.flags.splits:
+            if s not in self.data.splits:
+                raise ValueError(f"flags.splits.{s}: not a split of data.splits ({sorted(self.data.splits)})")
+        gt = self.flags.ground_truth
+        if gt and not any(gt in sp.keep_columns for sp in self.data.splits.values()):
+            raise ValueError(f"flags.ground_truth: {gt!r} is not a keep_columns entry of any split")
+        return self
 
     @model_validator(mode="after")
     def _windows_parse(self) -> "AuditConfig":

@@ -12,7 +12,8 @@
    followed by the report.
 
 Then it prints the run, the shuffled-label t-test, the test error of the top vs bottom VoG
-decile, the OoD table (VoG vs max-softmax), and where ``report.html`` is.
+decile, the OoD table (VoG vs max-softmax), the flags' precision and recall against the shuffled
+labels, where ``report.html`` is, and the command that opens the run in the explorer.
 """
 
 from __future__ import annotations
@@ -150,6 +151,9 @@ def write_config(out: Path, facts: dict[str, Any], batch_size: int = 256, actors
         },
         "compute": compute,
         "output": {"url": str(store / "audits" / "mnist")},
+        # the 10% highest-VoG examples of each split are flagged; the report checks the flags
+        # against the shuffled labels (is_noisy)
+        "flags": {"top_percent": 10, "ground_truth": "is_noisy"},
         "report": {
             "enabled": True,
             "flag_columns": ["is_noisy"],
@@ -162,6 +166,16 @@ def write_config(out: Path, facts: dict[str, Any], batch_size: int = 256, actors
     path.write_text("# Written by `make demo`; edit it and rerun: vog-ray audit " + str(path) + "\n"
                     + yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def flags_line(report: dict[str, Any]) -> str:
+    """The flags (top 10% by VoG) against the shuffled labels of the training split."""
+    fq = ((report.get("flag_quality") or {}).get("splits") or {}).get("train") or {}
+    pr = fq.get("against_ground_truth")
+    if not pr:
+        return "flags: no precision/recall against is_noisy"
+    return (f"flags (top 10% VoG) vs shuffled labels, train: {fq['n_flagged']} flagged, precision "
+            f"{pr['precision']:.2f} (base rate {pr['base_rate']:.2f}), recall {pr['recall']:.2f}")
 
 
 def summarize(report: dict[str, Any]) -> str:
@@ -200,9 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(summarize(report))
     print()
+    print(flags_line(report))
     print(f"report: {res.run_url}/report.html")
     print(f"config: {cfg_path}   (edit it and rerun: .venv/bin/vog-ray audit {cfg_path})")
     print(f"demo wall time: {time.time() - t0:.0f} s")
+    print()
+    print(f"explore the ranked examples in a browser: .venv/bin/vog-ray explore {res.run_url}")
+    print("  (then open http://127.0.0.1:8765/ ; export a selection: .venv/bin/vog-ray export "
+          f"{res.run_url} --flagged --to labelstudio --out flagged.json)")
     return 0
 
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from .core.engine import make_engine
+from .core.flags import FlagRule, flag_block
 from .core.labels import label_problems
 from .core.options import VogOptions
 from .core.ranking import rank_in_memory
@@ -45,7 +46,8 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
           batch_size: int = 256, device: str = "auto", ids: Sequence[Any] | None = None,
           split: str = "all", extra: dict[str, Any] | None = None,
           storage: StorageOptions | None = None, accum_dtype: str = "float32",
-          return_classes: bool = False) -> pa.Table | tuple[pa.Table, pa.Table]:
+          return_classes: bool = False, flags: dict[str, Any] | None = None
+          ) -> pa.Table | tuple[pa.Table, pa.Table]:
     """Audit a dataset in this process and return the ranked score table (pyarrow).
 
     ``data``: an array ``[N, C, H, W]`` / ``[N, D]`` (numpy or torch) with ``labels`` ``[N]``,
@@ -54,7 +56,9 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
     ``checkpoints``: URLs or a glob, in training order (natural sort for globs).
 
     Rows whose pixels are not finite are kept with ``status = "non_finite_input"`` and null
-    scores; they take no part in class statistics or ranks.
+    scores; they take no part in class statistics or ranks. ``flags`` (``{"top_percent": 5,
+    "z_above": …, "label_mismatch": …}``, the audit config's ``flags`` rule) adds the boolean
+    ``flagged`` column.
     """
     opts = VogOptions(windows=windows or {"all": "all"}, targets=targets, label_mode=label_mode,
                       normalization=normalization, rank_by=rank_by, accum_dtype=accum_dtype)
@@ -85,6 +89,8 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
         raise ValueError("ids must be unique")
     ok = np.asarray(table.column("status").to_pylist()) == "ok"
     scored, classes = rank_in_memory(table.filter(pa.array(ok)), keys, opts.normalization, primary)
+    if flags is not None:
+        scored = flag_block(scored, {split: FlagRule(**flags)}, {split: scored.num_rows})
     if not ok.all():
         bad = table.filter(pa.array(~ok))
         scored = pa.concat_tables([scored, bad], promote_options="default")

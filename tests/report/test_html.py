@@ -100,11 +100,31 @@ def test_page_is_self_contained_and_escaped(report):
     assert "http://" not in html and "https://" not in html
     # every figure of report.json is embedded
     grids = [r for r in rep["figures"] if r.startswith("figures/grid_")]
-    assert len(grids) == 2 * (2 + 2 * 2)
-    assert html.count('<figure class="fig">') == len(rep["figures"]) - len(grids)  # grids: as tiles
+    heat = [r for r in rep["figures"] if r.startswith("figures/heatmap_")]
+    assert len(grids) == 2 * (2 + 2 * 2) and len(heat) == 2
+    assert html.count('<figure class="fig">') == len(rep["figures"]) - len(grids) - len(heat)  # grids: as tiles
     for rel in rep["figures"]:
         assert os.path.exists(os.path.join(url, rel))
     assert rep["warnings"] == []
+
+
+def test_heatmap_grids(report):
+    """The highest-VoG examples of each split with their VoG heat maps: the grid holds the same
+    ids as the image grid, and each map's pixel mean is the example's raw VoG in the table."""
+    url, rep = report
+    from vog_ray.runs import open_run
+
+    t = open_run(url).scores().to_pandas().set_index("id")
+    key = rep["summary"]["primary"]
+    assert sorted(g["split"] for g in rep["heatmap_grids"]) == ["test", "train"]
+    for g in rep["heatmap_grids"]:
+        same = [x for x in rep["grids"] if x["split"] == g["split"] and x["which"] == "highest" and x["class"] is None]
+        assert g["key"] == key and g["ids"] == same[0]["ids"] and len(g["ids"]) == 25
+        for i, mean in zip(g["ids"], g["map_means"]):
+            assert abs(mean - t.loc[i, f"vog_{key}"]) <= 1e-5 * t.loc[i, f"vog_{key}"]
+    with open(os.path.join(url, "report.html"), encoding="utf-8") as f:
+        html = f.read()
+    assert html.count('<figure class="tile heat"') == 2 * 25
 
 
 def test_every_string_is_escaped(tmp_path, monkeypatch):

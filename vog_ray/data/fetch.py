@@ -1,6 +1,7 @@
-"""Images by id for reports (:func:`fetch_images`), read straight from a split's source files
-without Ray, and their conversion to uint8 arrays for display (not normalised). Imports
-neither Ray nor torch."""
+"""Images by id for reports and the explorer, read straight from a split's source files without
+Ray: as uint8 arrays for display (:func:`fetch_images`, not normalised), or as the stored
+payloads the decode stage takes (:func:`fetch_payloads`, for heat maps). Imports neither Ray nor
+torch."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from .listing import SourceFile, list_split_files, split_files
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import SplitSpec
 
-__all__ = ["fetch_images"]
+__all__ = ["fetch_images", "fetch_payloads", "display_payload"]
 
 Put = Callable[[str, Callable[[], np.ndarray]], None]   # put(id, make): out[id] = make()
+Convert = Callable[[Any], Any]   # a stored payload (bytes or an array row) -> what a fetch returns
 
 
 def _display_uint8(a: np.ndarray) -> np.ndarray:
@@ -90,7 +92,7 @@ def _putter(out: dict[str, np.ndarray], on_error: str) -> Put:
 
 
 def _fetch_arrays_by_id_column(fs, spec: "SplitSpec", storage: StorageOptions, ids: list[str],
-                               out: dict[str, np.ndarray], put: Put) -> None:
+                               out: dict[str, np.ndarray], put: Put, from_array: Convert) -> None:
     """CIFAR / npz with an id array: the ids do not name files; scan them."""
     wanted_ids = set(ids)
     for f in list_split_files(spec, storage):
@@ -99,10 +101,11 @@ def _fetch_arrays_by_id_column(fs, spec: "SplitSpec", storage: StorageOptions, i
                for v in np.asarray(d[spec.id_column]).tolist()]
         for row, v in enumerate(col):
             if v in wanted_ids and v not in out:
-                put(v, lambda r=row, d=d: _display_from_array(d["__x__"][r], spec))
+                put(v, lambda r=row, d=d: from_array(d["__x__"][r]))
 
 
-def _fetch_by_file_row(fs, base: str, spec: "SplitSpec", ids: list[str], on_error: str, put: Put) -> None:
+def _fetch_by_file_row(fs, base: str, spec: "SplitSpec", ids: list[str], on_error: str, put: Put,
+                       from_bytes: Convert, from_array: Convert) -> None:
     """Ids ``"<file>:<row>"``: read only the files they name."""
     by_file: dict[str, list[tuple[str, int]]] = {}
     for i in ids:
@@ -121,13 +124,42 @@ def _fetch_by_file_row(fs, base: str, spec: "SplitSpec", ids: list[str], on_erro
             continue
         f = SourceFile(path, rel, 0)
         if spec.format == "parquet":
-            parquet.fetch_rows(fs, f, spec, wanted, lambda i, b: put(i, lambda: _display_from_bytes(b, spec)))
+            parquet.fetch_rows(fs, f, spec, wanted, lambda i, b: put(i, lambda: from_bytes(b)))
         else:
             d = (cifar if spec.format == "cifar" else npz).load_arrays(fs, f, spec)
             x = d["__x__"]
             for i, row in wanted:
                 if 0 <= row < len(x):
-                    put(i, lambda r=row: _display_from_array(x[r], spec))
+                    put(i, lambda r=row: from_array(x[r]))
+
+
+def _fetch(spec: "SplitSpec", ids: Sequence[str], storage: StorageOptions | None, on_error: str,
+           from_bytes: Convert, from_array: Convert) -> dict[str, Any]:
+    """id -> ``from_bytes(payload)`` / ``from_array(row)`` for each id found in the split."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError("on_error must be 'raise' or 'skip'")
+    ids = list(dict.fromkeys(str(i) for i in ids))
+    out: dict[str, Any] = {}
+    if not ids:
+        return out
+    put = _putter(out, on_error)
+
+    def found(i: str, b: Any) -> None:
+        put(i, lambda: from_bytes(b))
+
+    storage = storage or StorageOptions()
+    if spec.format == "image_folder":
+        image_folder.fetch_files(spec, storage, ids, on_error, found)
+    else:
+        fs, base, _ = split_files(spec, storage, list_files=False)
+        if spec.format == "parquet" and spec.id_column:
+            parquet.fetch_by_id_column(fs, spec, storage, ids, found)
+        elif spec.id_column:
+            _fetch_arrays_by_id_column(fs, spec, storage, ids, out, put, from_array)
+        else:
+            _fetch_by_file_row(fs, base, spec, ids, on_error, put, from_bytes, from_array)
+    _check_all(ids, out, on_error)
+    return out
 
 
 def fetch_images(spec: "SplitSpec", ids: Sequence[str], storage: StorageOptions | None = None, *,
@@ -138,27 +170,20 @@ def fetch_images(spec: "SplitSpec", ids: Sequence[str], storage: StorageOptions 
     column of its files). ``on_error="skip"`` leaves out ids that are missing or undecodable
     instead of raising.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError("on_error must be 'raise' or 'skip'")
-    ids = list(dict.fromkeys(str(i) for i in ids))
-    out: dict[str, np.ndarray] = {}
-    if not ids:
-        return out
-    put = _putter(out, on_error)
+    return _fetch(spec, ids, storage, on_error, lambda b: _display_from_bytes(b, spec),
+                  lambda a: _display_from_array(a, spec))
 
-    def from_bytes(i: str, b: Any) -> None:
-        put(i, lambda: _display_from_bytes(b, spec))
 
-    storage = storage or StorageOptions()
-    if spec.format == "image_folder":
-        image_folder.fetch_files(spec, storage, ids, on_error, from_bytes)
-    else:
-        fs, base, _ = split_files(spec, storage, list_files=False)
-        if spec.format == "parquet" and spec.id_column:
-            parquet.fetch_by_id_column(fs, spec, storage, ids, from_bytes)
-        elif spec.id_column:
-            _fetch_arrays_by_id_column(fs, spec, storage, ids, out, put)
-        else:
-            _fetch_by_file_row(fs, base, spec, ids, on_error, put)
-    _check_all(ids, out, on_error)
-    return out
+def display_payload(payload: Any, spec: "SplitSpec") -> np.ndarray:
+    """A payload of :func:`fetch_payloads` as :func:`fetch_images` shows it (uint8, not normalised)."""
+    if isinstance(payload, np.ndarray) and payload.dtype != object:
+        return _display_from_array(payload, spec)
+    return _display_from_bytes(payload, spec)
+
+
+def fetch_payloads(spec: "SplitSpec", ids: Sequence[str], storage: StorageOptions | None = None, *,
+                   on_error: str = "raise") -> dict[str, Any]:
+    """The stored payload of each id as the decode stage receives it (encoded image or ``.npy``
+    bytes, or the array row of a CIFAR / npz file): ``decode.decode_batch`` turns it into the
+    model input the audit scored. Reads what :func:`fetch_images` reads."""
+    return _fetch(spec, ids, storage, on_error, lambda b: b, lambda a: np.asarray(a))

@@ -134,7 +134,7 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
                      rows_in=sum(plan.rows_in.values()), id_splits=id_splits, steps=steps)
     t_publish = time.perf_counter()
     manifest = _manifest(plan, red, run_id, score_wall, steps, extra, scored_checkpoints or plan.K)
-    write_run(red, run_url, plan.out_url, run_id, storage, manifest, t0=t0)
+    write_run(red, run_url, plan.out_url, run_id, storage, manifest, t0=t0, flags=cfg.flags)
     log.info("publish: %.1f s", time.perf_counter() - t_publish)
     result = AuditResult(run_url=run_url, run_id=run_id, manifest=manifest,
                          top=top_ids(run_url, storage, list(cfg.data.splits)))

@@ -1,5 +1,6 @@
-"""Publishing a run: the ranked score table, ``rejected.parquet``, ``classes.parquet`` and the
-manifest are written under ``<output>/runs/<run_id>/``, then ``_SUCCESS`` and ``LATEST``
+"""Publishing a run: the ranked score table (with the ``flagged`` column when the config has
+``flags``), ``flagged.parquet``, ``rejected.parquet``, ``classes.parquet`` and the manifest are
+written under ``<output>/runs/<run_id>/``, then ``_SUCCESS`` and ``LATEST``
 (:func:`vog_ray.runs.publish`). A failure removes what was written; a run without ``_SUCCESS``
 is never listed or opened."""
 
@@ -14,12 +15,13 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..config import redact
+from ..config import FlagsSpec, redact
+from ..core.flags import flag_block, flagged_rows
 from ..runs import SUCCESS, publish, write_json, write_table
 from ..storage import StorageOptions, join, list_files, resolve
 from .reduce import Reduced, rejected_columns
 
-__all__ = ["write_run", "publish_failed", "top_ids", "versions", "check_writable"]
+__all__ = ["write_run", "write_flagged", "publish_failed", "top_ids", "versions", "check_writable"]
 
 
 def versions() -> dict[str, str]:
@@ -47,15 +49,43 @@ def check_writable(url: str, storage: StorageOptions) -> None:
                               f"{type(e).__name__}: {redact(str(e))}") from None
 
 
+def write_flagged(red: Reduced, flags: FlagsSpec, run_url: str, storage: StorageOptions,
+                  fs_out: Any) -> tuple[Any, dict[str, Any]]:
+    """Write ``flagged.parquet`` (the flagged rows, one file). Returns the ranked rows with the
+    ``flagged`` column (lazy: computed again per block as the scores are written) and the rules
+    and counts for the manifest."""
+    rules = flags.rules(sorted(red.scored_by_split))
+    kw = {"fn_kwargs": {"rules": rules, "sizes": dict(red.scored_by_split)}, "batch_format": "pyarrow",
+          "batch_size": None}
+    only = red.ranked.map_batches(flagged_rows, **kw).materialize()
+    url = join(run_url, "flagged.parquet")
+    counts: dict[str, int] = {}
+    for b in only.iter_batches(batch_format="pyarrow", batch_size=None):
+        for s, n in zip(*np.unique(b.column("split").to_numpy(zero_copy_only=False).astype(str),
+                                   return_counts=True)):
+            counts[str(s)] = counts.get(str(s), 0) + int(n)
+    if counts:
+        only.repartition(1).write_parquet(url, filesystem=fs_out, mode="overwrite")
+    else:  # an empty write on S3 fails: one empty file with the columns of the scores
+        first = next(iter(red.ranked.iter_batches(batch_format="pyarrow", batch_size=1)))
+        write_table(join(url, "empty.parquet"), flag_block(first.slice(0, 0), rules, red.scored_by_split), storage)
+    summary = {"rules": rules, "flagged_by_split": {s: counts.get(s, 0) for s in rules},
+               "ground_truth": flags.ground_truth}
+    return red.ranked.map_batches(flag_block, **kw), summary
+
+
 def write_run(red: Reduced, run_url: str, out_url: str, run_id: str, storage: StorageOptions,
-              manifest: dict[str, Any], *, t0: float) -> None:
-    """Write the run's tables and ``manifest`` (completed with ``wall_time_s`` since ``t0`` and the
-    tables' write time in ``timings_s``), then publish it. Any failure removes what was written
-    and raises :func:`publish_failed`'s error."""
+              manifest: dict[str, Any], *, t0: float, flags: FlagsSpec | None = None) -> None:
+    """Write the run's tables and ``manifest`` (completed with ``wall_time_s`` since ``t0``, the
+    tables' write time in ``timings_s`` and, with ``flags``, the flag rules and counts), then
+    publish it. Any failure removes what was written and raises :func:`publish_failed`'s error."""
     fs_out, _ = resolve(out_url, storage)
     t = time.perf_counter()
     try:
-        red.ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
+        ranked = red.ranked
+        if flags is not None:
+            ranked, manifest["flags"] = write_flagged(red, flags, run_url, storage, fs_out)
+        ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
         if red.rows_rejected:  # an empty write on S3 fails: Ray then deletes a prefix that never existed
             red.rejected.map_batches(rejected_columns, batch_format="pyarrow").repartition(1).write_parquet(
                 join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")

@@ -20,7 +20,8 @@ from ..storage import StorageOptions, join, resolve
 from . import html as H
 from .common import ReportError, atomic_write, clean, remove_stale
 from .context import load_context
-from .grids import grid_section
+from .flagged import flag_quality_section
+from .grids import grid_section, heatmap_section
 from .sections import agreement_section, class_section, classes_to_show_warning, error_section, \
     figure_section, flag_section, label_mode_warning, ood_section, summary_section
 from .stats import AGREEMENT_SIGNALS
@@ -98,8 +99,10 @@ def build_report(run_url: str | Run, storage: StorageOptions | None = None, out:
     error_figs, other_figs, hist_sec = figure_section(ctx, err_sec)
     classes_to_show_warning(ctx)
     grids, grid_sec, grid_figs = grid_section(ctx, storage, data_storage)
+    heat_grids, heat_sec, heat_figs = heatmap_section(ctx, storage, data_storage)
+    flag_quality = flag_quality_section(ctx)
     label_mode_warning(ctx, ood_sec)
-    figs = {f["name"]: f["png"] for f in chain(*error_figs.values(), other_figs, grid_figs)}
+    figs = {f["name"]: f["png"] for f in chain(*error_figs.values(), other_figs, grid_figs, heat_figs)}
     report: dict[str, Any] = {
         "format": FORMAT,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -114,12 +117,14 @@ def build_report(run_url: str | Run, storage: StorageOptions | None = None, out:
         "classes": class_section(ctx),
         "vog_histograms": hist_sec,
         "grids": grid_sec,
+        "heatmap_grids": heat_sec,
+        "flag_quality": flag_quality,
         "figures": sorted(figs),
     }
     report = clean(report)
     report["report_time_s"] = round(time.perf_counter() - t0, 3)
     page = H.render(report, error_figs=error_figs, other_figs=other_figs, grids=grids,
-                    config=_redacted(ctx.config))
+                    config=_redacted(ctx.config), heat_grids=heat_grids)
     body = json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode()
     report["files"] = write_report_files((out or run.url).rstrip("/"), storage, figs, body, page)
     report["html_url"] = report["files"]["report_html"]

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 __all__ = ["error_by_decile", "error_by_percentile", "histogram_counts", "vog_histograms", "data_map", "image_grid",
-           "tile_png"]
+           "tile_png", "heatmap_rgb", "heatmap_png", "HEATMAP_CMAP"]
 
 DPI = 90
 
@@ -208,3 +208,32 @@ def tile_png(img: np.ndarray, min_size: int = 64) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+HEATMAP_CMAP = "inferno"   # perceptually uniform, dark = stable pixels, bright = unstable ones
+HEATMAP_ALPHA = 0.65       # weight of the map over the (grayscale) image
+
+
+def heatmap_rgb(image: np.ndarray | None, vmap: np.ndarray, *, overlay: bool = True) -> np.ndarray:
+    """A VoG heat map as uint8 RGB: the per-pixel std scaled to [0, its maximum] through
+    ``HEATMAP_CMAP``, blended over the grayscale image (``overlay``) or alone. An image of
+    another size than the map is resized to it."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    m = np.nan_to_num(np.asarray(vmap, np.float64))
+    top = float(m.max()) if m.size else 0.0
+    rgb = colormaps[HEATMAP_CMAP](m / top if top > 0 else m)[..., :3]
+    if overlay and image is not None:
+        a, _ = _as_display(image)
+        gray = np.asarray(Image.fromarray(a).convert("L"))
+        if gray.shape != m.shape:
+            gray = np.asarray(Image.fromarray(gray).resize((m.shape[1], m.shape[0]), Image.BILINEAR))
+        base = np.repeat((gray.astype(np.float64) / 255.0)[..., None], 3, axis=2)
+        rgb = (1 - HEATMAP_ALPHA) * base + HEATMAP_ALPHA * rgb
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def heatmap_png(image: np.ndarray | None, vmap: np.ndarray, *, overlay: bool = True, min_size: int = 64) -> bytes:
+    """:func:`heatmap_rgb` as a PNG (small maps enlarged with nearest-neighbour)."""
+    return tile_png(heatmap_rgb(image, vmap, overlay=overlay), min_size=min_size)

@@ -1,6 +1,8 @@
 """The image grids of a report: which examples each grid shows (the lowest- and highest-VoG of
 every split, and of each class of ``report.classes_to_show``), their tiles read from the source
-data, and the grid figures. Images that cannot be read are left out with a warning.
+data, and the grid figures. Images that cannot be read are left out with a warning. With
+``report.heatmaps``, the highest-VoG examples of each split also get a grid of their VoG heat
+maps (computed with the run's model and checkpoints, :mod:`vog_ray.explore.heatmap`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .common import safe_name
 from .context import ReportContext
 from .sections import figure_entry
 
-__all__ = ["GRID_SIZE", "grid_section"]
+__all__ = ["GRID_SIZE", "grid_section", "heatmap_section"]
 
 GRID_SIZE = 25
 
@@ -130,4 +132,59 @@ def grid_section(ctx: ReportContext, storage: StorageOptions | None,
         for t in g["tiles"]:
             t["png"] = F.tile_png(t["image"]) if t["image"] is not None else None
         grids.append(g)
+    return grids, meta, figs
+
+
+def _heat_tiles(ctx: ReportContext, maker: Any, split: str, rows: np.ndarray) -> list[dict[str, Any]]:
+    frame, key = ctx.frame, ctx.primary
+    want = [{"id": frame.ids[int(r)].as_py(), "label": int(frame.label[int(r)]),
+             f"vog_{key}": float(frame.vog[key][int(r)])} for r in rows]
+    maps = maker.maps(split, want)
+    tiles = []
+    for r, w in zip(rows, want):
+        vm = maps[w["id"]]
+        pix = vm.pixels()
+        tiles.append({"id": w["id"], "label": ctx.label_of(frame.label[int(r)]), "pred": ctx.label_of(frame.pred[int(r)]),
+                      "z": float(frame.z[key][int(r)]), "vog": vm.vog,
+                      "image": None if pix is None else F.heatmap_rgb(vm.image, pix)})
+    return tiles
+
+
+def heatmap_section(ctx: ReportContext, storage: StorageOptions | None,
+                    data_storage: StorageOptions | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(heat-map grids for the page, their ``report.json`` entries, their figures): the VoG heat
+    maps of the highest-VoG examples of each split under the ranked key, over their images. A
+    run whose maps cannot be computed (checkpoints moved or changed, source data gone) gets a
+    warning instead."""
+    if not ctx.settings.heatmaps:
+        return [], [], []
+    from ..config import StorageSpec
+
+    if data_storage is None:
+        data_storage = storage if storage is not None else \
+            StorageSpec.model_validate(ctx.config.get("storage") or {}).options()
+    try:
+        from ..explore.heatmap import MapMaker
+
+        maker = MapMaker(ctx.run, ctx.primary, data_storage=data_storage)
+    except Exception as e:  # noqa: BLE001 - the report stands without heat maps
+        ctx.warnings.append(f"heat-map grids skipped: {type(e).__name__}: {e}")
+        return [], [], []
+    grids, meta, figs = [], [], []
+    for s in ctx.idx:
+        hi, _ = _grid_rows(ctx.idx[s], ctx.frame.rank[ctx.idx[s]])
+        title = f"{s}: VoG heat maps of the {len(hi)} highest-VoG examples ({ctx.primary})"
+        try:
+            tiles = _heat_tiles(ctx, maker, s, hi)
+        except Exception as e:  # noqa: BLE001 - e.g. a split whose source data is gone
+            ctx.warnings.append(f"heat-map grid of split {s!r} skipped: {type(e).__name__}: {e}")
+            continue
+        name = f"heatmap_{safe_name(s)}_highest"
+        meta.append({"split": s, "key": ctx.primary, "title": title, "ids": [t["id"] for t in tiles],
+                     "map_means": [t["vog"] for t in tiles]})
+        figs.append(figure_entry(name, title, F.image_grid(title, [(t["image"], f"{t['id']}\nlabel {t['label']}\n"
+                                                                   f"pred {t['pred']}") for t in tiles])))
+        for t in tiles:
+            t["png"] = F.tile_png(t["image"]) if t["image"] is not None else None
+        grids.append({"title": title, "file": name, "tiles": tiles})
     return grids, meta, figs

@@ -220,9 +220,10 @@ def _agreement_section(r: dict[str, Any]) -> str:
             + table(["split", "key"] + sig_names, rows, left=2))
 
 
-def _grids(grids: list[dict[str, Any]]) -> str:
-    out = ["<p class='note'>Tiles read from the source data by id; each grid is also saved as "
-           "<code>figures/grid_*.png</code>.</p>"]
+def _grids(grids: list[dict[str, Any]], tile_class: str = "tile",
+           note: str = "Tiles read from the source data by id; each grid is also saved as "
+                       "<code>figures/grid_*.png</code>.") -> str:
+    out = [f"<p class='note'>{note}</p>"]
     for g in grids:
         out.append(f"<h3>{esc(g['title'])}</h3>")
         tiles = []
@@ -230,9 +231,14 @@ def _grids(grids: list[dict[str, Any]]) -> str:
             cap = f"{esc(t['id'])}<br>label {esc(t['label'])} · pred {esc(t['pred'])}<br>z {fmt(t['z'], 2)}"
             img = (f'<img alt="{esc(t["id"])}" src="{data_uri(t["png"])}">' if t.get("png")
                    else '<span class="missing">missing</span>')
-            tiles.append(f'<figure class="tile" data-id="{esc(t["id"])}">{img}<figcaption>{cap}</figcaption></figure>')
+            tiles.append(f'<figure class="{tile_class}" data-id="{esc(t["id"])}">{img}<figcaption>{cap}</figcaption></figure>')
         out.append('<div class="grid">' + "".join(tiles) + "</div>")
     return "".join(out)
+
+
+HEAT_NOTE = ("VoG heat maps over the images (bright = pixels whose input gradient varies most across the "
+             "checkpoints of the ranked window; each map scaled to its own maximum); also saved as "
+             "<code>figures/heatmap_*.png</code>. <code>vog-ray explore</code> shows them for any example.")
 
 
 def _classes(r: dict[str, Any]) -> str:
@@ -250,7 +256,9 @@ def _classes(r: dict[str, Any]) -> str:
 
 
 def render(report: dict[str, Any], *, error_figs: dict[str, list[dict]], other_figs: list[dict],
-           grids: list[dict[str, Any]], config: dict[str, Any]) -> str:
+           grids: list[dict[str, Any]], config: dict[str, Any], heat_grids: Sequence[dict[str, Any]] = ()) -> str:
+    from .flagged import flag_quality_html
+
     title = f"VoG audit report — {report['summary']['run_id']}"
     warns = "".join(f'<div class="warn">{esc(w)}</div>' for w in report["warnings"])
     parts = [
@@ -271,11 +279,13 @@ def render(report: dict[str, Any], *, error_figs: dict[str, list[dict]], other_f
         "<h2 id='summary'>Summary</h2>", _summary(report),
         "<h2 id='error'>Error by VoG</h2>", _error_section(report, error_figs),
         "<h2 id='flags'>Flagged examples</h2>", _flags_section(report),
+        "<h3 id='flag-rules'>The run's flags</h3>", flag_quality_html(report.get("flag_quality")),
         "<h2 id='ood'>Out-of-distribution detection</h2>", _ood_section(report),
         "<h2 id='agreement'>Agreement with other difficulty signals</h2>", _agreement_section(report),
         "<h2 id='figures'>Distributions and data maps</h2>", "".join(figure(f) for f in other_figs),
         "<h2 id='examples'>Lowest- and highest-VoG examples</h2>",
         (_grids(grids) if grids else '<p class="note">No image grids (see warnings).</p>'),
+        (_grids(list(heat_grids), "tile heat", HEAT_NOTE) if heat_grids else ""),
         "<h2 id='classes'>Classes</h2>", _classes(report),
         "<h2 id='conventions'>Conventions</h2>", _conventions(report),
         "<h2 id='config'>Configuration</h2>",
