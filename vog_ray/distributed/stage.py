@@ -40,6 +40,7 @@ def work_key(cfg: "AuditConfig", ckpts: list["CheckpointInfo"]) -> str:
     d = cfg.to_dict()
     d.pop("output", None)
     d.pop("report", None)
+    d["vog"].pop("normalize_against", None)  # the reduce's choice: stage 1 computes the same rows
     d["compute"] = {"checkpoint_groups": cfg.compute.checkpoint_groups}
     payload = json.dumps({"cfg": d, "ck": [c.sha256 for c in ckpts]}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
