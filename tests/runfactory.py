@@ -23,7 +23,7 @@ from vog_ray.core.ranking import normalize, rank_table
 from vog_ray.runs import publish, write_json, write_table
 
 SIGNAL_NAMES = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",
-                "max_logit", "energy")
+                "max_logit", "energy", "el2n", "entropy")
 
 
 def digits_data(seed: int = 0) -> dict[str, np.ndarray]:

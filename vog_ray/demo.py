@@ -11,8 +11,9 @@
    ``vog-ray audit`` runs on local Ray with early / late / all windows and both targets,
    followed by the report.
 
-Then it prints the run, the shuffled-label t-test, the test error of the top vs bottom VoG
-decile, the OoD table (VoG vs max-softmax), and where ``report.html`` is.
+Then it prints the run, the report's findings, the shuffled-label t-test, the test error of the
+top vs bottom VoG decile, the OoD table (VoG vs max-softmax), the signal league table of the
+shuffled labels, and where ``report.html`` is.
 """
 
 from __future__ import annotations
@@ -165,10 +166,11 @@ def write_config(out: Path, facts: dict[str, Any], batch_size: int = 256, actors
 
 
 def summarize(report: dict[str, Any]) -> str:
-    """The lines the demo prints, from report.json."""
-    from .report import summary_lines
+    """The lines the demo prints, from report.json: the findings (as ``vog-ray report`` prints
+    them), then the tables behind them and the signal league of the shuffled labels."""
+    from .report import findings_lines, league_lines, summary_lines
 
-    return "\n".join(summary_lines(report))
+    return "\n".join(findings_lines(report) + [""] + summary_lines(report) + [""] + league_lines(report))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from .moments import class_normalize
 from .table import vog_col, z_col
 
 __all__ = ["normalize", "set_column", "SORT_KEYS", "RANK_COLUMNS", "assign_ranks", "block_counts",
-           "rank_offsets", "rank_table", "rank_in_memory", "unreferenced", "check_reference"]
+           "rank_offsets", "rank_table", "rank_in_memory", "unreferenced", "check_reference", "z_values"]
 
 RANK_COLUMNS = ("rank", "class_rank", "percentile", "decile")
 
@@ -47,13 +47,22 @@ def normalize(table: pa.Table, lookup: dict[str, dict[str, np.ndarray]], keys: S
         e = lookup[s if reference is None else reference]
         for k in keys:
             v = table.column(vog_col(k)).to_numpy(zero_copy_only=False)[rows]
-            z = class_normalize(v, cls[rows], e[f"mean_{k}"], e[f"std_{k}"], method)
-            if reference is not None:  # no reference moments for the class: no z
-                z[~np.isfinite(e[f"mean_{k}"][cls[rows]])] = np.nan
-            zs[k][rows] = z
+            zs[k][rows] = z_values(v, cls[rows], e, k, method, referenced=reference is not None)
     for k in keys:
         table = set_column(table, z_col(k), pa.array(zs[k], pa.float64()))
     return set_column(table, "score", pa.array(zs[primary], pa.float64()))
+
+
+def z_values(vog: np.ndarray, cls: np.ndarray, moments: dict[str, np.ndarray], key: str, method: str,
+             referenced: bool = False) -> np.ndarray:
+    """z of raw VoG ``vog`` of classes ``cls`` with one split's class moments (an entry of
+    ``class_lookup``). ``referenced`` (the moments are another split's): NaN for a class without
+    moments there, instead of the own-split rule z = 0 of an empty or degenerate class."""
+    mean = moments[f"mean_{key}"]
+    z = class_normalize(vog, cls, mean, moments[f"std_{key}"], method)
+    if referenced:
+        z[~np.isfinite(np.asarray(mean, np.float64)[np.asarray(cls, np.int64)])] = np.nan
+    return z
 
 
 def set_column(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
