@@ -94,8 +94,10 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
     if not parts:
         raise ValueError("no examples to score (the dataset is empty)")
     table = pa.concat_tables(parts)
-    if ids is not None and len(set(map(str, ids))) != len(ids):
-        raise ValueError("ids must be unique")
+    if ids is not None:
+        names = [split] * len(ids) if isinstance(split, str) else [str(v) for v in split]
+        if len(set(zip(names, map(str, ids)))) != len(ids):
+            raise ValueError("ids must be unique within a split")
     ok = np.asarray(table.column("status").to_pylist()) == "ok"
     scored, classes = rank_in_memory(table.filter(pa.array(ok)), keys, opts.normalization, primary,
                                      opts.normalize_against)
