@@ -114,6 +114,7 @@ def _summary(r: dict[str, Any]) -> str:
     s = r["summary"]
     kv = [("run id", s["run_id"]), ("run URL", s["run_url"]), ("report generated", r["generated_at"]),
           ("label mode", s["label_mode"]), ("normalization", s["normalization"]),
+          ("z normalised against", s.get("normalize_against") or "each split itself"),
           ("targets", ", ".join(s["targets"])), ("primary (ranked) key", s["primary"]),
           ("checkpoints", s["num_checkpoints"]),
           ("windows", "; ".join(f"{w}: {v}" for w, v in s["windows"].items())),
