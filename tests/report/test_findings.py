@@ -116,7 +116,7 @@ def test_ood_sentences_name_the_groups_that_do_not_reproduce():
                          "0.38 ± 0.36, max-softmax 0.69 ± 0.11, so on average OoD does not have the higher VoG "
                          "the paper reports (Table 1).")
     assert f["reproduces"] is False
-    f = got["ood.groups.*.vog_late_softmax.auroc"]
+    f = got["ood.groups.{brightness,fog}.vog_late_softmax.auroc"]
     assert f["text"] == ("On brightness, fog, OoD images have lower raw late_softmax VoG than test (AUROC 0.17, "
                          "0.18): the paper's direction (higher VoG = OoD) does not hold there; the two-sided "
                          "abs_z_vs_test_late_softmax gives 0.74, 0.81.")
@@ -126,6 +126,30 @@ def test_ood_sentences_name_the_groups_that_do_not_reproduce():
     assert "|z| against test (abs_z_vs_test_late_softmax) 0.77 ± 0.05" in f["text"]
     f = got["ood.summary.vog_late_softmax.aupr_out_paper"]
     assert "mean AUPR-Out of 0.61, against 0.45 with this report's orientation" in f["text"]
+
+
+def test_ood_groups_judged_by_their_bootstrap_intervals():
+    """With league intervals: below 0.5 is lower VoG, an interval holding 0.5 is not separated
+    (neither reproduces the paper), above 0.5 is the paper's direction (no sentence)."""
+    def table(auroc, ci):
+        return {"table": [{"signal": "vog_late_softmax", "auroc": auroc, "auroc_ci": ci}]}
+
+    rep = {**REPORT, "signals": {"ood": {"groups": {"brightness": table(0.17, [0.1, 0.25]),
+                                                    "fog": table(0.49, [0.42, 0.56]),
+                                                    "scale": table(0.8, [0.7, 0.9])}}}}
+    rep["ood"] = {**REPORT["ood"], "groups": {**REPORT["ood"]["groups"],
+                                              "fog": {"vog_late_softmax": _ood_row(0.49),
+                                                      "abs_z_vs_test_late_softmax": _ood_row(0.81)}}}
+    got = _by_key(findings(rep))
+    f = got["ood.groups.{brightness}.vog_late_softmax.auroc"]
+    assert f["text"].startswith("On brightness, OoD images have lower raw late_softmax VoG than test (AUROC "
+                                "0.17 [0.10, 0.25])") and f["reproduces"] is False
+    f = got["ood.groups.{fog}.vog_late_softmax.auroc"]
+    assert f["text"] == ("On fog, raw late_softmax VoG does not separate OoD images from test (AUROC 0.49 "
+                         "[0.42, 0.56], intervals holding 0.5): the paper's direction is not seen there; the "
+                         "two-sided abs_z_vs_test_late_softmax gives 0.81.")
+    assert f["reproduces"] is False
+    assert not [k for k in got if "scale" in k]
 
 
 def test_league_sentence_gives_the_best_signal_and_vogs_place():

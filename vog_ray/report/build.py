@@ -120,7 +120,7 @@ def build_report(run_url: str | Run, storage: StorageOptions | None = None, out:
     agr_sec = agreement_section(ctx)
     error_figs, other_figs, hist_sec = figure_section(ctx, err_sec)
     flip_sec, flip_figs = flip_section(ctx, flag_sec, err_sec)
-    league_sec = league_section(ctx, where)
+    league_sec = league_section(ctx, where, ood_sec)
     classes_to_show_warning(ctx)
     grids, grid_sec, grid_figs = grid_section(ctx, storage, data_storage)
     label_mode_warning(ctx, ood_sec)

@@ -149,40 +149,89 @@ def _pm(m: float | None, s: float | None) -> str:
     return _f2(m) + (f" ± {s:.2f}" if s is not None else "")
 
 
+def _group_ci(report: dict[str, Any], group: str, name: str) -> list | None:
+    """The bootstrap interval of a score's AUROC in an OoD group's league table, if there is one."""
+    t = ((((report.get("signals") or {}).get("ood") or {}).get("groups") or {}).get(group)) or {}
+    row = next((r for r in t.get("table") or [] if r.get("signal") == name), None)
+    return (row or {}).get("auroc_ci")
+
+
+def _auroc_ci(auroc: float, ci: list | None) -> str:
+    return f"{auroc:.2f}{_ci(ci)}"
+
+
+def _groups_key(items: list, name: str) -> str:
+    """The report.json key of a score's AUROC in several OoD groups: ``ood.groups.{a,b}.<name>.auroc``."""
+    return "ood.groups.{" + ",".join(g for g, _, _ in items) + "}." + name + ".auroc"
+
+
+def _ood_key_findings(report: dict[str, Any], ood: dict[str, Any], k: str) -> list[dict[str, Any]]:
+    """Raw VoG of key ``k``: its mean AUROC beside max-softmax, then the groups where OoD has lower
+    VoG (the interval below 0.5; without intervals, the AUROC) and those it does not separate."""
+    out = []
+    ind, n, raw = ood["in_distribution"], len(ood.get("group_names") or []), f"vog_{k}"
+    m, s = _ood_mean(ood, raw)
+    if m is None:
+        return out
+    base = _ood_mean(ood, "max_softmax")
+    text = (f"Across {n} OoD groups (each against {ind}), raw {k} VoG has a mean AUROC of {_pm(m, s)}"
+            + (f", max-softmax {_pm(*base)}" if base[0] is not None else "")
+            + (", so VoG separates OoD in the paper's direction on average." if m > 0.5 else
+               ", so on average OoD does not have the higher VoG the paper reports (Table 1)."))
+    out.append(_finding(text, f"ood.summary.{raw}.auroc", m > 0.5, m))
+    groups = ood.get("groups") or {}
+    two = next((c for c in (f"abs_z_vs_{ind}_{k}", f"abs_z_{k}") if any(c in r for r in groups.values())), None)
+    lower, unseparated = [], []
+    for g, row in groups.items():
+        a = (row.get(raw) or {}).get("auroc")
+        if a is None:
+            continue
+        ci = _group_ci(report, g, raw)
+        if (ci[1] < 0.5) if ci else a < 0.5:
+            lower.append((g, a, ci))
+        elif ci and ci[0] <= 0.5:
+            unseparated.append((g, a, ci))
+
+    def two_sided(items: list) -> str:
+        if two is None:
+            return "."
+        return (f"; the two-sided {two} gives "
+                + ", ".join(_f2((groups[g].get(two) or {}).get("auroc")) for g, _, _ in items) + ".")
+
+    if lower:
+        text = (f"On {', '.join(g for g, _, _ in lower)}, OoD images have lower raw {k} VoG than {ind} (AUROC "
+                + ", ".join(_auroc_ci(a, ci) for _, a, ci in lower)
+                + "): the paper's direction (higher VoG = OoD) does not hold there" + two_sided(lower))
+        out.append(_finding(text, _groups_key(lower, raw), False, [a for _, a, _ in lower]))
+    if unseparated:
+        text = (f"On {', '.join(g for g, _, _ in unseparated)}, raw {k} VoG does not separate OoD images from "
+                f"{ind} (AUROC " + ", ".join(_auroc_ci(a, ci) for _, a, ci in unseparated)
+                + ", intervals holding 0.5): the paper's direction is not seen there" + two_sided(unseparated))
+        out.append(_finding(text, _groups_key(unseparated, raw), False, [a for _, a, _ in unseparated]))
+    return out
+
+
 def ood_findings(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Raw VoG of the ranked key against max-softmax, the other normalisations, the groups where
-    OoD has lower VoG, and the paper's AUPR-Out convention."""
+    """For each key of the ranked key's window, raw VoG against max-softmax and the groups where it
+    does not reproduce the paper; for the ranked key, the other normalisations and the paper's
+    AUPR-Out convention."""
     ood = report.get("ood")
     if not ood or not ood.get("summary"):
         return []
     out = []
     p = (report.get("summary") or {}).get("primary")
-    ind, n = ood["in_distribution"], len(ood.get("group_names") or [])
-    raw = f"vog_{p}"
-    m, s = _ood_mean(ood, raw)
-    if m is not None:
-        base = _ood_mean(ood, "max_softmax")
-        text = (f"Across {n} OoD groups (each against {ind}), raw {p} VoG has a mean AUROC of {_pm(m, s)}"
-                + (f", max-softmax {_pm(*base)}" if base[0] is not None else "")
-                + (", so VoG separates OoD in the paper's direction on average." if m > 0.5 else
-                   ", so on average OoD does not have the higher VoG the paper reports (Table 1)."))
-        out.append(_finding(text, f"ood.summary.{raw}.auroc", m > 0.5, m))
+    ind, raw = ood["in_distribution"], f"vog_{p}"
+    window = _window_of(p, report)
+    keys = [k[4:] for k in ood["summary"] if k.startswith("vog_") and _window_of(k[4:], report) == window]
+    for k in sorted(keys, key=lambda k: k != p):       # the ranked key first
+        out += _ood_key_findings(report, ood, k)
     others = [(f"z_vs_{ind}_{p}", f"z against {ind}"), (f"abs_z_vs_{ind}_{p}", f"|z| against {ind}"),
               (f"z_{p}", "z as stored"), (f"abs_z_{p}", "|z| as stored"), (f"z_own_{p}", "per-split z")]
     parts = [(label, name, _ood_mean(ood, name)) for name, label in others if _ood_mean(ood, name)[0] is not None]
     if parts:
-        text = ("For the same key, mean AUROC of " + "; ".join(f"{label} ({name}) {_pm(*ms)}" for label, name, ms in parts)
+        text = (f"For {p}, mean AUROC of " + "; ".join(f"{label} ({name}) {_pm(*ms)}" for label, name, ms in parts)
                 + ".")
         out.append(_finding(text, f"ood.summary.{parts[0][1]}.auroc", None, parts[0][2][0]))
-    low = [(g, row[raw]["auroc"]) for g, row in (ood.get("groups") or {}).items()
-           if (row.get(raw) or {}).get("auroc") is not None and row[raw]["auroc"] < 0.5]
-    if low:
-        two = f"abs_z_vs_{ind}_{p}" if any(f"abs_z_vs_{ind}_{p}" in r for r in ood["groups"].values()) else f"abs_z_{p}"
-        text = (f"On {', '.join(g for g, _ in low)}, OoD images have lower raw {p} VoG than {ind} "
-                f"(AUROC {', '.join(_f2(a) for _, a in low)}): the paper's direction (higher VoG = OoD) does "
-                f"not hold there; the two-sided {two} gives "
-                f"{', '.join(_f2((ood['groups'][g].get(two) or {}).get('auroc')) for g, _ in low)}.")
-        out.append(_finding(text, f"ood.groups.*.{raw}.auroc", False, [a for _, a in low]))
     pm, _ = _ood_mean(ood, raw, "aupr_out_paper")
     om, _ = _ood_mean(ood, raw, "aupr_out")
     if pm is not None and om is not None:
@@ -220,12 +269,12 @@ def league_findings(report: dict[str, Any]) -> list[dict[str, Any]]:
             text = _league_sentence(f"finding {col} rows in {split}", table)
             if text:
                 out.append(_finding(text, f"signals.flags.{col}.{split}", None, table["table"][0]["auroc"]))
-    ood = sig.get("ood")
-    if ood:
+    pooled = (sig.get("ood") or {}).get("all")
+    if pooled:
         ind = (report.get("ood") or {}).get("in_distribution", "in-distribution")
-        text = _league_sentence(f"telling OoD from {ind} (all groups pooled)", ood["all"])
+        text = _league_sentence(f"telling OoD from {ind} (all groups pooled)", pooled)
         if text:
-            out.append(_finding(text, "signals.ood.all", None, ood["all"]["table"][0]["auroc"]))
+            out.append(_finding(text, "signals.ood.all", None, pooled["table"][0]["auroc"]))
     return out
 
 
