@@ -23,7 +23,7 @@ from vog_ray.core.ranking import normalize, rank_table
 from vog_ray.runs import publish, write_json, write_table
 
 SIGNAL_NAMES = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",
-                "max_logit", "energy")
+                "max_logit", "energy", "el2n", "entropy")
 
 
 def digits_data(seed: int = 0) -> dict[str, np.ndarray]:
@@ -91,10 +91,11 @@ def _write_npz(path: str, images: np.ndarray, labels: np.ndarray | None, ids: Se
     return path
 
 
-def finish_table(table: pa.Table, keys: Sequence[str], primary: str, normalization: str = "zscore"):
+def finish_table(table: pa.Table, keys: Sequence[str], primary: str, normalization: str = "zscore",
+                 normalize_against: str | None = None):
     """Class moments → z → ranks for a table holding raw ``vog_<key>`` columns (as score() does)."""
     classes = merge_class_moments([partial_class_moments(table, keys)], keys)
-    table = normalize(table, class_lookup(classes, keys), keys, normalization, primary)
+    table = normalize(table, class_lookup(classes, keys), keys, normalization, primary, normalize_against)
     return rank_table(table), classes
 
 
@@ -102,7 +103,8 @@ def write_run(root: str, table: pa.Table, classes: pa.Table, *, config: dict[str
               windows: dict[str, list[int]], targets: Sequence[str], primary: str,
               label_mode: str = "true", normalization: str = "zscore",
               num_checkpoints: int | None = None, checkpoints: list[dict] | None = None,
-              run_id: str = "run1", published: bool = True, storage=None) -> str:
+              run_id: str = "run1", published: bool = True, storage=None,
+              normalize_against: str | None = None) -> str:
     """Publish a run under ``<root>/runs/<run_id>`` and return its URL."""
     keys = [f"{w}_{t}" for w in windows for t in targets]
     cfg = validate(config).to_dict()
@@ -115,6 +117,7 @@ def write_run(root: str, table: pa.Table, classes: pa.Table, *, config: dict[str
     manifest = {
         "run_id": run_id, "config": cfg, "windows": windows, "targets": list(targets), "keys": keys,
         "primary": primary, "label_mode": label_mode, "normalization": normalization,
+        "normalize_against": normalize_against, "rows_without_reference": _unreferenced(classes, normalize_against),
         "num_checkpoints": K,
         "checkpoints": checkpoints or [{"url": f"ckpt_{i}.pt", "size": 0, "sha256": "0" * 64}
                                        for i in range(K)],
@@ -135,6 +138,12 @@ def write_run(root: str, table: pa.Table, classes: pa.Table, *, config: dict[str
     if published:
         publish(run_url, root, run_id, storage)
     return run_url
+
+
+def _unreferenced(classes: pa.Table, reference: str | None) -> dict:
+    from vog_ray.core.ranking import unreferenced
+
+    return {s: {str(c): n for c, n in per.items()} for s, per in unreferenced(classes, reference).items()}
 
 
 def _base_config(root: str, splits: dict[str, dict], windows, targets, label_mode,
@@ -254,20 +263,23 @@ def synthetic_run(root: str, split_rows: dict[str, dict[str, Any]], *, K: int = 
                   label_mode: str = "true", report: dict | None = None,
                   class_names: Sequence[str] | None = None, run_id: str = "run1",
                   published: bool = True, storage=None,
-                  split_specs: dict[str, dict] | None = None) -> str:
+                  split_specs: dict[str, dict] | None = None, normalize_against: str | None = None) -> str:
     """Publish a run from hand-given columns (see :func:`synthetic_table`); z and ranks are
     computed as the pipeline does. ``split_specs`` adds keys to ``data.splits.<name>``."""
     windows = windows or {"late": list(range(max(0, K - 3), K))}
     keys = [f"{w}_{t}" for w in windows for t in targets]
     primary = keys[0]
-    table, classes = finish_table(synthetic_table(split_rows, K, keys), keys, primary)
+    table, classes = finish_table(synthetic_table(split_rows, K, keys), keys, primary,
+                                  normalize_against=normalize_against)
     specs = {s: {"format": "npz", "url": f"{root}/data/{s}.npz", **(split_specs or {}).get(s, {})}
              for s in split_rows}
     cfg = _base_config(root, specs, {w: list(v) for w, v in windows.items()}, targets, label_mode,
                        report, class_names)
+    if normalize_against:
+        cfg["vog"]["normalize_against"] = normalize_against
     return write_run(root, table, classes, config=cfg, windows=windows, targets=targets,
                      primary=primary, label_mode=label_mode, num_checkpoints=K, run_id=run_id,
-                     published=published, storage=storage)
+                     published=published, storage=storage, normalize_against=normalize_against)
 
 
 def fake_readers() -> types.ModuleType:

@@ -129,6 +129,19 @@ def test_unknown_key_in_override_and_wrong_type_exit_2(project):
     assert "vog.window" in r.stderr and "unknown key" in r.stderr and cfg in r.stderr
 
 
+def test_normalize_against_an_unknown_split_exits_2_naming_the_key(project):
+    cfg = str(project["config"])
+    r = _run("audit", cfg, "--set", "vog.normalize_against=ood", cwd=project["root"])
+    assert r.returncode == 2, r.stderr
+    assert "vog.normalize_against: 'ood' is not a split of data.splits (splits: ['test', 'train'])" in r.stderr
+    assert cfg in r.stderr and "Traceback" not in r.stderr
+    r = _run("validate", cfg, "--set", "vog.normalize_against=train", "--set", "vog.normalization=none",
+             cwd=project["root"])
+    assert r.returncode == 2 and "vog.normalize_against needs vog.normalization" in r.stderr, r.stderr
+    r = _run("validate", cfg, "--set", "vog.normalize_against=train", cwd=project["root"])
+    assert r.returncode == 0 and json.loads(r.stdout)["vog"]["normalize_against"] == "train", r.stderr
+
+
 def test_missing_checkpoint_exits_1_naming_the_url(project):
     missing = str(project["root"] / "ckpt" / "epoch_99.pt")
     cfg = json.loads(json.dumps(project["cfg"]))

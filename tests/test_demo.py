@@ -29,7 +29,8 @@ def test_reduced_demo_end_to_end(tmp_path):
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, proc.stderr[-4000:]
     # what a newcomer sees
-    for needle in ("rows:", "Welch t-test", "top decile", "OoD (test vs each group", "report: ", "config: ",
+    for needle in ("rows:", "Findings:", "[flags.is_noisy.train.late_softmax]", "Welch t-test", "top decile",
+                   "OoD (test vs each group", "Signal league, finding is_noisy in train", "report: ", "config: ",
                    "flags (top 10% VoG) vs shuffled labels, train:"):
         assert needle in proc.stdout, needle
     # it ends with the command that opens the run in the explorer
@@ -58,6 +59,11 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert set(ood["group_names"]) == {"rotate", "fog"}
     row = ood["groups"]["fog"]
     assert "max_softmax" in row and any(k.startswith("vog_late_") for k in row)
+    assert {"z_vs_test_late_softmax", "abs_z_vs_test_late_softmax", "el2n_late", "aum"} <= set(row)
+    # the findings printed are the report's, and the shuffled labels have a league table
+    assert [f["text"] for f in rep["findings"]] and all(f["text"] in proc.stdout for f in rep["findings"])
+    league = rep["signals"]["flags"]["is_noisy"]["train"]["table"]
+    assert {r["signal"] for r in league} >= {"vog_late_softmax", "z_late_softmax", "loss_mean", "aum", "el2n_late"}
     assert Path(run_url, "report.html").exists()
     assert (out / "audit.yaml").exists()
 

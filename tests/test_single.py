@@ -135,6 +135,41 @@ def test_z_scores_ranks_and_normalizations(setup):
                                atol=1e-12)
 
 
+def test_normalize_against_a_reference_split(setup):
+    """z of every split against the reference split's class moments: the reference split's own z
+    is unchanged; another split's z is (raw - ref class mean) / ref class std, computed naively in
+    float64 from the raw VoG; a class the reference split lacks gets z = NaN and no rank."""
+    x, glob = setup["x"], setup["glob"]
+    y = np.array([3] * 8 + [1, 2] * 4 + [3, 1, 2, 9] * 2)     # class 9 only in "new"
+    split = ["ref"] * 16 + ["new"] * 8
+    ids = [f"e{i:02d}" for i in range(N)]
+    t = vog_ray.score(x, y, model=SPEC, checkpoints=glob, ids=ids, split=split, normalize_against="ref", **KW)
+    alone = vog_ray.score(x[:16], y[:16], model=SPEC, checkpoints=glob, ids=ids[:16], split="ref", **KW)
+    ref_ids, new_ids = ids[:16], ids[16:]
+    worst = 0.0
+    for key in ("all_logit", "late_softmax"):
+        np.testing.assert_array_equal(aligned(t, f"z_{key}", ref_ids), aligned(alone, f"z_{key}", ref_ids))
+        v_ref, v_new = aligned(t, f"vog_{key}", ref_ids), aligned(t, f"vog_{key}", new_ids)
+        want = np.full(8, np.nan)
+        for i in range(8):
+            members = [float(v) for v, c in zip(v_ref, y[:16]) if c == y[16 + i]]
+            if members:
+                mean = sum(members) / len(members)
+                std = (sum((m - mean) ** 2 for m in members) / len(members)) ** 0.5
+                want[i] = (v_new[i] - mean) / std
+        got = aligned(t, f"z_{key}", new_ids)
+        np.testing.assert_array_equal(np.isnan(got), y[16:] == 9)
+        worst = max(worst, float(np.nanmax(np.abs(got - want) / np.maximum(np.abs(want), 1.0))))
+    assert worst < 1e-12
+    rank = col_by_id(t, "rank")
+    assert [rank[i] for i, c in zip(new_ids, y[16:]) if c == 9] == [None, None]
+    assert sorted(rank[i] for i, c in zip(new_ids, y[16:]) if c != 9) == list(range(1, 7))
+    with pytest.raises(ValueError, match="normalize_against 'test' is not one of the splits"):
+        vog_ray.score(x, y, model=SPEC, checkpoints=glob, split=split, normalize_against="test", **KW)
+    print(f"z against the reference split vs naive float64: max error {worst:.1e} (relative, or absolute "
+          "below |z| = 1)")
+
+
 # --------------------------------------------------------------------------- bad input
 def test_wrong_input_shape_names_shape(setup):
     for bad in (np.zeros((4, 3, 32, 32), np.float32), np.zeros((4, 1, 20, 20), np.float32)):
@@ -208,7 +243,7 @@ def test_per_checkpoint_signals_match_direct_torch(setup):
     ids = [str(i) for i in rows]
     got = {s: np.array([col_by_id(t, f"sig_{s}")[i] for i in ids], dtype=np.float64)
            for s in ("loss", "label_prob", "label_logit", "margin", "max_prob", "max_logit", "energy",
-                     "pred", "correct")}
+                     "el2n", "entropy", "pred", "correct")}
     ref = {k: np.zeros((len(rows), 3)) for k in got}
     for k, url in enumerate(setup["urls"]):
         m = build_model(SPEC)
@@ -227,6 +262,9 @@ def test_per_checkpoint_signals_match_direct_torch(setup):
         ref["max_prob"][:, k] = p.max(dim=1).values.numpy()
         ref["max_logit"][:, k] = z.max(dim=1).values.numpy()
         ref["energy"][:, k] = (-torch.logsumexp(z, dim=1)).numpy()
+        onehot = torch.nn.functional.one_hot(yt, z.shape[1]).double()
+        ref["el2n"][:, k] = torch.sqrt(((p - onehot) ** 2).sum(dim=1)).numpy()
+        ref["entropy"][:, k] = (-(p * torch.log(p)).sum(dim=1)).numpy()
         ref["pred"][:, k] = z.argmax(dim=1).numpy()
         ref["correct"][:, k] = (z.argmax(dim=1) == yt).numpy()
     worst = {}

@@ -185,7 +185,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "report":
         from .report import build_report
 
+        from .report import findings_lines
+
         out = build_report(args.run, storage=_storage(args))
+        print("\n".join(findings_lines(out)))
         where = out.get("html_url") if isinstance(out, dict) else None
         print(f"report written{': ' + where if where else ''}")
         return 0

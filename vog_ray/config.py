@@ -82,6 +82,9 @@ class VogSpec(_Strict):
     normalization: Literal["zscore", "abs_zscore", "none"] = "zscore"
     rank_by: Optional[str] = None
     accum_dtype: Literal["float32", "float64"] = "float32"
+    normalize_against: Optional[str] = Field(
+        default=None, description="a split of data.splits: every split's z uses that split's class moments "
+        "(how unusual an example is for the reference distribution); null: each split its own")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -96,7 +99,7 @@ class VogSpec(_Strict):
     def options(self) -> VogOptions:
         return VogOptions(windows=dict(self.windows), targets=list(self.targets), label_mode=self.label,
                           normalization=self.normalization, rank_by=self.rank_by,
-                          accum_dtype=self.accum_dtype)
+                          accum_dtype=self.accum_dtype, normalize_against=self.normalize_against)
 
 
 class ActorPool(_Strict):
@@ -236,6 +239,17 @@ class AuditConfig(_Strict):
                 check_window_spec(name, spec)
             except ValueError as e:
                 raise ValueError(f"vog.windows: {e}") from e
+        return self
+
+    @model_validator(mode="after")
+    def _reference_split(self) -> "AuditConfig":
+        ref = self.vog.normalize_against
+        if ref is not None and ref not in self.data.splits:
+            raise ValueError(f"vog.normalize_against: {ref!r} is not a split of data.splits "
+                             f"(splits: {sorted(self.data.splits)})")
+        if ref is not None and self.vog.normalization == "none":
+            raise ValueError("vog.normalize_against needs vog.normalization zscore or abs_zscore "
+                             "(with none, z is raw VoG)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

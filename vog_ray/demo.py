@@ -11,9 +11,10 @@
    ``vog-ray audit`` runs on local Ray with early / late / all windows and both targets,
    followed by the report.
 
-Then it prints the run, the shuffled-label t-test, the test error of the top vs bottom VoG
-decile, the OoD table (VoG vs max-softmax), the flags' precision and recall against the shuffled
-labels, where ``report.html`` is, and the command that opens the run in the explorer.
+Then it prints the run, the report's findings, the shuffled-label t-test, the test error of the
+top vs bottom VoG decile, the OoD table (VoG vs max-softmax), the signal league table of the
+shuffled labels, the flags' precision and recall against the shuffled labels, where
+``report.html`` is, and the command that opens the run in the explorer.
 """
 
 from __future__ import annotations
@@ -179,10 +180,11 @@ def flags_line(report: dict[str, Any]) -> str:
 
 
 def summarize(report: dict[str, Any]) -> str:
-    """The lines the demo prints, from report.json."""
-    from .report import summary_lines
+    """The lines the demo prints, from report.json: the findings (as ``vog-ray report`` prints
+    them), then the tables behind them and the signal league of the shuffled labels."""
+    from .report import findings_lines, league_lines, summary_lines
 
-    return "\n".join(summary_lines(report))
+    return "\n".join(findings_lines(report) + [""] + summary_lines(report) + [""] + league_lines(report))
 
 
 def main(argv: list[str] | None = None) -> int:

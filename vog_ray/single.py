@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from .core.engine import make_engine
@@ -44,9 +45,10 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
           windows: dict[str, Any] | None = None, targets: str | Sequence[str] = "logit",
           label_mode: str = "true", normalization: str = "zscore", rank_by: str | None = None,
           batch_size: int = 256, device: str = "auto", ids: Sequence[Any] | None = None,
-          split: str = "all", extra: dict[str, Any] | None = None,
+          split: str | Sequence[str] = "all", extra: dict[str, Any] | None = None,
           storage: StorageOptions | None = None, accum_dtype: str = "float32",
-          return_classes: bool = False, flags: dict[str, Any] | None = None
+          return_classes: bool = False, normalize_against: str | None = None,
+          flags: dict[str, Any] | None = None
           ) -> pa.Table | tuple[pa.Table, pa.Table]:
     """Audit a dataset in this process and return the ranked score table (pyarrow).
 
@@ -55,13 +57,24 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
     ``{"name": "mlp", ...}``, ``"torchvision:resnet18"``, ``"pkg.mod:factory"``).
     ``checkpoints``: URLs or a glob, in training order (natural sort for globs).
 
+    ``split``: one split name for every example, or one per example (class normalisation and
+    ranks are per split); ``normalize_against``: a split whose class moments normalise every
+    split (``vog.normalize_against`` of an audit: a row of a class that split lacks gets z = NaN
+    and no rank).
+
     Rows whose pixels are not finite are kept with ``status = "non_finite_input"`` and null
     scores; they take no part in class statistics or ranks. ``flags`` (``{"top_percent": 5,
     "z_above": …, "label_mismatch": …}``, the audit config's ``flags`` rule) adds the boolean
     ``flagged`` column.
     """
     opts = VogOptions(windows=windows or {"all": "all"}, targets=targets, label_mode=label_mode,
-                      normalization=normalization, rank_by=rank_by, accum_dtype=accum_dtype)
+                      normalization=normalization, rank_by=rank_by, accum_dtype=accum_dtype,
+                      normalize_against=normalize_against)
+    if not isinstance(split, str) and len(split) != len(data):
+        raise ValueError(f"split holds {len(split)} names for {len(data)} examples")
+    names = {split} if isinstance(split, str) else set(map(str, split))
+    if normalize_against is not None and normalize_against not in names:
+        raise ValueError(f"normalize_against {normalize_against!r} is not one of the splits {sorted(names)}")
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     loaded = load_checkpoints(model, checkpoints, storage)
@@ -80,17 +93,24 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
         res = engine.run(xb, yb)
         bid = list(range(pos, pos + n)) if ids is None else list(ids[pos:pos + n])
         ex = None if extra is None else {k: np.asarray(v)[pos:pos + n] for k, v in extra.items()}
-        parts.append(result_to_table(res, ids=bid, split=split, labels=yb, keys=keys, extra=ex))
+        sp = split if isinstance(split, str) else [str(v) for v in split[pos:pos + n]]
+        parts.append(result_to_table(res, ids=bid, split=sp, labels=yb, keys=keys, extra=ex))
         pos += n
     if not parts:
         raise ValueError("no examples to score (the dataset is empty)")
     table = pa.concat_tables(parts)
-    if ids is not None and len(set(map(str, ids))) != len(ids):
-        raise ValueError("ids must be unique")
+    if ids is not None:
+        names = [split] * len(ids) if isinstance(split, str) else [str(v) for v in split]
+        if len(set(zip(names, map(str, ids)))) != len(ids):
+            raise ValueError("ids must be unique within a split")
     ok = np.asarray(table.column("status").to_pylist()) == "ok"
-    scored, classes = rank_in_memory(table.filter(pa.array(ok)), keys, opts.normalization, primary)
+    scored, classes = rank_in_memory(table.filter(pa.array(ok)), keys, opts.normalization, primary,
+                                     opts.normalize_against)
     if flags is not None:
-        scored = flag_block(scored, {split: FlagRule(**flags)}, {split: scored.num_rows})
+        ranked = scored.filter(pc.is_valid(scored.column("rank")))
+        sizes = dict(zip(*np.unique(ranked.column("split").to_numpy(zero_copy_only=False).astype(str),
+                                    return_counts=True)))
+        scored = flag_block(scored, {s_: FlagRule(**flags) for s_ in sizes}, {k: int(v) for k, v in sizes.items()})
     if not ok.all():
         bad = table.filter(pa.array(~ok))
         scored = pa.concat_tables([scored, bad], promote_options="default")

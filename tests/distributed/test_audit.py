@@ -345,6 +345,52 @@ def test_ray_audit_equals_single_process_score(env, audits, reference):
     assert not np.allclose(_col(tr, "mean_late_logit"), _col(te, "mean_late_logit"))  # really two sets
 
 
+def test_normalize_against_train_in_the_reduce(env, audits):
+    """``vog.normalize_against: train`` changes only the reduce (the same stage-1 work key), so it is
+    reduced here from the fused audit's stage-1 output: train's own z is the fused run's bit for
+    bit; test's z is (raw − train class mean) / train class std from a naive float64 computation on
+    the published raw VoG; and the single-process ``vog_ray.score`` with the same setting agrees."""
+    import time
+
+    import vog_ray
+    from vog_ray.config import validate
+    from vog_ray.distributed.audit import plan_audit, reduce_and_publish
+    from vog_ray.distributed.stage import work_key
+    from vog_ray.storage import join
+
+    fused = audits("fused")
+    cfg = validate(_cfg_dict(env, "fused", vog={"normalize_against": "train"}))
+    plan = plan_audit(cfg)
+    assert join(env.s3.url("out/fused"), "_work", work_key(cfg, plan.infos)) == fused.manifest["work_url"]
+    plan.out_url = env.s3.url("out/fused_vs_train")
+    res = reduce_and_publish(plan, join(fused.manifest["work_url"], "raw"), run_id=None, t0=time.time(),
+                             score_wall=1.0, extra={}, report=False)
+    m = res.manifest
+    assert m["normalize_against"] == "train" and m["rows_without_reference"] == {}
+    assert m["config"]["vog"]["normalize_against"] == "train"
+    base, got = _scores(env, fused), _scores(env, res)
+    for k in KEYS:
+        assert got["train"][f"z_{k}"].equals(base["train"][f"z_{k}"]), k
+        assert got["test"][f"vog_{k}"].equals(base["test"][f"vog_{k}"]), k
+        v_tr, c_tr = _col(got["train"], f"vog_{k}"), np.asarray(got["train"]["target_label"].to_pylist())
+        v_te, c_te = _col(got["test"], f"vog_{k}"), np.asarray(got["test"]["target_label"].to_pylist())
+        want = np.empty(len(v_te))
+        for i, (v, c) in enumerate(zip(v_te, c_te)):
+            members = [float(x) for x, y in zip(v_tr, c_tr) if y == c]
+            mean = sum(members) / len(members)
+            want[i] = (v - mean) / (sum((x - mean) ** 2 for x in members) / len(members)) ** 0.5
+        err = _record("normalize_against: z vs naive float64, abs", float(np.max(np.abs(_col(got["test"], f"z_{k}") - want))))
+        assert err <= 1e-9, (k, err)
+        assert not np.allclose(_col(got["test"], f"z_{k}"), _col(base["test"], f"z_{k}"))   # really another z
+    idx = np.r_[TRAIN, TEST]
+    single = vog_ray.score(_x(env.imgs[idx]), env.labels[idx], model=MODEL, checkpoints=env.ckpt_glob,
+                           storage=env.storage, windows=WINDOWS, targets=TARGETS, device="cpu", batch_size=64,
+                           ids=_parquet_ids(len(TRAIN)) + _parquet_ids(len(TEST)),
+                           split=["train"] * len(TRAIN) + ["test"] * len(TEST), normalize_against="train")
+    ref = {s: single.filter(pc.equal(single["split"], s)).sort_by("id") for s in ("train", "test")}
+    assert_same_scores(ref, got, "normalize_against: ray vs score")
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. independent of actors, read blocks, batch size
 

@@ -57,6 +57,34 @@ def test_sample_sort_steps_equal_one_sort(partitions, ties):
     assert pa.concat_tables(ranked).equals(rank_table(t))
 
 
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_rows_without_a_score_are_unranked_in_every_partition(partitions):
+    """Rows with a NaN score (a class the reference split lacks) sort after every number of their
+    split and get null ranks; the others are ranked 1..n among themselves, as a naive loop says."""
+    t = table(1200, seed=11, ties=True)
+    score = t["score"].to_numpy().copy()
+    score[np.random.default_rng(0).random(len(score)) < 0.15] = np.nan
+    t = t.set_column(t.schema.get_field_index("score"), "score", pa.array(score))
+    blocks = blocks_of(t, [500, 0, 700])
+    bounds = choose_boundaries([sort_key_sample(b, SORT_KEYS, 16) for b in blocks], SORT_KEYS, partitions)
+    cut = [partition_block(b, SORT_KEYS, bounds) for b in blocks]
+    merged = [merge_sorted([c[p] for c in cut], SORT_KEYS) for p in range(len(bounds) + 1)]
+    sizes, offsets = rank_offsets([block_counts(m) for m in merged])
+    got = pa.concat_tables([assign_ranks(m, so, co, sizes) for m, (so, co) in zip(merged, offsets)])
+    rows = got.to_pylist()
+    for split in ("ood", "test", "train"):
+        mine = [r for r in rows if r["split"] == split]
+        scored = sorted((r for r in mine if not np.isnan(r["score"])), key=lambda r: (-r["score"], r["id"]))
+        assert sizes[split] == len(scored)
+        assert [r["id"] for r in mine[:len(scored)]] == [r["id"] for r in scored]   # NaN rows last
+        for i, r in enumerate(scored, 1):
+            assert r["rank"] == i and r["percentile"] == 100.0 * (len(scored) - i + 1) / len(scored)
+            assert r["decile"] == 10 - (10 * (i - 1)) // len(scored)
+        assert all(r["rank"] is r["class_rank"] is r["percentile"] is r["decile"] is None
+                   for r in mine[len(scored):]) and len(mine) > len(scored)
+    assert got.drop_columns(["score"]).equals(rank_table(t).drop_columns(["score"]))   # NaN != NaN
+
+
 def test_rows_equal_to_a_boundary_all_go_to_one_part():
     keys = [("split", "ascending"), ("id", "ascending")]
     t = pa.table({"split": ["a"] * 6, "id": ["1", "2", "2", "2", "3", "4"]})
@@ -177,6 +205,25 @@ def test_vectorised_example_merge_equals_the_per_example_merge(groups):
             assert got[c][e].as_py() == want[c][0].as_py(), c
     with pytest.raises(RuntimeError, match=f"example 'ex1': expected {groups} partial rows, got {groups - 1}"):
         _merge_examples(t.slice(0, 2 * groups - 1), keys, groups)  # ex1 lost a row
+
+
+def test_a_signal_missing_from_an_incremental_state_is_nan_for_its_checkpoints():
+    """The state (group 0) was written before a signal existed: its checkpoints get NaN, the new
+    checkpoints (group 1) their values, in checkpoint order."""
+    from vog_ray.distributed.merge import merge_examples as _merge_examples
+
+    E = 3
+    rows = {"id": [f"ex{e}" for e in range(E) for _ in (0, 1)], "split": ["train"] * 2 * E,
+            "label": [0] * 2 * E, "status": ["ok"] * 2 * E, "group": [0, 1] * E,
+            "target_label": [0] * 2 * E, "pred": [0] * 2 * E, "mn_all_logit": [2, 1] * E}
+    t = pa.table({**rows, "mmean_all_logit": _fsl(np.zeros((2 * E, 4))), "mm2_all_logit": _fsl(np.ones((2 * E, 4))),
+                  "sig_loss": pa.array([[0.1, 0.2], [0.3]] * E, pa.list_(pa.float32())),
+                  "sig_el2n": pa.array([None, [0.5]] * E, pa.list_(pa.float32()))})
+    got = _merge_examples(t, ["all_logit"], 2)
+    el2n = _list_values(got["sig_el2n"])
+    assert el2n.shape == (E, 3) and el2n.dtype == np.float32
+    assert np.isnan(el2n[:, :2]).all() and (el2n[:, 2] == np.float32(0.5)).all()
+    assert np.allclose(_list_values(got["sig_loss"]), [[0.1, 0.2, 0.3]] * E)
 
 
 def test_adjacent_duplicates_counts_each_repeated_key_once():

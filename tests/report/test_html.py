@@ -68,6 +68,9 @@ def test_console_check_detects_errors(tmp_path):
     assert any("oops" in m for m in msgs) and any("Uncaught Error: kaboom" in m for m in msgs)
 
 
+TILE = re.compile(r'<figure class="tile( marked)?" data-id="([^"]+)"><img alt="[^"]*" src="data:image/png;base64,')
+
+
 def test_page_loads_in_chromium(report, tmp_path):
     url, rep = report
     page = os.path.join(url, "report.html")
@@ -77,16 +80,87 @@ def test_page_loads_in_chromium(report, tmp_path):
     assert _console_messages(p.stderr) == []
     dom = p.stdout
     assert "VoG audit report" in dom
-    tiles = re.findall(r'<figure class="tile" data-id="([^"]+)"><img alt="[^"]*" src="data:image/png;base64,', dom)
+    tiles = [t[1] for t in TILE.findall(dom)]
     # train and test: lowest + highest globally, and for classes 3 and 9
     assert len(tiles) == 2 * (2 + 2 * 2) * 25
-    ids_in_json = [i for g in rep["grids"] for i in g["ids"]]
-    assert tiles == ids_in_json and all(t.startswith(("train-", "test-")) for t in tiles)
+    # the page opens with the hardest examples of each split; the other grids follow in <details>
+    hardest = [g for g in rep["grids"] if g["which"] == "highest" and g["class"] is None]
+    rest = [g for g in rep["grids"] if g not in hardest]
+    assert sorted(g["split"] for g in hardest) == ["test", "train"]
+    assert tiles == [i for g in hardest + rest for i in g["ids"]]
+    assert all(t.startswith(("train-", "test-")) for t in tiles)
     # the class named <script>… is text, never an element
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
     assert "<script" not in dom.lower()
     assert shot.exists() and shot.stat().st_size > 20_000
     shutil.copy(shot, os.path.join(os.path.dirname(url), "report-screenshot.png"))  # for a human look
+
+
+def test_findings_hardest_examples_and_classes_come_first(report):
+    url, rep = report
+    with open(os.path.join(url, "report.html"), encoding="utf-8") as f:
+        html = f.read()
+    at = [html.index(x) for x in ("<h2 id='findings'>", "<h2 id='hardest'>", "<h2 id='per-class'>",
+                                  "<details class='sec' id='league'>", "<details class='sec' id='flip'>",
+                                  "<details class='sec' id='error'>", "<details class='sec' id='ood'>")]
+    assert at == sorted(at)
+    findings = html[at[0]:at[1]]
+    assert findings.count("<li") == len(rep["findings"]) > 0
+    for f in rep["findings"]:   # every sentence with its key, escaped
+        assert f"<code class=\"note\">{f['key']}</code>" in findings
+    assert "does not reproduce the paper" in findings or all(f["reproduces"] is not False for f in rep["findings"])
+    # the hardest-examples grid marks exactly the flagged rows and the rows whose label differs from the prediction
+    from vog_ray.runs import open_run
+
+    t = open_run(url).scores(columns=["id", "label", "pred", "is_noisy"]).to_pandas().set_index("id")
+    for g in rep["grids"]:
+        want = {i: [m for m, on in (("is_noisy", t.loc[i, "is_noisy"] is True or t.loc[i, "is_noisy"] == 1),
+                                    ("label≠pred", t.loc[i, "label"] != t.loc[i, "pred"])) if on]
+                for i in g["ids"]}
+        assert g["marks"] == {i: m for i, m in want.items() if m}, g["title"]
+    marked = {m[1] for m in TILE.findall(html[at[1]:at[2]]) if m[0]}
+    first = [g for g in rep["grids"] if g["which"] == "highest" and g["class"] is None]
+    assert marked == {i for g in first for i in g["marks"]} and marked
+    # the per-class table and the flip figure are there
+    assert rep["class_summary"]["train"]["classes"] and "share in the top decile" in html[at[2]:at[3]]
+    assert "figures/flip_train.png" in rep["figures"] and 'alt="train: flagged vs rest' in html
+
+
+def _images_decoded(tmp_path, page: str) -> tuple[int, int]:
+    """(images, images decoded) of ``page`` in Chromium: a wrapper page (scripts allowed there, never
+    in the report) loads it in a frame and, at its load event, counts the images that are complete
+    with a width — those inside closed <details> included."""
+    wrapper = tmp_path / "wrapper.html"
+    wrapper.write_text(
+        "<!DOCTYPE html><html><body><pre id='out'>pending</pre>"
+        f"<iframe id='f' src='file://{page}' width='1200' height='800'></iframe>"
+        "<script>const f = document.getElementById('f'); f.addEventListener('load', () => {"
+        " const imgs = [...f.contentDocument.images];"
+        " const ok = imgs.filter(i => i.complete && i.naturalWidth > 0);"
+        " document.getElementById('out').textContent = 'images ' + imgs.length + ' decoded ' + ok.length; });"
+        "</script></body></html>")
+    p = _chromium(tmp_path, wrapper.as_uri(), "--allow-file-access-from-files", "--virtual-time-budget=30000",
+                  "--dump-dom")
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = re.search(r"images (\d+) decoded (\d+)", p.stdout)
+    assert m, p.stdout[:2000]
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_every_image_decodes_in_chromium(report, tmp_path):
+    url, rep = report
+    # grids (and heat-map grids) show their tiles on the page, not their figure files
+    n_figs = len([r for r in rep["figures"] if not r.startswith(("figures/grid_", "figures/heatmap_"))])
+    n_heat = sum(len(g["ids"]) for g in rep["heatmap_grids"])
+    page = os.path.join(url, "report.html")
+    assert _images_decoded(tmp_path, page) == (n_figs + 2 * (2 + 2 * 2) * 25 + n_heat,) * 2
+    # the check sees a broken image: one PNG of a copy corrupted
+    with open(page, encoding="utf-8") as f:
+        html = f.read()
+    broken = tmp_path / "broken.html"
+    broken.write_text(html.replace('src="data:image/png;base64,iVBOR', 'src="data:image/png;base64,XXXXX', 1))
+    n, ok = _images_decoded(tmp_path, str(broken))
+    assert ok == n - 1
 
 
 def test_page_is_self_contained_and_escaped(report):

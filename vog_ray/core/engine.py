@@ -10,7 +10,8 @@ For a batch ``x`` and checkpoints ``θ_1..θ_K`` (DESIGN.md §1):
   parameters have ``requires_grad=False``, so no weight-gradient product is computed;
 * the gradient is averaged over input channels (the signed map, never ``abs()``) and folded
   (Welford) into the pixel moments of every named window containing that checkpoint;
-* the forward pass gives per-checkpoint signals for free (loss, confidence, margin, …);
+* the forward pass gives per-checkpoint signals for free (loss, confidence, margin, EL2N,
+  entropy, …);
 * execution choices that change no result beyond float rounding: small models may run all
   checkpoints as one vmapped call (:mod:`vog_ray.core.stacked`; opt in with ``stacked=True`` or
   ``"auto"``, which times both paths on the first batch — off by default, since a per-actor timing
@@ -86,7 +87,9 @@ def _fold(st: PixelMoments, m: torch.Tensor) -> None:
 def _signals(lg: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-checkpoint signals (:data:`SIGNALS`) from logits ``[K, N, C]``: name -> ``[N, K]``.
 
-    All at the target index ``p``; ``correct`` is -1 where the true label ``y`` is unknown.
+    All at the target index ``p``; ``correct`` is -1 where the true label ``y`` is unknown;
+    ``el2n`` is the L2 distance of the softmax from the one-hot target (Paul et al., 2021),
+    ``entropy`` the predictive entropy (nats).
     """
     with torch.no_grad():
         lg = lg.detach().float()
@@ -109,6 +112,8 @@ def _signals(lg: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> dict[str, to
             "max_prob": prob.amax(dim=2),
             "max_logit": lg.amax(dim=2),
             "energy": -torch.logsumexp(lg, dim=2),
+            "el2n": (prob - torch.zeros_like(prob).scatter_(2, pi, 1.0)).norm(dim=2),
+            "entropy": -(prob * logp).sum(dim=2),
         }
         return {s: out[s].t().contiguous() for s in SIGNALS}
 

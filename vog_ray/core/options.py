@@ -1,6 +1,6 @@
-"""What an audit computes: targets, label mode, windows, normalisation, the ranked key, the
-accumulation dtype (:class:`VogOptions`), and the names of the per-checkpoint signals. Imports
-neither torch nor Ray (the config and the reduce workers use it)."""
+"""What an audit computes: targets, label mode, windows, normalisation (and the split it may be
+taken against), the ranked key, the accumulation dtype (:class:`VogOptions`), and the names of
+the per-checkpoint signals. Imports neither torch nor Ray (the config and the reduce workers use it)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ __all__ = ["VogOptions", "TARGETS", "LABEL_MODES", "SIGNALS", "NORMALIZATIONS", 
 TARGETS = ("logit", "softmax")
 LABEL_MODES = ("true", "predicted")
 ACCUM_DTYPES = ("float32", "float64")
-# per-checkpoint signals, all computed at the target index p unless the name says otherwise
+# per-checkpoint signals, all computed at the target index p unless the name says otherwise:
+# el2n = ||softmax - one_hot(p)||_2 (Paul et al., 2021), entropy = -sum softmax * log softmax
 SIGNALS = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",
-           "max_logit", "energy")
+           "max_logit", "energy", "el2n", "entropy")
 
 
 @dataclass
@@ -29,6 +30,7 @@ class VogOptions:
     normalization: str = "zscore"
     rank_by: str | None = None          # "<window>_<target>"; default: late/all/first window, first target
     accum_dtype: str = "float32"
+    normalize_against: str | None = None  # a split: every split's z uses that split's class moments
 
     def __post_init__(self) -> None:
         self.targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
@@ -41,6 +43,9 @@ class VogOptions:
             raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {NORMALIZATIONS}")
         if self.accum_dtype not in ACCUM_DTYPES:
             raise ValueError("accum_dtype must be 'float32' or 'float64'")
+        if self.normalize_against is not None and self.normalization == "none":
+            raise ValueError("normalize_against needs normalization 'zscore' or 'abs_zscore' "
+                             "(with 'none', z is raw VoG and there is nothing to normalise against)")
 
     def keys(self, windows: dict[str, list[int]]) -> list[str]:
         """The ``<window>_<target>`` keys, windows in order, then targets."""
@@ -61,7 +66,8 @@ class VogOptions:
     def as_kwargs(self) -> dict[str, Any]:
         """Plain values (e.g. for a Ray actor's constructor)."""
         return {"windows": dict(self.windows), "targets": list(self.targets), "label_mode": self.label_mode,
-                "normalization": self.normalization, "rank_by": self.rank_by, "accum_dtype": self.accum_dtype}
+                "normalization": self.normalization, "rank_by": self.rank_by, "accum_dtype": self.accum_dtype,
+                "normalize_against": self.normalize_against}
 
     @property
     def torch_dtype(self) -> Any:

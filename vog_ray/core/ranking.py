@@ -11,6 +11,11 @@ Score-table columns (one row per example): ``id`` (string), ``split``, ``label``
 ranked one of those), ``rank`` (1 = highest score in the split; ties broken by id),
 ``class_rank`` (within split and class), ``percentile`` (100 = highest), ``decile`` (10 =
 highest VoG), and the per-checkpoint signals ``sig_<name>`` (a list, one value per checkpoint).
+
+With a reference split (``vog.normalize_against``), every split's z uses the reference split's
+class moments. A row whose class has no example in the reference split has no reference moments:
+its z (and ``score``) is NaN and its rank columns are null — it is not ranked, and the run
+counts such rows (:func:`unreferenced`).
 """
 
 from __future__ import annotations
@@ -25,26 +30,39 @@ from .moments import class_normalize
 from .table import vog_col, z_col
 
 __all__ = ["normalize", "set_column", "SORT_KEYS", "RANK_COLUMNS", "assign_ranks", "block_counts",
-           "rank_offsets", "rank_table", "rank_in_memory"]
+           "rank_offsets", "rank_table", "rank_in_memory", "unreferenced", "check_reference", "z_values"]
 
 RANK_COLUMNS = ("rank", "class_rank", "percentile", "decile")
 
 
 def normalize(table: pa.Table, lookup: dict[str, dict[str, np.ndarray]], keys: Sequence[str],
-              method: str, primary: str) -> pa.Table:
-    """Add ``z_<key>`` for every key and ``score`` (= ``z_<primary>``)."""
+              method: str, primary: str, reference: str | None = None) -> pa.Table:
+    """Add ``z_<key>`` for every key and ``score`` (= ``z_<primary>``): each split normalised by
+    its own class moments, or by those of the split ``reference`` (NaN for a class it lacks)."""
     splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
     cls = classes_of(table)
     zs = {k: np.zeros(table.num_rows) for k in keys}
     for s in np.unique(splits):
         rows = splits == s
-        e = lookup[s]
+        e = lookup[s if reference is None else reference]
         for k in keys:
             v = table.column(vog_col(k)).to_numpy(zero_copy_only=False)[rows]
-            zs[k][rows] = class_normalize(v, cls[rows], e[f"mean_{k}"], e[f"std_{k}"], method)
+            zs[k][rows] = z_values(v, cls[rows], e, k, method, referenced=reference is not None)
     for k in keys:
         table = set_column(table, z_col(k), pa.array(zs[k], pa.float64()))
     return set_column(table, "score", pa.array(zs[primary], pa.float64()))
+
+
+def z_values(vog: np.ndarray, cls: np.ndarray, moments: dict[str, np.ndarray], key: str, method: str,
+             referenced: bool = False) -> np.ndarray:
+    """z of raw VoG ``vog`` of classes ``cls`` with one split's class moments (an entry of
+    ``class_lookup``). ``referenced`` (the moments are another split's): NaN for a class without
+    moments there, instead of the own-split rule z = 0 of an empty or degenerate class."""
+    mean = moments[f"mean_{key}"]
+    z = class_normalize(vog, cls, mean, moments[f"std_{key}"], method)
+    if referenced:
+        z[~np.isfinite(np.asarray(mean, np.float64)[np.asarray(cls, np.int64)])] = np.nan
+    return z
 
 
 def set_column(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
@@ -55,13 +73,20 @@ def set_column(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
 SORT_KEYS = [("split", "ascending"), ("score", "descending"), ("id", "ascending")]
 
 
+def _ranked(table: pa.Table) -> np.ndarray:
+    """Which rows are ranked: those with a finite ``score`` (NaN sorts after every number)."""
+    return np.isfinite(table.column("score").to_numpy(zero_copy_only=False).astype(np.float64))
+
+
 def assign_ranks(sorted_table: pa.Table, split_offset: dict[str, int], class_offset: dict[tuple[str, int], int],
                  split_size: dict[str, int]) -> pa.Table:
-    """Ranks for a block of a table sorted by :data:`SORT_KEYS`, given the number of rows of
-    each split (and split × class) that precede the block."""
-    n = sorted_table.num_rows
-    splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    cls = classes_of(sorted_table)
+    """Ranks for a block of a table sorted by :data:`SORT_KEYS`, given the number of ranked rows
+    of each split (and split × class) that precede the block. Rows without a finite score get
+    null ranks (they sort last in their split, so the offsets count ranked rows only)."""
+    ok = _ranked(sorted_table)
+    n = int(ok.sum())
+    splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)[ok]
+    cls = classes_of(sorted_table)[ok]
     rank = _cumcount(splits) + np.array([split_offset.get(s, 0) for s in splits], np.int64)
     pairs = np.char.add(np.char.add(splits, "\x00"), cls.astype(str)) if n else splits
     crank = _cumcount(pairs) + np.array(
@@ -69,11 +94,20 @@ def assign_ranks(sorted_table: pa.Table, split_offset: dict[str, int], class_off
     size = np.array([split_size[s] for s in splits], np.int64) if n else np.zeros(0, np.int64)
     pct = 100.0 * (size - rank + 1) / np.maximum(size, 1)
     dec = 10 - np.floor_divide(10 * (rank - 1), np.maximum(size, 1))
+    mask = None if ok.all() else ~ok
+
+    def full(values: np.ndarray, typ: pa.DataType) -> pa.Array:
+        if mask is None:
+            return pa.array(values, typ)
+        out = np.zeros(len(ok), values.dtype)
+        out[ok] = values
+        return pa.array(out, typ, mask=mask)
+
     t = sorted_table
-    t = set_column(t, "rank", pa.array(rank, pa.int64()))
-    t = set_column(t, "class_rank", pa.array(crank, pa.int64()))
-    t = set_column(t, "percentile", pa.array(pct, pa.float64()))
-    return set_column(t, "decile", pa.array(dec.astype(np.int64), pa.int64()))
+    t = set_column(t, "rank", full(rank, pa.int64()))
+    t = set_column(t, "class_rank", full(crank, pa.int64()))
+    t = set_column(t, "percentile", full(pct, pa.float64()))
+    return set_column(t, "decile", full(dec.astype(np.int64), pa.int64()))
 
 
 def _cumcount(keys: np.ndarray) -> np.ndarray:
@@ -92,9 +126,10 @@ def _cumcount(keys: np.ndarray) -> np.ndarray:
 
 
 def block_counts(sorted_table: pa.Table) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
-    """Rows per split and per (split, class) in a block."""
-    splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    cls = classes_of(sorted_table)
+    """Ranked rows (finite score) per split and per (split, class) in a block."""
+    ok = _ranked(sorted_table)
+    splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)[ok]
+    cls = classes_of(sorted_table)[ok]
     s_counts = {str(k): int(v) for k, v in zip(*np.unique(splits, return_counts=True))}
     c_counts: dict[tuple[str, int], int] = {}
     if len(splits):
@@ -133,9 +168,32 @@ def rank_table(table: pa.Table) -> pa.Table:
 
 
 
-def rank_in_memory(table: pa.Table, keys: Sequence[str], normalization: str, primary: str
-                   ) -> tuple[pa.Table, pa.Table]:
-    """Class moments → z → ranks on one in-memory table of scored rows: ``(scores, classes)``."""
+def unreferenced(classes: pa.Table, reference: str | None) -> dict[str, dict[int, int]]:
+    """``split -> {class: rows}`` of the classes that have no example in the split ``reference``
+    (their rows get no z against it), from the class table; empty without a reference."""
+    if reference is None or classes.num_rows == 0:
+        return {}
+    d = classes.select(["split", "class", "count"]).to_pydict()
+    have = {c for s, c, n in zip(d["split"], d["class"], d["count"]) if s == reference and n}
+    out: dict[str, dict[int, int]] = {}
+    for s, c, n in zip(d["split"], d["class"], d["count"]):
+        if c not in have and n:
+            out.setdefault(s, {})[int(c)] = int(n)
+    return out
+
+
+def check_reference(classes: pa.Table, reference: str | None) -> None:
+    """The reference split must have scored rows (else no z could be computed at all)."""
+    if reference is not None and reference not in set(classes.column("split").to_pylist()):
+        raise ValueError(f"vog.normalize_against: split {reference!r} has no scored rows, so no "
+                         "split can be normalised against it")
+
+
+def rank_in_memory(table: pa.Table, keys: Sequence[str], normalization: str, primary: str,
+                   reference: str | None = None) -> tuple[pa.Table, pa.Table]:
+    """Class moments → z → ranks on one in-memory table of scored rows: ``(scores, classes)``;
+    z against the split ``reference`` when given."""
     classes = merge_class_moments([partial_class_moments(table, keys)], keys)
-    table = normalize(table, class_lookup(classes, keys), keys, normalization, primary)
+    check_reference(classes, reference)
+    table = normalize(table, class_lookup(classes, keys), keys, normalization, primary, reference)
     return rank_table(table), classes

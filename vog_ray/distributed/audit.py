@@ -131,7 +131,8 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
     steps = Steps()
     id_splits = sorted(name for name, spec in cfg.data.splits.items() if spec.id_column)
     red = reduce_raw(raw_url, storage, keys=plan.keys, primary=plan.primary, normalization=plan.opts.normalization,
-                     rows_in=sum(plan.rows_in.values()), id_splits=id_splits, steps=steps)
+                     rows_in=sum(plan.rows_in.values()), id_splits=id_splits, steps=steps,
+                     normalize_against=plan.opts.normalize_against)
     t_publish = time.perf_counter()
     manifest = _manifest(plan, red, run_id, score_wall, steps, extra, scored_checkpoints or plan.K)
     write_run(red, run_url, plan.out_url, run_id, storage, manifest, t0=t0, flags=cfg.flags)
@@ -161,6 +162,9 @@ def _manifest(plan: Plan, red: Any, run_id: str, score_wall: float, steps: Steps
         "primary": plan.primary,
         "label_mode": plan.opts.label_mode,
         "normalization": plan.opts.normalization,
+        "normalize_against": plan.opts.normalize_against,
+        # rows whose class the reference split lacks: no z, no rank (split -> class -> rows)
+        "rows_without_reference": {s: {str(c): n for c, n in per.items()} for s, per in red.unreferenced.items()},
         "rows": {"in": n_in, "scored": red.rows_scored, "rejected": red.rows_rejected},
         "splits": {s: {"rows_in": plan.rows_in.get(s, 0), "rows_scored": red.scored_by_split.get(s, 0),
                        "rows_rejected": int(red.rejected_by_split.get(s, 0))} for s in cfg.data.splits},

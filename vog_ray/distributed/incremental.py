@@ -74,7 +74,8 @@ def check_incremental_config(cfg: AuditConfig) -> None:
 
 def _config_key(cfg: AuditConfig) -> str:
     d = cfg.to_dict()
-    keep = {"data": d["data"], "model": d["model"], "vog": d["vog"]}
+    vog = {k: v for k, v in d["vog"].items() if k != "normalize_against"}  # the reduce's choice only
+    keep = {"data": d["data"], "model": d["model"], "vog": vog}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -104,14 +104,30 @@ def merge_examples(t: pa.Table, vog_keys: list[str], num_groups: int) -> pa.Tabl
         cols[f"mn_{k}"] = pa.array(n_acc, pa.int64())
         cols[f"mmean_{k}"] = fixed_size_list(mean)
         cols[f"mm2_{k}"] = fixed_size_list(m2)
+    widths = [list_values(t["sig_loss"].take(pa.array(np.arange(g, n, G)))).shape[1] for g in range(G)] \
+        if "sig_loss" in t.column_names else None
     for c in t.column_names:
         if c.startswith("sig_"):  # group g's rows hold that group's checkpoints, in order
-            per_group = [list_values(t[c].take(pa.array(np.arange(g, n, G)))) for g in range(G)]
-            cols[c] = fixed_size_list(np.concatenate(per_group, axis=1))
+            cols[c] = fixed_size_list(_signal_groups(t[c], n, G, widths))
     for c in t.column_names:
         if c not in cols and c not in STATE_META and not c.startswith(MOMENT_PREFIXES):
             cols[c] = t[c].take(first)
     return pa.table(cols)
+
+
+def _signal_groups(col: pa.ChunkedArray, n: int, G: int, widths: list[int] | None) -> np.ndarray:
+    """One signal's values of every group side by side (checkpoint order). A group whose rows hold
+    no value — an incremental state written before that signal existed — gets NaN for its
+    checkpoints (as many as its ``sig_loss`` has)."""
+    parts: list[np.ndarray | None] = []
+    for g in range(G):
+        part = col.take(pa.array(np.arange(g, n, G)))
+        parts.append(None if widths and part.null_count == len(part) else list_values(part))
+    known = [p for p in parts if p is not None]
+    dtype = np.result_type(known[0].dtype, np.float32) if known else np.float32
+    E = n // G
+    return np.concatenate([p if p is not None else np.full((E, widths[g]), np.nan, dtype)  # type: ignore[index]
+                           for g, p in enumerate(parts)], axis=1)
 
 
 def set_group(t: pa.Table, group: int) -> pa.Table:

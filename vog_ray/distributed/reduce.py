@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core.classes import class_lookup, exact_class_means, exact_class_sums, exact_class_table
-from ..core.ranking import SORT_KEYS, assign_ranks, block_counts, normalize, rank_offsets
+from ..core.ranking import SORT_KEYS, assign_ranks, block_counts, check_reference, normalize, rank_offsets, \
+    unreferenced
 from ..storage import StorageOptions, list_files, redact_url, resolve
 from .cluster import remote_task
 from .sort import adjacent_duplicates, block_refs, merge_sorted, partitions_for, sample_sort
@@ -74,9 +75,9 @@ def rejected_columns(t: pa.Table | None) -> pa.Table:
     return pa.table({"id": t["id"], "split": t["split"], "label": t["label"], "reason": t["status"]}, schema=schema)
 
 
-def normalize_block(t: pa.Table, lookup, keys, method, primary) -> pa.Table:
-    """z and ``score`` for a block of scored rows."""
-    return normalize(drop_status(t), lookup, keys, method, primary)
+def normalize_block(t: pa.Table, lookup, keys, method, primary, reference=None) -> pa.Table:
+    """z and ``score`` for a block of scored rows (against the split ``reference`` when given)."""
+    return normalize(drop_status(t), lookup, keys, method, primary, reference)
 
 
 def status_counts(t: pa.Table) -> pa.Table:
@@ -197,6 +198,7 @@ class Reduced:
     rows_in: int
     scored_by_split: dict[str, int]
     rejected_by_split: dict[str, int]
+    unreferenced: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)  # split -> class -> rows
 
     @property
     def rows_scored(self) -> int:
@@ -208,9 +210,10 @@ class Reduced:
 
 
 def reduce_raw(raw_url: str, storage: StorageOptions, *, keys: list[str], primary: str, normalization: str,
-               rows_in: int, id_splits: list[str], steps: Any) -> Reduced:
+               rows_in: int, id_splits: list[str], steps: Any, normalize_against: str | None = None) -> Reduced:
     """Stage 2: read the raw table once, check ids and row accounting, class moments → z →
-    ranks. ``steps`` times the named steps (``audit.Steps``)."""
+    ranks (z against the split ``normalize_against`` when given: rows of a class it lacks get
+    no z and no rank). ``steps`` times the named steps (``audit.Steps``)."""
     with steps("reduce: read raw table"):  # once, into the object store: every pass below reads that
         raw, scored_by_split, rejected_by_split = read_raw(raw_url, storage,
                                                            partitions_for(rows_in, RAW_ROWS_PER_READ))
@@ -229,11 +232,16 @@ def reduce_raw(raw_url: str, storage: StorageOptions, *, keys: list[str], primar
         raise RuntimeError("no row could be scored (see the rejected rows for the reasons)")
     with steps("reduce: class moments"):
         classes = class_table_exact(ok, keys)
+    check_reference(classes, normalize_against)
+    missing = unreferenced(classes, normalize_against)
     normalized = ok.map_batches(normalize_block, fn_kwargs={"lookup": class_lookup(classes, keys), "keys": keys,
-                                                            "method": normalization, "primary": primary},
+                                                            "method": normalization, "primary": primary,
+                                                            "reference": normalize_against},
                                 batch_format="pyarrow")
     with steps("reduce: z, sort, ranks"):
         ranked, split_counts = rank_dataset(normalized, n_scored)
-    if split_counts != scored_by_split:
-        raise RuntimeError(f"row accounting failed: ranked rows per split {split_counts} != scored {scored_by_split}")
-    return Reduced(ranked, rejected, classes, rows_in, scored_by_split, rejected_by_split)
+    expected = {s: n - sum(missing.get(s, {}).values()) for s, n in scored_by_split.items()}
+    if split_counts != {s: n for s, n in expected.items() if n}:
+        raise RuntimeError(f"row accounting failed: ranked rows per split {split_counts} != scored {scored_by_split}"
+                           f" less the rows without a reference class {missing}")
+    return Reduced(ranked, rejected, classes, rows_in, scored_by_split, rejected_by_split, missing)

@@ -41,6 +41,7 @@ def work_key(cfg: "AuditConfig", ckpts: list["CheckpointInfo"]) -> str:
     d.pop("output", None)
     d.pop("report", None)
     d.pop("flags", None)   # flags are applied when the run is published: stage 1 does not change
+    d["vog"].pop("normalize_against", None)  # the reduce's choice: stage 1 computes the same rows
     d["compute"] = {"checkpoint_groups": cfg.compute.checkpoint_groups}
     payload = json.dumps({"cfg": d, "ck": [c.sha256 for c in ckpts]}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -13,15 +13,18 @@ section reads), :mod:`.sections` (error by VoG, flags, OoD, agreement, figures, 
 summary), :mod:`.grids` (image grids), :mod:`.frame` (streaming read of the needed columns),
 :mod:`.stats` (error by VoG, flag tests, agreement), :mod:`.ood` (Table-1 metrics and score
 orientation), :mod:`.figures` (matplotlib Agg / Pillow), :mod:`.html` (the self-contained page),
-:mod:`.summary` (plain-text summary), :mod:`.compare` (``compare_runs``), :mod:`.common`
-(shared helpers). Bad input raises :class:`ReportError` before anything is written.
+:mod:`.summary` (plain-text summary), :mod:`.findings` (the findings the report opens with),
+:mod:`.league` (signal league tables), :mod:`.scores` (every compared score, oriented),
+:mod:`.compare` (``compare_runs``), :mod:`.common` (shared helpers). Bad input raises :class:`ReportError` before anything is written.
 """
 
 from .common import ReportError
 from .build import CONVENTIONS, build_report
 from .compare import compare_runs, format_comparison
 from .ood import ORIENTATION, fpr_at_tpr, ood_metrics
-from .summary import summary_lines
+from .findings import findings, findings_lines
+from .summary import league_lines, summary_lines
 
 __all__ = ["build_report", "compare_runs", "format_comparison", "ReportError", "CONVENTIONS",
-           "ood_metrics", "fpr_at_tpr", "ORIENTATION", "summary_lines"]
+           "ood_metrics", "fpr_at_tpr", "ORIENTATION", "summary_lines", "league_lines", "findings",
+           "findings_lines"]

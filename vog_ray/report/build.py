@@ -1,7 +1,8 @@
 """``build_report``: the report of one published run, and where it goes.
 
-Owns the orchestration (:func:`build_report` over the sections of :mod:`.sections` and
-:mod:`.grids`), the conventions written into ``report.json``, :func:`open_published` and the
+Owns the orchestration (:func:`build_report` over the sections of :mod:`.sections`,
+:mod:`.league` and :mod:`.grids`, then the findings of :mod:`.findings` generated from the
+result), the conventions written into ``report.json``, :func:`open_published` and the
 writing step: ``figures/*.png``, ``report.json`` and last ``report.html``, each under a
 temporary name and moved into place. Any problem with the input (no published run, a missing
 flag column or OoD split, one class) raises :class:`ReportError` before anything is written.
@@ -20,10 +21,13 @@ from ..storage import StorageOptions, join, resolve
 from . import html as H
 from .common import ReportError, atomic_write, clean, remove_stale
 from .context import load_context
+from .findings import findings
 from .flagged import flag_quality_section
 from .grids import grid_section, heatmap_section
-from .sections import agreement_section, class_section, classes_to_show_warning, error_section, \
-    figure_section, flag_section, label_mode_warning, ood_section, summary_section
+from .league import league_section
+from .sections import agreement_section, class_section, class_summary_section, classes_to_show_warning, \
+    error_section, figure_section, flag_section, flip_section, label_mode_warning, ood_rows, ood_section, \
+    reference_warning, summary_section
 from .stats import AGREEMENT_SIGNALS
 
 __all__ = ["build_report", "CONVENTIONS", "open_published", "write_report_files"]
@@ -61,6 +65,23 @@ CONVENTIONS = {
         f"{k} = {v}" for k, v in AGREEMENT_SIGNALS.items()),
     "signals": "per-checkpoint signals are computed at the target index (the true label, or the "
                "last checkpoint's prediction with label_mode 'predicted')",
+    "normalize_against": "with vog.normalize_against, every split's z uses the class moments of that split; "
+                         "a row of a class it lacks has no z and no rank and is not in the report; the OoD "
+                         "table recomputes the other normalisation from classes.parquet (z_own_*: per split; "
+                         "z_vs_<split>_*: against the in-distribution split)",
+    "league": "signal league tables: AUROC and AUPR (average precision) of every score for finding the "
+              "flagged rows of a flag column (per split) or the OoD rows (pooled and per group), positives = "
+              "flagged / OoD, every score oriented higher = more likely positive (signals.orientation), best "
+              "AUROC first; 95% intervals from a stratified bootstrap (report.bootstrap resamples, fewer for "
+              "very large tables: signals.*.resamples)",
+    "findings": "findings are generated from this report.json; 'reproduces' compares with the VoG paper's "
+                "direction: late windows (holding the last checkpoint) higher VoG for flagged rows and more "
+                "errors in the top decile, early windows (from the first checkpoint) the opposite, OoD higher "
+                "VoG; p < 0.05 separates; error deciles are separated when their 95% intervals do not overlap",
+    "flip": "windows in checkpoint order (mean checkpoint index): mean z of flagged vs unflagged rows and the "
+            "error of the top and bottom z-decile per window",
+    "class_summary": "per split and target class: examples, error, mean z and mean raw VoG of the ranked key, "
+                     "and the share of the class's examples in the split's top z-decile",
 }
 
 
@@ -92,17 +113,21 @@ def build_report(run_url: str | Run, storage: StorageOptions | None = None, out:
     run = open_published(run_url, storage)
     ctx = load_context(run, spec)
     # the sections in this order: it is the order of the warnings they add
+    reference_warning(ctx)
     err_sec = error_section(ctx)
     flag_sec = flag_section(ctx)
-    ood_sec = ood_section(ctx)
+    where = ood_rows(ctx)
+    ood_sec = ood_section(ctx, where)
     agr_sec = agreement_section(ctx)
     error_figs, other_figs, hist_sec = figure_section(ctx, err_sec)
+    flip_sec, flip_figs = flip_section(ctx, flag_sec, err_sec)
+    league_sec = league_section(ctx, where, ood_sec)
     classes_to_show_warning(ctx)
     grids, grid_sec, grid_figs = grid_section(ctx, storage, data_storage)
     heat_grids, heat_sec, heat_figs = heatmap_section(ctx, storage, data_storage)
     flag_quality = flag_quality_section(ctx)
     label_mode_warning(ctx, ood_sec)
-    figs = {f["name"]: f["png"] for f in chain(*error_figs.values(), other_figs, grid_figs, heat_figs)}
+    figs = {f["name"]: f["png"] for f in chain(*error_figs.values(), other_figs, flip_figs, grid_figs, heat_figs)}
     report: dict[str, Any] = {
         "format": FORMAT,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -114,6 +139,9 @@ def build_report(run_url: str | Run, storage: StorageOptions | None = None, out:
         "flags": flag_sec,
         "ood": ood_sec,
         "agreement": agr_sec,
+        "signals": league_sec,
+        "flip": flip_sec,
+        "class_summary": class_summary_section(ctx),
         "classes": class_section(ctx),
         "vog_histograms": hist_sec,
         "grids": grid_sec,
@@ -122,8 +150,9 @@ def build_report(run_url: str | Run, storage: StorageOptions | None = None, out:
         "figures": sorted(figs),
     }
     report = clean(report)
+    report["findings"] = clean(findings(report))
     report["report_time_s"] = round(time.perf_counter() - t0, 3)
-    page = H.render(report, error_figs=error_figs, other_figs=other_figs, grids=grids,
+    page = H.render(report, error_figs=error_figs, other_figs=other_figs, flip_figs=flip_figs, grids=grids,
                     config=_redacted(ctx.config), heat_grids=heat_grids)
     body = json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode()
     report["files"] = write_report_files((out or run.url).rstrip("/"), storage, figs, body, page)

@@ -48,6 +48,11 @@ class ReportContext:
         return self.settings.ood
 
     @property
+    def normalize_against(self) -> str | None:
+        """The split every z of the run is normalised against (``vog.normalize_against``), or None."""
+        return self.manifest.get("normalize_against")
+
+    @property
     def bootstrap(self) -> int:
         return int(self.settings.bootstrap)
 
@@ -145,7 +150,8 @@ def load_context(run: Run, spec: Any = None) -> ReportContext:
     _ood_plan(rspec, m, None, splits_cfg)
     ood_spec = rspec.ood
     frame = load_frame(run, keys, flag_columns=rspec.flag_columns,
-                       group_column=ood_spec.group_column if ood_spec else None, schema=schema)
+                       group_column=ood_spec.group_column if ood_spec else None, schema=schema,
+                       windows=windows)
     if len(np.unique(frame.target)) < 2:
         raise ReportError(f"run {run.url!r} has one class only: VoG is normalised and ranked per "
                           "class and errors by VoG need at least two classes")

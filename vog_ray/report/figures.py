@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 __all__ = ["error_by_decile", "error_by_percentile", "histogram_counts", "vog_histograms", "data_map", "image_grid",
-           "tile_png", "heatmap_rgb", "heatmap_png", "HEATMAP_CMAP"]
+           "tile_png", "heatmap_rgb", "heatmap_png", "HEATMAP_CMAP", "flip"]
 
 DPI = 90
 
@@ -127,6 +127,57 @@ def data_map(title: str, confidence: np.ndarray, variability: np.ndarray, z: np.
     ax.set_ylabel("confidence (mean p(target))")
     ax.set_title(title, parse_math=False, fontsize=10)
     fig.subplots_adjust(left=0.13, right=0.98, top=0.92, bottom=0.12)
+    return _png(fig)
+
+
+def _plain(text: str) -> str:
+    """Legend and tick labels parse mathtext: a ``$`` from a name is escaped."""
+    return str(text).replace("$", r"\$")
+
+
+def _line(ax, x: np.ndarray, values: list, **kw) -> None:
+    ax.plot(x, [np.nan if v is None else v for v in values], marker="o", ms=3, lw=1.2, **kw)
+
+
+def flip(title: str, window_labels: list[str], per_target: dict[str, dict[str, Any]]) -> bytes:
+    """The early/late flip: windows in checkpoint order on x; left, mean z-VoG of flagged (solid)
+    and unflagged (dashed) rows per flag column; right, error of the top (solid) and bottom
+    (dashed) decile. One colour per target (and flag column)."""
+    has_flags = any("mean_z_flagged" in d for d in per_target.values())
+    has_err = any("top_decile_error" in d for d in per_target.values())
+    panels = int(has_flags) + int(has_err)
+    fig = Figure(figsize=(5.2 * max(panels, 1), 3.8))
+    x = np.arange(len(window_labels))
+    colours = iter(["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"])
+    colour = {}
+    for t, d in per_target.items():
+        for col in d.get("mean_z_flagged", {}) or {"": None}:
+            colour[(t, col)] = next(colours, "#333333")
+    axes = [fig.add_subplot(1, panels or 1, i + 1) for i in range(panels or 1)]
+    if has_flags:
+        ax = axes[0]
+        for t, d in per_target.items():
+            for col, vals in (d.get("mean_z_flagged") or {}).items():
+                c = colour[(t, col)]
+                _line(ax, x, vals, color=c, label=_plain(f"{col}, {t}"))
+                _line(ax, x, d["mean_z_rest"][col], color=c, ls="--")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_ylabel("mean z-VoG (solid: flagged; dashed: rest)")
+    if has_err:
+        ax = axes[-1]
+        for t, d in per_target.items():
+            if "top_decile_error" in d:
+                c = colour[(t, next(iter(d.get("mean_z_flagged") or {"": None})))]
+                _line(ax, x, d["top_decile_error"], color=c, label=_plain(f"{t}: top decile"))
+                _line(ax, x, d["bottom_decile_error"], color=c, ls="--", label=_plain(f"{t}: bottom decile"))
+        ax.set_ylabel("error rate of the decile (last checkpoint)")
+    for ax in axes:
+        ax.set_xticks(x)
+        ax.set_xticklabels([_plain(w) for w in window_labels], fontsize=8)
+        ax.set_xlabel("window (checkpoint order)")
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10, parse_math=False)
+    fig.subplots_adjust(left=0.09, right=0.98, top=0.88, bottom=0.2, wspace=0.28)
     return _png(fig)
 
 

@@ -4,7 +4,8 @@ The score table is read in record batches (``Run.iter_scores`` with only the nee
 the per-checkpoint signal lists are reduced per batch to the few per-example numbers the report
 uses (last value, mean, std, forgetting events), so a table of millions of rows with hundreds of
 checkpoints never sits in memory as lists. What stays is ``O(rows)`` numbers: ids, split codes,
-labels, raw VoG and z per key, and about a dozen reduced signals (float32).
+labels, raw VoG and z per key, and about a dozen reduced signals (float32; EL2N averaged over
+each window's checkpoints).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from .common import ReportError
 __all__ = ["Frame", "load_frame", "score_schema", "LAST_SIGNALS", "forgetting_events", "data_map"]
 
 # per-checkpoint signals whose LAST value the report uses (OoD baselines and more)
-LAST_SIGNALS = ("loss", "label_logit", "label_prob", "margin", "max_prob", "max_logit", "energy")
+LAST_SIGNALS = ("loss", "label_logit", "label_prob", "margin", "max_prob", "max_logit", "energy",
+                "el2n", "entropy")
 
 
 def score_schema(run: Run) -> pa.Schema:
@@ -144,8 +146,9 @@ def _flag_values(col: pa.Array, name: str) -> np.ndarray:
 
 def load_frame(run: Run, keys: Sequence[str], *, flag_columns: Sequence[str] = (),
                group_column: str | None = None, schema: pa.Schema | None = None,
-               batch_size: int = 65536) -> Frame:
-    """Stream the needed columns of ``run``'s score table into a :class:`Frame`."""
+               windows: dict[str, list[int]] | None = None, batch_size: int = 65536) -> Frame:
+    """Stream the needed columns of ``run``'s score table into a :class:`Frame`; ``windows``
+    (name -> checkpoint indices): EL2N is averaged over each (``el2n_<window>``)."""
     schema = schema or score_schema(run)
     names = set(schema.names)
     base = ["id", "split", "label", "target_label", "pred", "correct", "rank", "class_rank"]
@@ -161,7 +164,7 @@ def load_frame(run: Run, keys: Sequence[str], *, flag_columns: Sequence[str] = (
     if group_column is not None and group_column not in names:
         raise ReportError(f"OoD group column {group_column!r} (report.ood.group_column) is not a "
                           "column of the score table")
-    sig_cols = [c for c in ("sig_loss", "sig_margin", "sig_label_prob", "sig_correct")
+    sig_cols = [c for c in ("sig_loss", "sig_margin", "sig_label_prob", "sig_correct", "sig_entropy")
                 + tuple(f"sig_{s}" for s in LAST_SIGNALS) if c in names]
     sig_cols = list(dict.fromkeys(sig_cols))
     columns = need + sig_cols + list(flag_columns) + ([group_column] if group_column else [])
@@ -201,6 +204,12 @@ def load_frame(run: Run, keys: Sequence[str], *, flag_columns: Sequence[str] = (
             put("s:mean_loss", _nanmean_rows(_list_matrix(batch.column("sig_loss"), np.float32)))
         if "sig_margin" in sig_cols:
             put("s:mean_margin", _nanmean_rows(_list_matrix(batch.column("sig_margin"), np.float32)))
+        if "sig_entropy" in sig_cols:
+            put("s:mean_entropy", _nanmean_rows(_list_matrix(batch.column("sig_entropy"), np.float32)))
+        if "sig_el2n" in sig_cols and windows:
+            el2n = _list_matrix(batch.column("sig_el2n"), np.float32)
+            for w, idx in windows.items():
+                put(f"s:el2n_{w}", _nanmean_rows(el2n[:, list(idx)]))
         if "sig_label_prob" in sig_cols:
             conf, var = data_map(_list_matrix(batch.column("sig_label_prob"), np.float32))
             put("s:confidence", conf)

@@ -1,8 +1,9 @@
 """The image grids of a report: which examples each grid shows (the lowest- and highest-VoG of
 every split, and of each class of ``report.classes_to_show``), their tiles read from the source
-data, and the grid figures. Images that cannot be read are left out with a warning. With
-``report.heatmaps``, the highest-VoG examples of each split also get a grid of their VoG heat
-maps (computed with the run's model and checkpoints, :mod:`vog_ray.explore.heatmap`).
+data, each marked with its flags and with label ≠ prediction, and the grid figures. Images that
+cannot be read are left out with a warning. With ``report.heatmaps``, the highest-VoG examples of
+each split also get a grid of their VoG heat maps (computed with the run's model and checkpoints,
+:mod:`vog_ray.explore.heatmap`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from .common import safe_name
 from .context import ReportContext
 from .sections import figure_entry
 
-__all__ = ["GRID_SIZE", "grid_section", "heatmap_section"]
+__all__ = ["GRID_SIZE", "LABEL_DIFFERS", "grid_section", "heatmap_section", "tile_marks"]
 
 GRID_SIZE = 25
+LABEL_DIFFERS = "label≠pred"
 
 
 def _grid_rows(rows: np.ndarray, order_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +92,16 @@ def _read_images(ctx: ReportContext, plan: list[dict[str, Any]], fetch: Callable
     return images
 
 
+def tile_marks(ctx: ReportContext, r: int) -> list[str]:
+    """What a tile is marked with: the flag columns true for row ``r``, and ``label≠pred`` when
+    its known label differs from the last checkpoint's prediction."""
+    frame = ctx.frame
+    marks = [c for c in ctx.settings.flag_columns if frame.flags[c][r] == 1]
+    if frame.label[r] >= 0 and frame.label[r] != frame.pred[r]:
+        marks.append(LABEL_DIFFERS)
+    return marks
+
+
 def _grid_tiles(ctx: ReportContext, p: dict[str, Any], images: dict[str, Any]) -> list[dict[str, Any]]:
     frame, label_of = ctx.frame, ctx.label_of
     tiles = []
@@ -98,7 +110,7 @@ def _grid_tiles(ctx: ReportContext, p: dict[str, Any], images: dict[str, Any]) -
         i = frame.ids[r].as_py()
         img = images.get(i)
         tiles.append({"id": i, "label": label_of(frame.label[r]), "pred": label_of(frame.pred[r]),
-                      "z": float(frame.z[ctx.primary][r]),
+                      "z": float(frame.z[ctx.primary][r]), "marks": tile_marks(ctx, r),
                       "image": None if img is None else np.asarray(img)})
     return tiles
 
@@ -112,7 +124,9 @@ def grid_section(ctx: ReportContext, storage: StorageOptions | None,
     """
     plan = _grid_plan(ctx)
     meta = [{"split": p["split"], "which": p["which"], "class": p["class"], "title": p["title"],
-             "ids": [ctx.frame.ids[int(r)].as_py() for r in p["rows"]]} for p in plan]
+             "ids": [ctx.frame.ids[int(r)].as_py() for r in p["rows"]],
+             "marks": {ctx.frame.ids[int(r)].as_py(): m for r in p["rows"] if (m := tile_marks(ctx, int(r)))}}
+            for p in plan]
     fetch = _image_fetcher(ctx.warnings)
     if fetch is None:
         return [], meta, []
@@ -126,8 +140,12 @@ def grid_section(ctx: ReportContext, storage: StorageOptions | None,
     for p in plan:
         if p["split"] not in images:
             continue
-        g = {"title": p["title"], "file": p["file"], "tiles": _grid_tiles(ctx, p, images[p["split"]])}
-        tiles = [(t["image"], f"{t['id']}\nlabel {t['label']}\npred {t['pred']}") for t in g["tiles"]]
+        g = {"title": p["title"], "file": p["file"], "split": p["split"], "which": p["which"],
+             "class": p["class"], "tiles": _grid_tiles(ctx, p, images[p["split"]])}
+        # the figure's font may lack "≠": its captions write the marks in ASCII
+        tiles = [(t["image"], f"{t['id']}\nlabel {t['label']}\npred {t['pred']}"
+                  + (f" | {', '.join(t['marks'])}".replace("≠", "!=") if t["marks"] else ""))
+                 for t in g["tiles"]]
         figs.append(figure_entry(g["file"], g["title"], F.image_grid(g["title"], tiles)))
         for t in g["tiles"]:
             t["png"] = F.tile_png(t["image"]) if t["image"] is not None else None

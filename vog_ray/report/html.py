@@ -1,6 +1,8 @@
 """``report.html``: one self-contained page (inline CSS, images as base64 data URIs, no script,
-no external request), readable offline. Every string that comes from the run — class names, ids,
-split names, URLs, config values — goes through :func:`esc` (``html.escape``)."""
+no external request), readable offline. It opens with the findings, the hardest examples of each
+split (flagged tiles and label ≠ prediction marked) and the per-class table; every detailed table
+and figure follows in a collapsible ``<details>``. Every string that comes from the run — class
+names, ids, split names, URLs, config values — goes through :func:`esc` (``html.escape``)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,13 @@ pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:12px}
 dl.kv{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:14px}
 dl.kv dt{font-weight:600}
 dl.kv dd{margin:0;word-break:break-all}
+details.sec{margin:10px 0;border:1px solid #ddd;padding:4px 10px}
+details.sec>summary{font-size:1.15em;font-weight:600;cursor:pointer;padding:4px 0}
+ul.findings li{margin:4px 0}
+ul.findings li.no{list-style-type:"✗  "}
+.tile.marked{border:2px solid #c44e52}
+.mark{display:inline-block;background:#c44e52;color:#fff;border-radius:3px;padding:0 3px;margin:1px}
+.badge{background:#fff4e0;border:1px solid #e8a33d;border-radius:3px;padding:0 4px;font-size:11px}
 """
 
 
@@ -105,6 +114,7 @@ def _summary(r: dict[str, Any]) -> str:
     s = r["summary"]
     kv = [("run id", s["run_id"]), ("run URL", s["run_url"]), ("report generated", r["generated_at"]),
           ("label mode", s["label_mode"]), ("normalization", s["normalization"]),
+          ("z normalised against", s.get("normalize_against") or "each split itself"),
           ("targets", ", ".join(s["targets"])), ("primary (ranked) key", s["primary"]),
           ("checkpoints", s["num_checkpoints"]),
           ("windows", "; ".join(f"{w}: {v}" for w, v in s["windows"].items())),
@@ -182,13 +192,20 @@ def _ood_section(r: dict[str, Any]) -> str:
     o = r.get("ood")
     if not o:
         return '<p class="note">No OoD evaluation configured (report.ood).</p>'
+    which = (f"z against split <b>{esc(o['normalize_against'])}</b> (vog.normalize_against); z_own_* is the "
+             "per-split z" if o.get("normalize_against") else
+             f"z per class within each split; z_vs_{esc(o['in_distribution'])}_* is z against the "
+             "in-distribution split (what vog.normalize_against would store)")
     out = [f'<p>In-distribution split <b>{esc(o["in_distribution"])}</b> (n = {fmt(o["n_in"])}); '
-           f'OoD groups: {esc(", ".join(o["group_names"]))}.</p>']
+           f'OoD groups: {esc(", ".join(o["group_names"]))}.</p>',
+           f"<p class='note'>z_* columns: {which}; abs_z_* is its absolute value (two-sided). The paper "
+           "computes AUPR-Out with VoG × −1 (its column here), the report's own AUPR-Out with higher "
+           "VoG = OoD.</p>"]
     names = list(o["summary"])
     rows = [[esc(n), esc(o["scores"][n])] + [_pm(o["summary"][n][m]) for m in METRICS] for n in names]
     out.append("<h3>Mean ± std across OoD groups (paper Table 1 layout)</h3>")
     out.append(table(["score", "orientation (higher = more OoD)", "AUROC", "AUPR-In", "AUPR-Out",
-                      "FPR@95%TPR"], rows, left=2))
+                      "AUPR-Out, score × −1 (paper, Sec. 4.2)", "FPR@95%TPR"], rows, left=2))
     out.append("<h3>AUROC per OoD group</h3>")
     groups = o["group_names"]
     rows = [[esc(n)] + [fmt(o["groups"][g][n]["auroc"]) for g in groups] for n in names]
@@ -197,8 +214,8 @@ def _ood_section(r: dict[str, Any]) -> str:
     for g in groups:
         rows = [[esc(n)] + [fmt(o["groups"][g][n][m]) for m in METRICS]
                 + [fmt(o["groups"][g][n]["n_ood"])] for n in names]
-        det.append(f"<h4>{esc(g)}</h4>" + table(["score", "AUROC", "AUPR-In", "AUPR-Out", "FPR@95%TPR",
-                                                 "n OoD"], rows))
+        det.append(f"<h4>{esc(g)}</h4>" + table(["score", "AUROC", "AUPR-In", "AUPR-Out",
+                                                 "AUPR-Out (paper: × −1)", "FPR@95%TPR", "n OoD"], rows))
     out.append("<details><summary>All metrics per group</summary>" + "".join(det) + "</details>")
     return "".join(out)
 
@@ -222,16 +239,20 @@ def _agreement_section(r: dict[str, Any]) -> str:
 
 def _grids(grids: list[dict[str, Any]], tile_class: str = "tile",
            note: str = "Tiles read from the source data by id; each grid is also saved as "
-                       "<code>figures/grid_*.png</code>.") -> str:
+                       "<code>figures/grid_*.png</code>. A red frame marks a flagged example or a known label "
+                       "that differs from the last checkpoint's prediction (label≠pred).") -> str:
     out = [f"<p class='note'>{note}</p>"]
     for g in grids:
         out.append(f"<h3>{esc(g['title'])}</h3>")
         tiles = []
         for t in g["tiles"]:
+            marks = t.get("marks") or []
             cap = f"{esc(t['id'])}<br>label {esc(t['label'])} · pred {esc(t['pred'])}<br>z {fmt(t['z'], 2)}"
+            cap += "".join(f'<br><span class="mark">{esc(m)}</span>' for m in marks)
             img = (f'<img alt="{esc(t["id"])}" src="{data_uri(t["png"])}">' if t.get("png")
                    else '<span class="missing">missing</span>')
-            tiles.append(f'<figure class="{tile_class}" data-id="{esc(t["id"])}">{img}<figcaption>{cap}</figcaption></figure>')
+            tiles.append(f'<figure class="{tile_class}{" marked" if marks else ""}" data-id="{esc(t["id"])}">{img}'
+                         f'<figcaption>{cap}</figcaption></figure>')
         out.append('<div class="grid">' + "".join(tiles) + "</div>")
     return "".join(out)
 
@@ -255,12 +276,85 @@ def _classes(r: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _findings(r: dict[str, Any]) -> str:
+    items = r.get("findings") or []
+    if not items:
+        return '<p class="note">No findings: the run has no flag columns, labels or OoD groups to test.</p>'
+    lis = []
+    for f in items:
+        no = f.get("reproduces") is False
+        tag = ' <span class="badge">does not reproduce the paper\'s direction</span>' if no else ""
+        lis.append(f'<li class="{"no" if no else ""}">{esc(f["text"])}{tag} <code class="note">{esc(f["key"])}</code></li>')
+    return ("<p class='note'>Generated from <code>report.json</code>; each sentence ends with the key its "
+            "number comes from.</p><ul class='findings'>" + "".join(lis) + "</ul>")
+
+
+def _class_summary(r: dict[str, Any]) -> str:
+    out = []
+    for split, d in (r.get("class_summary") or {}).items():
+        rows = [[esc(c["name"]), fmt(c["count"]), fmt(c["error_rate"]), fmt(c["mean_z"]), fmt(c["mean_vog"]),
+                 fmt(c["top_decile_share"])] for c in d["classes"]]
+        out.append(f"<h3>split {esc(split)}</h3>" + table(
+            ["class", "examples", "error", f"mean z ({d['key']})", "mean raw VoG", "share in the top decile"], rows))
+    if not out:
+        return '<p class="note">No classes.</p>'
+    return ("<p class='note'>Per target class: the share of its examples in the split's top z-decile is 0.1 "
+            "when the class is as hard as the split.</p>" + "".join(out))
+
+
+def _ci(ci: Any) -> str:
+    return f' <span class="note">[{fmt(ci[0])}, {fmt(ci[1])}]</span>' if ci else ""
+
+
+def _league_table(t: dict[str, Any]) -> str:
+    rows = [[str(x["place"]), esc(x["signal"]), esc(x["orientation"]),
+             fmt(x["auroc"]) + _ci(x.get("auroc_ci")), fmt(x["aupr"]) + _ci(x.get("aupr_ci")),
+             fmt(x["aupr_base_rate"])] for x in t["table"]]
+    return (f"<p class='note'>{fmt(t['n_positive'])} positives of {fmt(t['n'])} rows; intervals from "
+            f"{fmt(t['resamples'])} stratified bootstrap resamples.</p>"
+            + table(["#", "signal", "orientation (higher = more likely positive)", "AUROC", "AUPR",
+                     "AUPR base rate"], rows, left=3))
+
+
+def _league(r: dict[str, Any]) -> str:
+    sig = r.get("signals") or {}
+    out = []
+    for col, per_split in (sig.get("flags") or {}).items():
+        for split, t in per_split.items():
+            out.append(f"<h3>finding {esc(col)} in {esc(split)}</h3>" + _league_table(t))
+    ood = sig.get("ood")
+    if ood:
+        out.append("<h3>OoD: all groups pooled</h3>" + _league_table(ood["all"]))
+        det = "".join(f"<h4>{esc(g)}</h4>" + _league_table(t) for g, t in ood["groups"].items())
+        out.append("<details><summary>per OoD group</summary>" + det + "</details>")
+    if not out:
+        return '<p class="note">No flag columns or OoD groups: no league table.</p>'
+    return ("<p class='note'>Which signal finds the flagged (or OoD) rows best: AUROC and AUPR "
+            "(scikit-learn), best AUROC first, 95% bootstrap intervals.</p>" + "".join(out))
+
+
+def _section(anchor: str, title: str, body: str, *, open_: bool = False) -> str:
+    return (f"<details class='sec' id='{anchor}'{' open' if open_ else ''}><summary>{esc(title)}</summary>"
+            f"{body}</details>")
+
+
+NAV = (("findings", "Findings"), ("hardest", "Hardest examples"), ("per-class", "Per class"),
+       ("summary", "Run"), ("league", "Signal league"), ("flip", "Early/late flip"), ("error", "Error by VoG"),
+       ("flags", "Flagged examples"), ("flag-rules", "The run's flags"), ("ood", "OoD"), ("agreement", "Agreement"), ("figures", "Distributions"),
+       ("examples", "Other grids"), ("classes", "Class moments"), ("conventions", "Conventions"),
+       ("config", "Config"))
+
+
 def render(report: dict[str, Any], *, error_figs: dict[str, list[dict]], other_figs: list[dict],
-           grids: list[dict[str, Any]], config: dict[str, Any], heat_grids: Sequence[dict[str, Any]] = ()) -> str:
+           grids: list[dict[str, Any]], config: dict[str, Any], flip_figs: list[dict] | None = None,
+           heat_grids: Sequence[dict[str, Any]] = ()) -> str:
     from .flagged import flag_quality_html
 
     title = f"VoG audit report — {report['summary']['run_id']}"
     warns = "".join(f'<div class="warn">{esc(w)}</div>' for w in report["warnings"])
+    hardest = [g for g in grids if g.get("which") == "highest" and g.get("class") is None]
+    rest = [g for g in grids if g not in hardest]
+    no_grids = '<p class="note">No image grids (see warnings).</p>'
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -269,28 +363,28 @@ def render(report: dict[str, Any], *, error_figs: dict[str, list[dict]], other_f
         f"<h1>{esc(title)}</h1>",
         "<p class='note'>Variance of Gradients (Agarwal, D'souza &amp; Hooker, CVPR 2022). "
         "All numbers are in <code>report.json</code> beside this page.</p>",
-        "<nav class='note'>" + " · ".join(
-            f"<a href='#{a}'>{t}</a>" for a, t in (
-                ("summary", "Summary"), ("error", "Error by VoG"), ("flags", "Flagged examples"),
-                ("ood", "OoD"), ("agreement", "Agreement"), ("figures", "Distributions"),
-                ("examples", "Examples"), ("classes", "Classes"), ("conventions", "Conventions"),
-                ("config", "Config"))) + "</nav>",
+        "<nav class='note'>" + " · ".join(f"<a href='#{a}'>{t}</a>" for a, t in NAV) + "</nav>",
         warns,
-        "<h2 id='summary'>Summary</h2>", _summary(report),
-        "<h2 id='error'>Error by VoG</h2>", _error_section(report, error_figs),
-        "<h2 id='flags'>Flagged examples</h2>", _flags_section(report),
-        "<h3 id='flag-rules'>The run's flags</h3>", flag_quality_html(report.get("flag_quality")),
-        "<h2 id='ood'>Out-of-distribution detection</h2>", _ood_section(report),
-        "<h2 id='agreement'>Agreement with other difficulty signals</h2>", _agreement_section(report),
-        "<h2 id='figures'>Distributions and data maps</h2>", "".join(figure(f) for f in other_figs),
-        "<h2 id='examples'>Lowest- and highest-VoG examples</h2>",
-        (_grids(grids) if grids else '<p class="note">No image grids (see warnings).</p>'),
+        "<h2 id='findings'>Findings</h2>", _findings(report),
+        "<h2 id='hardest'>The hardest examples</h2>", (_grids(hardest) if hardest else no_grids),
         (_grids(list(heat_grids), "tile heat", HEAT_NOTE) if heat_grids else ""),
-        "<h2 id='classes'>Classes</h2>", _classes(report),
-        "<h2 id='conventions'>Conventions</h2>", _conventions(report),
-        "<h2 id='config'>Configuration</h2>",
-        "<details><summary>audit config</summary><pre>"
-        + esc(json.dumps(config, indent=2, sort_keys=True, default=str)) + "</pre></details>",
+        "<h2 id='per-class'>Per class</h2>", _class_summary(report),
+        "<h2>Details</h2>",
+        _section("summary", "Run", _summary(report)),
+        _section("league", "Signal league tables", _league(report)),
+        _section("flip", "The early/late flip across windows",
+                 "".join(figure(f) for f in flip_figs or []) or '<p class="note">No flags or labels.</p>'),
+        _section("error", "Error by VoG", _error_section(report, error_figs)),
+        _section("flags", "Flagged examples (Welch t-tests)", _flags_section(report)),
+        _section("flag-rules", "The run's flags", flag_quality_html(report.get("flag_quality"))),
+        _section("ood", "Out-of-distribution detection", _ood_section(report)),
+        _section("agreement", "Agreement with other difficulty signals", _agreement_section(report)),
+        _section("figures", "Distributions and data maps", "".join(figure(f) for f in other_figs)),
+        _section("examples", "Other image grids: lowest VoG, and per class", _grids(rest) if rest else no_grids),
+        _section("classes", "Class moments", _classes(report)),
+        _section("conventions", "Conventions", _conventions(report)),
+        _section("config", "Configuration",
+                 "<pre>" + esc(json.dumps(config, indent=2, sort_keys=True, default=str)) + "</pre>"),
         "</body></html>",
     ]
     return "\n".join(parts)

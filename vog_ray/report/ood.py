@@ -11,6 +11,9 @@ Conventions (also written into ``report.json``):
   ``energy`` signal is ``E(x) = −logsumexp(logits)`` (Liu et al., 2020, T = 1); in-distribution
   inputs have a larger logsumexp, i.e. a *lower* energy, so the stored energy is used as is.
 * AUPR-In: in-distribution is the positive class and the (oriented) score is negated.
+* AUPR-Out (paper): OoD positive with the score multiplied by −1 — the convention the VoG paper
+  uses for VoG (Sec. 4.2), shown beside the report's own AUPR-Out so a reader can compare with
+  the paper's Table 1.
 * FPR@95%TPR: the share of in-distribution examples flagged at the highest threshold that still
   flags at least 95% of the OoD examples (``score >= threshold`` = flagged as OoD).
 * Per-checkpoint baselines use the value of the **last** checkpoint.
@@ -26,7 +29,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 __all__ = ["ORIENTATION", "METRICS", "ood_metrics", "fpr_at_tpr", "orient", "summarize_groups"]
 
-METRICS = ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr")
+METRICS = ("auroc", "aupr_in", "aupr_out", "aupr_out_paper", "fpr_at_95_tpr")
 
 # baseline name -> (reduced signal in the Frame, sign, description)
 ORIENTATION: dict[str, tuple[str, float, str]] = {
@@ -52,7 +55,8 @@ def fpr_at_tpr(y_ood: np.ndarray, score: np.ndarray, tpr: float = 0.95) -> float
 
 
 def ood_metrics(score_in: np.ndarray, score_ood: np.ndarray) -> dict[str, Any]:
-    """AUROC, AUPR-In, AUPR-Out, FPR@95%TPR for an oriented score (higher = more OoD).
+    """AUROC, AUPR-In, AUPR-Out (and with the score × −1, the paper's convention), FPR@95%TPR
+    for an oriented score (higher = more OoD).
 
     Non-finite scores are left out (their count is returned)."""
     si = np.asarray(score_in, np.float64)
@@ -69,6 +73,7 @@ def ood_metrics(score_in: np.ndarray, score_ood: np.ndarray) -> dict[str, Any]:
     out["auroc"] = float(roc_auc_score(y, s))
     out["aupr_in"] = float(average_precision_score(1 - y, -s))
     out["aupr_out"] = float(average_precision_score(y, s))
+    out["aupr_out_paper"] = float(average_precision_score(y, -s))
     out["fpr_at_95_tpr"] = fpr_at_tpr(y, s, 0.95)
     return out
 

@@ -14,12 +14,14 @@ import numpy as np
 from . import figures as F
 from .common import ReportError, safe_name, stable_seed
 from .context import ReportContext
-from .ood import METRICS, ORIENTATION, evaluate
+from .ood import METRICS, evaluate
+from .scores import describe, signal_scores, usable, vog_scores
 from .stats import AGREEMENT_SIGNALS, agreement, error_by_vog, flag_test, quantile_bins, ranks
 
-__all__ = ["MAX_HIST_CLASSES", "figure_entry", "error_section", "flag_section", "ood_section",
+__all__ = ["MAX_HIST_CLASSES", "figure_entry", "error_section", "flag_section", "ood_rows", "ood_section",
            "agreement_section", "figure_section", "class_section", "summary_section",
-           "classes_to_show_warning", "label_mode_warning"]
+           "classes_to_show_warning", "label_mode_warning", "class_summary_section", "window_order",
+           "flip_section", "reference_warning"]
 
 MAX_HIST_CLASSES = 20
 
@@ -101,35 +103,39 @@ def _ood_groups(ctx: ReportContext) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return rows, is_in, groups, group_names
 
 
-def ood_section(ctx: ReportContext) -> dict[str, Any] | None:
-    """Table-1 metrics of raw VoG, z and the baselines, per OoD group (None without report.ood)."""
-    ood_spec, frame = ctx.ood_spec, ctx.frame
-    if ood_spec is None:
+def ood_rows(ctx: ReportContext):
+    """``(rows, is_in, groups, group_names)`` of the OoD evaluation, or None without report.ood."""
+    if ctx.ood_spec is None:
         return None
     rows, is_in, groups, group_names = _ood_groups(ctx)
     if not group_names:
         raise ReportError("report.ood selects no OoD rows")
     if int(is_in.sum()) == 0:
-        raise ReportError(f"in-distribution split {ood_spec.in_distribution!r} has no scored rows")
-    scores: dict[str, np.ndarray] = {}
-    described: dict[str, str] = {}
-    for k in ctx.keys:
-        scores[f"vog_{k}"] = frame.vog[k][rows]
-        described[f"vog_{k}"] = f"raw VoG ({k}), as is"
-        scores[f"z_{k}"] = frame.z[k][rows]
-        described[f"z_{k}"] = f"z-VoG ({k}, normalised within each split), as is"
-    for name, (sig, sign, desc) in ORIENTATION.items():
-        if sig in frame.sig:
-            scores[name] = sign * frame.sig[sig][rows].astype(np.float64)
-            described[name] = desc + " (last checkpoint)"
-    res = evaluate(scores, is_in, groups, group_names)
-    if ctx.manifest.get("normalization") in ("zscore", "abs_zscore"):
-        ctx.warnings.append("z-VoG is normalised per class within each split, so z of an OoD split is "
-                            "relative to that split itself; raw VoG compares splits on one scale")
+        raise ReportError(f"in-distribution split {ctx.ood_spec.in_distribution!r} has no scored rows")
+    return rows, is_in, groups, group_names
+
+
+def ood_section(ctx: ReportContext, where: Any) -> dict[str, Any] | None:
+    """Table-1 metrics of raw VoG, z (as stored, |z|, and the other normalisation) and the other
+    signals, per OoD group (None without report.ood). ``where``: :func:`ood_rows`."""
+    if where is None:
+        return None
+    ood_spec = ctx.ood_spec
+    rows, is_in, groups, group_names = where
+    scores = usable({**vog_scores(ctx, rows, ood_reference=ood_spec.in_distribution), **signal_scores(ctx, rows)},
+                    ~is_in)
+    res = evaluate({name: v for name, (v, _) in scores.items()}, is_in, groups, group_names)
+    if ctx.manifest.get("normalization") in ("zscore", "abs_zscore") and not ctx.normalize_against:
+        ctx.warnings.append(
+            "z-VoG is normalised per class within each split, so z of an OoD split is relative to that "
+            "split itself; raw VoG compares splits on one scale, and the OoD table also shows z against "
+            f"the in-distribution split (z_vs_{ood_spec.in_distribution}_*, from classes.parquet: what "
+            f"vog.normalize_against: {ood_spec.in_distribution} would store)")
     return {"in_distribution": ood_spec.in_distribution, "ood_splits": list(ood_spec.ood_splits),
             "group_column": ood_spec.group_column, "group_names": group_names,
+            "normalize_against": ctx.normalize_against,
             "n_in": int(is_in.sum()), "n_ood": {g: int(((~is_in) & (groups == g)).sum()) for g in group_names},
-            "metrics": list(METRICS), "scores": described, **res}
+            "metrics": list(METRICS), "scores": describe(scores), **res}
 
 
 def label_mode_warning(ctx: ReportContext, ood_sec: dict[str, Any] | None) -> None:
@@ -240,6 +246,87 @@ def class_section(ctx: ReportContext) -> dict[str, list]:
     return sec
 
 
+def class_summary_section(ctx: ReportContext) -> dict[str, Any]:
+    """Per split and class (the target class, used for normalisation): examples, error rate, mean
+    z and mean raw VoG of the primary key, and the share of the class's examples that fall in the
+    split's top z-decile (a tenth when the class is as hard as the split)."""
+    frame, k, sec = ctx.frame, ctx.primary, {}
+    for s in ctx.splits:
+        rows = ctx.idx[s]
+        top = quantile_bins(ctx.split_ranks[(s, k)], len(rows), 10) == 10
+        cls, corr = frame.target[rows], frame.correct[rows]
+        out = []
+        for c in np.unique(cls):
+            sel = cls == c
+            known = sel & ~np.isnan(corr)
+            out.append({"class": int(c), "name": ctx.label_of(c), "count": int(sel.sum()),
+                        "error_rate": float(1.0 - corr[known].mean()) if known.any() else None,
+                        "mean_z": float(np.mean(frame.z[k][rows][sel])),
+                        "mean_vog": float(np.mean(frame.vog[k][rows][sel])),
+                        "top_decile_share": float(top[sel].mean())})
+        sec[s] = {"key": k, "classes": out}
+    return sec
+
+
+def window_order(windows: dict[str, list[int]]) -> list[str]:
+    """Window names in checkpoint order: by mean checkpoint index, then first index, then size."""
+    return sorted(windows, key=lambda w: (float(np.mean(windows[w])), min(windows[w]), len(windows[w])))
+
+
+def flip_section(ctx: ReportContext, flag_sec: dict[str, Any], err_sec: dict[str, Any]
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The paper's early/late flip across every window of the run, in checkpoint order: per split
+    and target, the mean z of flagged vs unflagged rows and the error of the top and bottom
+    z-deciles. Returns (section, figures)."""
+    order = window_order(ctx.windows)
+    sec: dict[str, Any] = {"windows": order, "checkpoints": {w: ctx.windows[w] for w in order}, "splits": {}}
+    figs = []
+    for s in ctx.splits:
+        entry: dict[str, Any] = {}
+        for t in ctx.targets:
+            keys = [f"{w}_{t}" for w in order]
+            d: dict[str, Any] = {}
+            for col, per_split in flag_sec.items():
+                if s in per_split:
+                    d.setdefault("mean_z_flagged", {})[col] = [per_split[s][k]["mean_flagged"] for k in keys]
+                    d.setdefault("mean_z_rest", {})[col] = [per_split[s][k]["mean_rest"] for k in keys]
+            per_key = err_sec.get(s, {}).get("keys") or {}
+            if per_key:
+                d["top_decile_error"] = [per_key[k]["deciles"][-1]["error_rate"] for k in keys]
+                d["bottom_decile_error"] = [per_key[k]["deciles"][0]["error_rate"] for k in keys]
+            if d:
+                entry[t] = d
+        if entry:
+            sec["splits"][s] = entry
+            labels = [f"{w}\n({_span(ctx.windows[w])})" for w in order]
+            figs.append(figure_entry(
+                f"flip_{safe_name(s)}", f"{s}: flagged vs rest and error across windows (checkpoint order)",
+                F.flip(f"{s}: the early/late flip across windows", labels, entry),
+                "left: mean z-VoG of flagged (solid) and unflagged (dashed) rows; right: error of the "
+                "top (solid) and bottom (dashed) z-VoG decile; one colour per target"))
+    return sec, figs
+
+
+def _span(idx: list[int]) -> str:
+    """Checkpoints of a window, 1-based: '1–3', or a list when not contiguous."""
+    one = [i + 1 for i in idx]
+    if one == list(range(one[0], one[-1] + 1)):
+        return f"ckpt {one[0]}–{one[-1]}" if len(one) > 1 else f"ckpt {one[0]}"
+    return "ckpt " + ",".join(map(str, one))
+
+
+def reference_warning(ctx: ReportContext) -> None:
+    """Rows without a reference class (``vog.normalize_against``) have no z and are not in the report."""
+    missing = ctx.manifest.get("rows_without_reference") or {}
+    n = sum(int(v) for per in missing.values() for v in per.values())
+    if n:
+        where = "; ".join(f"{s}: {sum(per.values())} rows of classes "
+                          f"{sorted(per, key=lambda c: int(c))}" for s, per in missing.items())
+        ctx.warnings.append(f"{n} rows belong to classes that split {ctx.normalize_against!r} "
+                            f"(vog.normalize_against) lacks, so they have no z and no rank and are left "
+                            f"out of this report ({where})")
+
+
 def summary_section(ctx: ReportContext) -> dict[str, Any]:
     """The run: id, URL, labels, keys, checkpoints, rows per split, timing."""
     m = ctx.manifest
@@ -250,7 +337,9 @@ def summary_section(ctx: ReportContext) -> dict[str, Any]:
         splits_summary[s] = d
     return {
         "run_id": ctx.run.run_id, "run_url": ctx.run.url, "label_mode": m.get("label_mode"),
-        "normalization": m.get("normalization"), "targets": ctx.targets, "keys": ctx.keys,
+        "normalization": m.get("normalization"), "normalize_against": m.get("normalize_against"),
+        "rows_without_reference": m.get("rows_without_reference") or {},
+        "targets": ctx.targets, "keys": ctx.keys,
         "primary": ctx.primary, "windows": ctx.windows, "num_checkpoints": m.get("num_checkpoints"),
         "checkpoints": m.get("checkpoints"), "rows": m.get("rows") or {},
         "splits": splits_summary, "wall_time_s": m.get("wall_time_s"),

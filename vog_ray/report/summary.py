@@ -1,11 +1,12 @@
-"""A short plain-text summary of a report (what ``make demo`` prints), read from ``report.json``:
-:func:`summary_lines`."""
+"""A short plain-text summary of a report (what ``make demo`` prints after the findings), read from
+``report.json``: :func:`summary_lines` (flag tests, error by decile, the OoD table) and
+:func:`league_lines` (the signal league tables of the flag columns)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["summary_lines"]
+__all__ = ["summary_lines", "league_lines"]
 
 
 def _f(x: Any, d: int = 3) -> str:
@@ -68,4 +69,27 @@ def summary_lines(report: dict[str, Any], *, window: str = "late", ood_scores: t
             return f"{_f(d.get('mean'))}±{_f(d.get('std'), 2)}"
 
         out.append("  " + f"{'mean ± std':<14}" + "".join(f"{ms(c, 'auroc') + ' / ' + ms(c, 'aupr_out'):>24}" for c in cols))
+    return out
+
+
+def _ci(ci: Any) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def league_lines(report: dict[str, Any], *, ood: bool = False, top: int | None = None) -> list[str]:
+    """The signal league table of every flag column (and with ``ood`` the pooled OoD table), best
+    first; ``top``: only the first rows."""
+    sig = report.get("signals") or {}
+    tables = [(f"finding {col} in {split}", t) for col, per in (sig.get("flags") or {}).items()
+              for split, t in per.items()]
+    if ood and sig.get("ood"):
+        tables.append(("OoD, all groups pooled", sig["ood"]["all"]))
+    out: list[str] = []
+    for title, t in tables:
+        out.append(f"Signal league, {title} ({t['n_positive']} of {t['n']} rows; AUROC / AUPR, "
+                   f"95% intervals from {t['resamples']} bootstrap resamples):")
+        out.append(f"  {'#':>3} {'signal':<26} {'AUROC':>6} {'':<17} {'AUPR':>6} {'':<17}")
+        for r in t["table"][:top]:
+            out.append(f"  {r['place']:>3} {r['signal']:<26} {_f(r['auroc']):>6} {_ci(r.get('auroc_ci')):<17} "
+                       f"{_f(r['aupr']):>6} {_ci(r.get('aupr_ci')):<17}")
     return out
