@@ -15,7 +15,7 @@ highest VoG), and the per-checkpoint signals ``sig_<name>`` (a list, one value p
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,10 +24,8 @@ from .classes import class_lookup, classes_of, merge_class_moments, partial_clas
 from .moments import class_normalize
 from .table import vog_col, z_col
 
-__all__ = ["normalize", "set_column", "SORT_KEYS", "RANK_COLUMNS", "assign_ranks", "block_counts",
+__all__ = ["normalize", "set_column", "SORT_KEYS", "assign_ranks", "block_counts",
            "rank_offsets", "rank_table", "rank_in_memory"]
-
-RANK_COLUMNS = ("rank", "class_rank", "percentile", "decile")
 
 
 def normalize(table: pa.Table, lookup: dict[str, dict[str, np.ndarray]], keys: Sequence[str],
@@ -129,8 +127,6 @@ def rank_table(table: pa.Table) -> pa.Table:
     t = table.sort_by(SORT_KEYS)
     s_counts, _ = block_counts(t)
     return assign_ranks(t, {}, {}, s_counts)
-
-
 
 
 def rank_in_memory(table: pa.Table, keys: Sequence[str], normalization: str, primary: str
