@@ -57,6 +57,25 @@ def test_sample_sort_steps_equal_one_sort(partitions, ties):
     assert pa.concat_tables(ranked).equals(rank_table(t))
 
 
+def test_partition_follows_arrow_order_for_nan_signed_zero_and_unicode():
+    """Boundaries cut where Arrow's sort puts the rows: NaN after every number in both orders,
+    -0.0 equal to 0.0 (the id decides), strings in UTF-8 byte (= code point) order."""
+    rng = np.random.default_rng(5)
+    n = 4000
+    special = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, 1.0])
+    score = np.where(rng.random(n) < 0.3, special[rng.integers(0, len(special), n)], rng.normal(size=n))
+    ids = [f"{rng.choice(['a', 'Z', 'é', 'ø', '10', '9'])}{j}" for j in rng.permutation(n)]
+    t = pa.table({"split": rng.choice(["b", "a", "ä"], n), "score": score, "id": ids,
+                  "target_label": rng.integers(0, 3, n)})
+    for keys in (SORT_KEYS, [("split", "ascending"), ("score", "ascending"), ("id", "descending")]):
+        blocks = blocks_of(t, [1500, 1000, 1500])
+        bounds = choose_boundaries([sort_key_sample(b, keys, 64) for b in blocks], keys, 9)
+        cut = [partition_block(b, keys, bounds) for b in blocks]
+        got = pa.concat_tables([merge_sorted([c[p] for c in cut], keys) for p in range(9)])
+        want = t.sort_by(keys)
+        assert got["id"].equals(want["id"]), keys
+
+
 def test_rows_equal_to_a_boundary_all_go_to_one_part():
     keys = [("split", "ascending"), ("id", "ascending")]
     t = pa.table({"split": ["a"] * 6, "id": ["1", "2", "2", "2", "3", "4"]})

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import redact
+from ..core.table import dictionary_columns
 from ..runs import SUCCESS, publish, write_json, write_table
 from ..storage import StorageOptions, join, list_files, resolve
 from .reduce import Reduced, rejected_columns
@@ -55,7 +56,8 @@ def write_run(red: Reduced, run_url: str, out_url: str, run_id: str, storage: St
     fs_out, _ = resolve(out_url, storage)
     t = time.perf_counter()
     try:
-        red.ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
+        red.ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite",
+                                 use_dictionary=dictionary_columns(red.ranked.schema().base_schema))
         if red.rows_rejected:  # an empty write on S3 fails: Ray then deletes a prefix that never existed
             red.rejected.map_batches(rejected_columns, batch_format="pyarrow").repartition(1).write_parquet(
                 join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")
