@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from vog_ray.core.moments import PixelMoments
-from vog_ray.core.ranking import SORT_KEYS, assign_ranks, block_counts, rank_offsets, rank_table
+from vog_ray.core.ranking import SORT_KEYS, add_counts, assign_ranks, block_counts, rank_offsets, rank_table
 from vog_ray.distributed.merge import MOMENT_PREFIXES as _MOMENT_PREFIXES
 from vog_ray.distributed.merge import STATE_META as _STATE_META
 from vog_ray.distributed.merge import fixed_size_list as _fsl
@@ -54,6 +54,12 @@ def test_sample_sort_steps_equal_one_sort(partitions, ties):
     # ranks from per-partition offsets == ranks of the whole table at once
     sizes, offsets = rank_offsets([block_counts(m) for m in merged])
     ranked = [assign_ranks(m, so, co, sizes) for m, (so, co) in zip(merged, offsets)]
+    assert pa.concat_tables(ranked).equals(rank_table(t))
+    # the same offsets from the cuts' counts, before any merge (what reduce.rank_dataset does)
+    from vog_ray.distributed.reduce import merge_ranked
+
+    assert rank_offsets([add_counts([block_counts(c[p]) for c in cut]) for p in range(partitions)]) == (sizes, offsets)
+    ranked = [merge_ranked(SORT_KEYS, so, co, sizes, *[c[p] for c in cut]) for p, (so, co) in enumerate(offsets)]
     assert pa.concat_tables(ranked).equals(rank_table(t))
 
 

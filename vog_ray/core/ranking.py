@@ -24,7 +24,7 @@ from .classes import class_lookup, group_codes, merge_class_moments, partial_cla
 from .moments import class_normalize
 from .table import vog_col, z_col
 
-__all__ = ["normalize", "set_column", "SORT_KEYS", "assign_ranks", "block_counts",
+__all__ = ["normalize", "set_column", "SORT_KEYS", "assign_ranks", "block_counts", "add_counts",
            "rank_offsets", "rank_table", "rank_in_memory"]
 
 
@@ -89,6 +89,19 @@ def block_counts(sorted_table: pa.Table) -> tuple[dict[str, int], dict[tuple[str
     s_counts = {s: int(v) for s, v in zip(names, np.bincount(sidx, minlength=len(names))) if v}
     c_counts = {(s, int(c)): int(v) for s, c, v in zip(g_split, g_class, np.bincount(codes, minlength=len(g_split)))}
     return s_counts, c_counts
+
+
+def add_counts(counts: list[tuple[dict[str, int], dict[tuple[str, int], int]]]
+               ) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """The sum of :func:`block_counts` results (the counts of the blocks together)."""
+    s_out: dict[str, int] = {}
+    c_out: dict[tuple[str, int], int] = {}
+    for s_c, c_c in counts:
+        for s, v in s_c.items():
+            s_out[s] = s_out.get(s, 0) + v
+        for k, v in c_c.items():
+            c_out[k] = c_out.get(k, 0) + v
+    return s_out, c_out
 
 
 def rank_offsets(counts: list[tuple[dict[str, int], dict[tuple[str, int], int]]]):

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core.classes import class_lookup, exact_class_means, exact_class_sums, exact_class_table
-from ..core.ranking import SORT_KEYS, assign_ranks, block_counts, normalize, rank_offsets
+from ..core.ranking import SORT_KEYS, add_counts, assign_ranks, block_counts, normalize, rank_offsets
 from ..storage import StorageOptions, list_files, redact_url, resolve
 from .cluster import remote_task
 from .sort import Prepare, adjacent_duplicates, block_refs, cut_blocks, merge_sorted, partitions_for, sample_sort
@@ -192,18 +192,6 @@ def merge_ranked(sort_keys: list[tuple[str, str]], split_offset: dict[str, int],
                  class_offset: dict[tuple[str, int], int], split_size: dict[str, int], *parts: pa.Table) -> pa.Table:
     """The sample sort's merge step for ranking: a partition sorted, with its ranks."""
     return assign_ranks(merge_sorted(list(parts), sort_keys), split_offset, class_offset, split_size)
-
-
-def add_counts(counts: list[tuple[dict, dict]]) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
-    """The sum of :func:`core.ranking.block_counts` results."""
-    s_out: dict[str, int] = {}
-    c_out: dict[tuple[str, int], int] = {}
-    for s_c, c_c in counts:
-        for k, v in s_c.items():
-            s_out[k] = s_out.get(k, 0) + v
-        for k2, v in c_c.items():
-            c_out[k2] = c_out.get(k2, 0) + v
-    return s_out, c_out
 
 
 def rank_dataset(ds: Any, num_rows: int, prepare: Prepare = None):

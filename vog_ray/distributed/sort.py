@@ -106,6 +106,8 @@ def partition_ids(t: pa.Table, sort_keys: list[tuple[str, str]], boundaries: pa.
     to boundary p goes to part p). A vectorised binary search over the sorted boundaries — about
     log2(P) comparisons per row, later keys compared only on ties of the earlier ones."""
     n, nb = t.num_rows, boundaries.num_rows
+    if nb == 0:
+        return np.zeros(n, np.int64)
     keys = [_Key(t.column(c), boundaries.column(c).combine_chunks().cast(t.schema.field(c).type),
                  order == "descending") for c, order in sort_keys]
     lo, hi = np.zeros(n, np.int64), np.full(n, nb, np.int64)
