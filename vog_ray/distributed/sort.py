@@ -53,28 +53,44 @@ def choose_boundaries(samples: list[pa.Table], sort_keys: list[tuple[str, str]],
     return pooled.take(pa.array([min(max(a, 0), pooled.num_rows - 1) for a in at]))
 
 
-class _Key:
-    """One sort key of a block, compared with the boundary rows' values of that key.
+_SIGN = np.uint64(1 << 63)
+_NAN_KEY = np.uint64(np.iinfo(np.uint64).max)  # above every number's key: NaN sorts last, as in Arrow
 
-    Numbers compare as they are (a NaN after every number, in both orders, as Arrow sorts it);
-    strings through their position among the boundaries' sorted distinct values (code 2i + 1 for
-    the i-th, 2i for what lies between the (i-1)-th and the i-th): ints that order a row's value
-    and a boundary's exactly as the strings do, computed only for the rows that get that far."""
+
+def _numeric_order(values: np.ndarray, descending: bool) -> np.ndarray:
+    """uint64 keys that sort numbers as Arrow does (-0.0 equal to 0.0; NaN last in both orders)."""
+    if values.dtype.kind == "f":
+        v = values.astype(np.float64) + 0.0  # -0.0 + 0.0 == +0.0
+        u = v.view(np.uint64)
+        key = np.where(u & _SIGN, ~u, u | _SIGN)  # the bits of an IEEE double, made monotone
+        if descending:
+            key = ~key
+        return np.where(np.isnan(v), _NAN_KEY, key)
+    key = values.astype(np.int64).view(np.uint64) ^ _SIGN  # ints and bools
+    return ~key if descending else key
+
+
+class _Key:
+    """One sort key of a block and of the boundary rows, as ascending integer order keys.
+
+    Numbers through :func:`_numeric_order`; strings through their place among the boundaries'
+    sorted distinct values (2i + 1 for the i-th, 2i for what lies between the (i-1)-th and the
+    i-th): ints that order a row's string and a boundary's exactly as the strings do, computed
+    only for the rows that get that far (an id is looked at only on a tie of the keys before it)."""
 
     def __init__(self, col: pa.ChunkedArray, bounds: pa.Array, descending: bool):
         self.col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        self.descending = descending
-        self.string = pa.types.is_string(self.col.type) or pa.types.is_large_string(self.col.type)
-        if self.string:
+        self.sign = -1 if descending else 1
+        self._all: np.ndarray | None = None
+        if pa.types.is_string(self.col.type) or pa.types.is_large_string(self.col.type):
             self.values = np.array(sorted(set(bounds.to_pylist())), dtype=object)
-            self.bounds = 2 * np.searchsorted(self.values, np.array(bounds.to_pylist(), dtype=object)) + 1
-            self._all: np.ndarray | None = None
+            self.bounds = self.sign * (2 * np.searchsorted(self.values, np.array(bounds.to_pylist(), dtype=object)) + 1)
         else:
-            self.bounds = bounds.to_numpy(zero_copy_only=False)
-            self._all = self.col.to_numpy(zero_copy_only=False)
+            self.bounds = _numeric_order(bounds.to_numpy(zero_copy_only=False), descending)
+            self._all = _numeric_order(self.col.to_numpy(zero_copy_only=False), descending)
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
-        """The comparable values of rows ``idx``."""
+        """The order keys of rows ``idx``."""
         if self._all is None and 4 * len(idx) >= len(self.col):  # most rows: every row at once
             self._all = self._codes(self.col)
         if self._all is not None:
@@ -87,45 +103,41 @@ class _Key:
             return self._codes(uniq)[pc.index_in(arr, value_set=uniq).to_numpy(zero_copy_only=False)]
         vals = arr.to_numpy(zero_copy_only=False)
         at = np.searchsorted(self.values, vals)
-        hit = np.zeros(len(vals), bool)
+        hit = np.zeros(len(vals), np.int64)
         inside = at < len(self.values)
         hit[inside] = self.values[at[inside]] == vals[inside]
-        return 2 * at + hit
-
-    def before(self, b: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(boundary value sorts before the row's, they are equal)``."""
-        if b.dtype.kind == "f":
-            bn, rn = np.isnan(b), np.isnan(r)
-            lt = (r > b) if not self.descending else (r < b)
-            return (lt & ~bn & ~rn) | (~bn & rn), (b == r) | (bn & rn)
-        return ((r > b) if not self.descending else (r < b)), b == r
+        return self.sign * (2 * at + hit)
 
 
 def partition_ids(t: pa.Table, sort_keys: list[tuple[str, str]], boundaries: pa.Table) -> np.ndarray:
     """For every row, the number of boundaries that sort strictly before it: its part (a row equal
-    to boundary p goes to part p). A vectorised binary search over the sorted boundaries — about
-    log2(P) comparisons per row, later keys compared only on ties of the earlier ones."""
+    to boundary p goes to part p). A lexicographic search over the sorted boundaries, key by key:
+    ``searchsorted`` of the first key over all boundaries; a row equal to boundaries ``[lo, hi)``
+    on a key is searched on the next key among those only (a handful of ranges: the splits, and
+    the rare ties of a score)."""
     n, nb = t.num_rows, boundaries.num_rows
-    if nb == 0:
-        return np.zeros(n, np.int64)
+    pid = np.zeros(n, np.int64)
+    if nb == 0 or n == 0:
+        return pid
     keys = [_Key(t.column(c), boundaries.column(c).combine_chunks().cast(t.schema.field(c).type),
                  order == "descending") for c, order in sort_keys]
-    lo, hi = np.zeros(n, np.int64), np.full(n, nb, np.int64)
-    active = np.arange(n)
-    while len(active):
-        mid = (lo[active] + hi[active]) // 2
-        before = np.zeros(len(active), bool)
-        undecided = np.arange(len(active))
-        for k in keys:
-            lt, eq = k.before(k.bounds[mid[undecided]], k.rows(active[undecided]))
-            before[undecided[lt]] = True
-            undecided = undecided[eq]
-            if not len(undecided):
-                break
-        lo[active[before]] = mid[before] + 1
-        hi[active[~before]] = mid[~before]
-        active = active[lo[active] < hi[active]]
-    return lo
+    ranges = [(np.arange(n), 0, nb)]  # rows, and the boundaries [lo, hi) they equal on the keys so far
+    for k in keys:
+        ties = []
+        for rows, lo, hi in ranges:
+            bk, rk = k.bounds[lo:hi], k.rows(rows)
+            first, last = lo + np.searchsorted(bk, rk, "left"), lo + np.searchsorted(bk, rk, "right")
+            pid[rows] = first
+            tied = np.flatnonzero(first < last)
+            if len(tied):  # one range per tied value: group the tied rows by their lower bound
+                tied = tied[np.argsort(first[tied], kind="stable")]
+                starts = np.r_[0, np.flatnonzero(np.diff(first[tied])) + 1]
+                for a, b in zip(starts, np.r_[starts[1:], len(tied)]):
+                    ties.append((rows[tied[a:b]], int(first[tied[a]]), int(last[tied[a]])))
+        ranges = ties
+        if not ranges:
+            break
+    return pid
 
 
 def partition_block(t: pa.Table, sort_keys: list[tuple[str, str]], boundaries: pa.Table) -> list[pa.Table]:
