@@ -179,7 +179,7 @@ def check_equal(name, base, sds, engine, X, Y, Yt, batch, device, models_bare, m
     out["plain_path_bitwise_equal"] = True
     # 2. the settings timed (channels_last / stacked as the engine chose them)
     timed = GradientEngine(base, sds, windows=single, device=device,
-                           channels_last=engine.channels_last, stacked=bool(engine._use_stacked))
+                           channels_last=engine.channels_last, stacked=bool(engine.uses_stacked))
     res = timed.run(x, y, emit="moments")
     got = [res.moments[f"c{k}_logit"].mean[i] for k in range(K) for i in range(len(x))]
     ref = [bare[k][i].numpy() for k in range(K) for i in range(len(x))]
@@ -260,7 +260,7 @@ def bench_model(name: str, cfg: dict, args, device: torch.device) -> dict:
         "wall_rates": wall_rate,
         "cpu_engine_vs_bare": cpu_rate["engine"] / cpu_rate["bare"],
         "cpu_engine_vs_per_example": cpu_rate["engine"] / cpu_rate["per_example"],
-        "engine_path": {"stacked": bool(engine._use_stacked), "channels_last": engine.channels_last,
+        "engine_path": {"stacked": bool(engine.uses_stacked), "channels_last": engine.channels_last,
                         "stack_timing_s": engine.stack_timing},
         "checks": checks,
     }

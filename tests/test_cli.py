@@ -107,6 +107,81 @@ def test_audit_prints_run_rows_throughput_and_top_ids(project):
     assert "cores stay idle" in r.stderr and "compute.actors: {min: 2, max: 2}" in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_incremental_audit_respects_report_enabled_false(project):
+    """``audit --incremental`` with ``report.enabled: false`` publishes the run and builds no report."""
+    from vog_ray.runs import open_run
+
+    out = project["root"] / "out-incremental"
+    r = _run("audit", str(project["config"]), "--incremental", "--set", "report.enabled=false",
+             "--set", "vog.windows={early: 'first:3', all: all}", "--set", f"output.url={out}",
+             cwd=project["root"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = open_run(str(out))
+    assert run.manifest["mode"] == "incremental" and (out / "_incremental" / "state.json").is_file()
+    assert not any(Path(run.url).glob("report*")), sorted(p.name for p in Path(run.url).iterdir())
+    assert "report:" not in r.stdout
+
+
+def _parquet_split(path: Path, columns: dict) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path / "part-0.parquet")
+    return path / "part-0.parquet"
+
+
+def test_reader_key_and_type_errors_exit_2_with_one_line_naming_file_and_column(project):
+    """A split whose files lack the label or image column, or hold string labels: found while
+    planning (before Ray starts), one ``error:`` line naming the file and the column, exit 2."""
+    import pyarrow.parquet as pq
+
+    good = pq.read_table(project["root"] / "data" / "test")
+    images, labels = good["image"], good["label"]
+    cases = {
+        "no_label": ({"image": images}, "no column 'label'"),
+        "no_image": ({"pixels": images, "label": labels}, "no column 'image'"),
+        "string_labels": ({"image": images, "label": labels.cast("string")},
+                          "label column 'label' must be integer, got string"),
+    }
+    for name, (columns, expected) in cases.items():
+        f = _parquet_split(project["root"] / "bad" / name, columns)
+        cfg = json.loads(json.dumps(project["cfg"]))
+        cfg["data"]["splits"]["test"]["url"] = str(f.parent)
+        r = _run("audit", str(_write(project, f"{name}.yaml", cfg)), cwd=project["root"], timeout=300)
+        assert r.returncode == 2, (name, r.stderr[-2000:])
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0] and str(f) in errors[0], (name, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, name
+        # refused while planning: no scoring started (no CPU-layout hint, no Ray Data execution)
+        assert "cores stay idle" not in r.stderr and "Starting execution" not in r.stderr, name
+
+
+def test_reader_error_raised_in_a_ray_task_is_one_line(monkeypatch, capsys):
+    """The same errors raised inside a Ray read task reach the driver wrapped by Ray (with Ray
+    Data's retry hints appended): still one ``error:`` line, exit 2; ``-v`` adds the traceback."""
+    from ray.exceptions import RayTaskError
+
+    from vog_ray import cli
+
+    msg = "part-3.parquet (/data/train/part-3.parquet): no column 'label'; columns are ['image']"
+    for cause in (KeyError(msg + "\nFailed to apply UDF transform after 1/1 attempts"),
+                  TypeError("part-3.parquet: label column 'label' must be integer, got string")):
+        wrapped = RayTaskError("ReadParquet", "Traceback (most recent call last): ...", cause).as_instanceof_cause()
+
+        def dispatch(args, e=wrapped):
+            raise e
+
+        monkeypatch.setattr(cli, "_dispatch", dispatch)
+        assert cli.main(["validate", "x.yaml"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {str(cause.args[0]).splitlines()[0]}"], err
+        assert cli.main(["-v", "validate", "x.yaml"]) == 2
+        assert "Traceback" in capsys.readouterr().err
+
+
 def test_unknown_key_exits_2_naming_key_and_file(project):
     cfg = json.loads(json.dumps(project["cfg"]))
     cfg["compute"]["batchsize"] = 64

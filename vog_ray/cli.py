@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from typing import Sequence
 
 from .config import ConfigError, load_config
@@ -103,9 +104,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {_redact(str(e))}", file=sys.stderr)
         return 2
+    except (KeyError, TypeError) as e:
+        return _reader_error_exit(e, args.verbose)
     except (FileNotFoundError, ValueError, RuntimeError, PermissionError, OSError) as e:
         print(f"error: {_redact(_root_message(e))}", file=sys.stderr)
         return 1
+
+
+def _reader_error_exit(e: BaseException, verbose: bool) -> int:
+    """A reader's ``KeyError`` (a split's file lacks a column the config names) or ``TypeError``
+    (a label column of strings …), raised while planning or inside a Ray read task: input that
+    can never be scored, so exit 2 with one ``error:`` line naming the file and the column (the
+    traceback too with ``--verbose``)."""
+    if verbose:
+        traceback.print_exception(e)
+    root = _root_cause(e)
+    msg = str(root.args[0]) if isinstance(root, KeyError) and root.args else str(root) or type(root).__name__
+    # Ray Data appends retry-tuning hints on the lines after the error itself
+    print(f"error: {_redact(msg.strip().splitlines()[0])}", file=sys.stderr)
+    return 2
 
 
 # names of environment variables whose values are credentials (AWS_SECRET_ACCESS_KEY, *_TOKEN …)
@@ -148,7 +165,7 @@ def _redact_log_records() -> None:
     logging.setLogRecordFactory(factory)
 
 
-def _root_message(e: BaseException) -> str:
+def _root_cause(e: BaseException) -> BaseException:
     """The user's error, not Ray's wrapper around it."""
     seen = e
     while getattr(seen, "cause", None) is not None or seen.__cause__ is not None:
@@ -156,8 +173,12 @@ def _root_message(e: BaseException) -> str:
         if nxt is seen:
             break
         seen = nxt
-    msg = str(seen) if str(seen) else type(seen).__name__
-    return msg
+    return seen
+
+
+def _root_message(e: BaseException) -> str:
+    seen = _root_cause(e)
+    return str(seen) if str(seen) else type(seen).__name__
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -167,17 +188,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "audit":
         cfg = load_config(args.config, args.overrides)
+        report = False if args.no_report else None  # None: as the config's report.enabled says
         if args.incremental:
             from .distributed.incremental import run_incremental
 
-            res = run_incremental(cfg, address=args.address, report=not args.no_report)
+            res = run_incremental(cfg, address=args.address, report=report)
             if res is None:
                 print("up to date: no new checkpoint")
                 return 0
         else:
             from .distributed.audit import run_audit
 
-            res = run_audit(cfg, address=args.address, report=False if args.no_report else None)
+            res = run_audit(cfg, address=args.address, report=report)
         print(res.summary())
         if cfg.report.enabled and not args.no_report:
             print(f"report: {res.run_url}/report.html")

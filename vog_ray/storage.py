@@ -16,7 +16,7 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["StorageOptions", "resolve", "join", "is_remote", "natural_key", "expand", "redact_url", "list_files",
+__all__ = ["StorageOptions", "resolve", "join", "natural_key", "expand", "redact_url", "list_files",
            "atomic_write", "is_local"]
 
 
@@ -55,10 +55,6 @@ class StorageOptions:
 def _protocol(url: str) -> str:
     m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", url)
     return m.group(1).lower() if m else "file"
-
-
-def is_remote(url: str) -> bool:
-    return _protocol(url) not in ("file", "local")
 
 
 def resolve(url: str, storage: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

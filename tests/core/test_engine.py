@@ -272,3 +272,18 @@ def test_resolve_windows_forms():
             resolve_windows(spec, 10)
     with pytest.raises(ValueError, match="zero checkpoints"):
         resolve_windows({"all": "all"}, 0)
+
+
+def test_target_errors_name_the_targets():
+    """An empty or unknown target list is an error listing the real target names (the message is
+    formatted, not a literal ``{TARGETS}``)."""
+    from vog_ray.core.options import TARGETS
+
+    spec = {"name": "mlp", "in_features": 4, "hidden": [3], "num_classes": 2}
+    sds = random_state_dicts(spec, [1])
+    for targets, start in (([], "no target given"), (["logits"], "unknown target 'logits'")):
+        with pytest.raises(ValueError) as err:
+            GradientEngine(build_model(spec), sds, windows={"all": [0]}, targets=targets)
+        msg = str(err.value)
+        assert msg.startswith(start) and "{" not in msg, msg
+        assert all(repr(t) in msg for t in TARGETS), msg

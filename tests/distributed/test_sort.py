@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from vog_ray.core.moments import PixelMoments
-from vog_ray.core.ranking import SORT_KEYS, assign_ranks, block_counts, rank_offsets, rank_table
+from vog_ray.core.ranking import SORT_KEYS, add_counts, assign_ranks, block_counts, rank_offsets, rank_table
 from vog_ray.distributed.merge import MOMENT_PREFIXES as _MOMENT_PREFIXES
 from vog_ray.distributed.merge import STATE_META as _STATE_META
 from vog_ray.distributed.merge import fixed_size_list as _fsl
@@ -55,6 +55,31 @@ def test_sample_sort_steps_equal_one_sort(partitions, ties):
     sizes, offsets = rank_offsets([block_counts(m) for m in merged])
     ranked = [assign_ranks(m, so, co, sizes) for m, (so, co) in zip(merged, offsets)]
     assert pa.concat_tables(ranked).equals(rank_table(t))
+    # the same offsets from the cuts' counts, before any merge (what reduce.rank_dataset does)
+    from vog_ray.distributed.reduce import merge_ranked
+
+    assert rank_offsets([add_counts([block_counts(c[p]) for c in cut]) for p in range(partitions)]) == (sizes, offsets)
+    ranked = [merge_ranked(SORT_KEYS, so, co, sizes, *[c[p] for c in cut]) for p, (so, co) in enumerate(offsets)]
+    assert pa.concat_tables(ranked).equals(rank_table(t))
+
+
+def test_partition_follows_arrow_order_for_nan_signed_zero_and_unicode():
+    """Boundaries cut where Arrow's sort puts the rows: NaN after every number in both orders,
+    -0.0 equal to 0.0 (the id decides), strings in UTF-8 byte (= code point) order."""
+    rng = np.random.default_rng(5)
+    n = 4000
+    special = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, 1.0])
+    score = np.where(rng.random(n) < 0.3, special[rng.integers(0, len(special), n)], rng.normal(size=n))
+    ids = [f"{rng.choice(['a', 'Z', 'é', 'ø', '10', '9'])}{j}" for j in rng.permutation(n)]
+    t = pa.table({"split": rng.choice(["b", "a", "ä"], n), "score": score, "id": ids,
+                  "target_label": rng.integers(0, 3, n)})
+    for keys in (SORT_KEYS, [("split", "ascending"), ("score", "ascending"), ("id", "descending")]):
+        blocks = blocks_of(t, [1500, 1000, 1500])
+        bounds = choose_boundaries([sort_key_sample(b, keys, 64) for b in blocks], keys, 9)
+        cut = [partition_block(b, keys, bounds) for b in blocks]
+        got = pa.concat_tables([merge_sorted([c[p] for c in cut], keys) for p in range(9)])
+        want = t.sort_by(keys)
+        assert got["id"].equals(want["id"]), keys
 
 
 @pytest.mark.parametrize("partitions", [1, 3])

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from .moments import ClassMoments
 from .table import vog_col
 
-__all__ = ["classes_of", "partial_class_moments", "merge_class_moments", "class_table", "class_lookup",
+__all__ = ["classes_of", "split_codes", "group_codes", "partial_class_moments", "merge_class_moments", "class_table", "class_lookup",
            "exact_class_sums", "exact_class_means", "exact_class_table"]
 
 
@@ -26,6 +26,40 @@ def classes_of(table: pa.Table) -> np.ndarray:
     return pc.fill_null(table.column("target_label"), -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+def split_codes(table: pa.Table) -> tuple[np.ndarray, list[str]]:
+    """Each row's split as an index into the table's split names (sorted): per-row work on small
+    ints instead of strings (a block holds a handful of splits)."""
+    col = table.column("split")
+    names = sorted(pc.unique(col).to_pylist())
+    codes = pc.index_in(col, value_set=pa.array(names, col.type)).to_numpy(zero_copy_only=False)
+    return codes.astype(np.int64, copy=False), names
+
+
+# group codes come from a bincount over split × class when that grid has at most this many cells
+# (a few MiB of counts), else from a sort of the rows' keys
+_GROUP_GRID_MAX = 1 << 20
+
+
+def group_codes(table: pa.Table) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, list[str]]:
+    """Each row's (split, class) group as an int ``0 … G-1``, groups in (split, class) order:
+    ``(codes, split of each group, class of each group, each row's split code, split names)``."""
+    sidx, names = split_codes(table)
+    cls = classes_of(table)
+    if len(cls) == 0:
+        return np.zeros(0, np.int64), [], np.zeros(0, np.int64), sidx, names
+    lo = int(cls.min())
+    span = int(cls.max()) - lo + 1
+    key = sidx * span + (cls - lo)
+    if len(names) * span <= _GROUP_GRID_MAX:
+        present = np.flatnonzero(np.bincount(key, minlength=len(names) * span))
+        remap = np.zeros(len(names) * span, np.int64)
+        remap[present] = np.arange(len(present))
+        codes, uniq = remap[key], present
+    else:
+        uniq, codes = np.unique(key, return_inverse=True)
+    return codes, [names[u] for u in uniq // span], uniq % span + lo, sidx, names
+
+
 def partial_class_moments(table: pa.Table, keys: Sequence[str]) -> pa.Table:
     """Per (split, class) moments of raw VoG in one block, plus error counts.
 
@@ -33,18 +67,15 @@ def partial_class_moments(table: pa.Table, keys: Sequence[str]) -> pa.Table:
     """
     if table.num_rows == 0:
         return _empty_partials(keys)
-    splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    cls = classes_of(table)
+    inv, g_split, g_class, _, _ = group_codes(table)
     ids = table.column("id").to_numpy(zero_copy_only=False).astype(str)
     correct = table.column("correct")
     known = pc.is_valid(correct).to_numpy(zero_copy_only=False)
     corr = pc.fill_null(correct, False).to_numpy(zero_copy_only=False).astype(bool)
-    pairs = np.rec.fromarrays([splits, cls], names="s,c")
-    uniq, inv = np.unique(pairs, return_inverse=True)
-    G = len(uniq)
+    G = len(g_split)
     out: dict[str, Any] = {
-        "split": [str(u[0]) for u in uniq],
-        "class": [int(u[1]) for u in uniq],
+        "split": g_split,
+        "class": [int(c) for c in g_class],
         "first_id": [min(ids[inv == g]) for g in range(G)],
         "n_labelled": np.bincount(inv, weights=known, minlength=G).astype(np.int64),
         "n_errors": np.bincount(inv, weights=known & ~corr, minlength=G).astype(np.int64),
@@ -162,13 +193,23 @@ def _exact_group_sums(values: np.ndarray, groups: np.ndarray, num_groups: int) -
     m, e = np.frexp(v)                               # v = m * 2**e exactly, 0.5 <= |m| < 1
     mant = (m * 9007199254740992.0).astype(np.int64)  # m * 2**53: an exact 53-bit integer
     hi, lo = mant >> 26, mant & ((1 << 26) - 1)        # mant = hi * 2**26 + lo, |hi| < 2**27, 0 <= lo < 2**26
-    uk, inv = np.unique(g * 4096 + (e.astype(np.int64) + 2048), return_inverse=True)
+    e = e.astype(np.int64)
+    e_lo = int(e.min())
+    span = int(e.max()) - e_lo + 1
+    key = g * span + (e - e_lo)      # one cell per (group, exponent)
+    if num_groups * span <= _GROUP_GRID_MAX:
+        cells = np.flatnonzero(np.bincount(key, minlength=num_groups * span))
+        remap = np.zeros(num_groups * span, np.int64)
+        remap[cells] = np.arange(len(cells))
+        inv = remap[key]
+    else:
+        cells, inv = np.unique(key, return_inverse=True)
     # float64 bincount sums of integers below 2**27 are exact for < 2**26 rows per block
-    s_hi = np.bincount(inv, weights=hi.astype(np.float64))
-    s_lo = np.bincount(inv, weights=lo.astype(np.float64))
-    for k, a, b in zip(uk.tolist(), s_hi.tolist(), s_lo.tolist()):
-        grp, exp = divmod(k, 4096)
-        out[grp] += ((int(a) << 26) + int(b)) << (exp - 2048 - 53 + _EXACT_SHIFT)
+    s_hi = np.bincount(inv, weights=hi.astype(np.float64), minlength=len(cells))
+    s_lo = np.bincount(inv, weights=lo.astype(np.float64), minlength=len(cells))
+    for k, a, b in zip(cells.tolist(), s_hi.tolist(), s_lo.tolist()):
+        grp, exp = divmod(k, span)
+        out[grp] += ((int(a) << 26) + int(b)) << (exp + e_lo - 53 + _EXACT_SHIFT)
     return out, bad
 
 
@@ -179,12 +220,9 @@ def exact_class_sums(table: pa.Table, vog_keys: Sequence[str],
     :func:`exact_class_means`). Sums travel as decimal strings."""
     if table.num_rows == 0:
         return pa.table({"split": pa.array([], pa.string()), "class": pa.array([], pa.int64())})
-    splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    cls = classes_of(table)
-    pairs = np.rec.fromarrays([splits, cls], names="s,c")
-    uniq, inv = np.unique(pairs, return_inverse=True)
-    G = len(uniq)
-    out: dict[str, Any] = {"split": [str(u[0]) for u in uniq], "class": [int(u[1]) for u in uniq],
+    inv, g_split, g_class, _, _ = group_codes(table)
+    G = len(g_split)
+    out: dict[str, Any] = {"split": g_split, "class": [int(c) for c in g_class],
                            "n": np.bincount(inv, minlength=G).astype(np.int64)}
     if means is None:
         correct = table.column("correct")
@@ -194,7 +232,7 @@ def exact_class_sums(table: pa.Table, vog_keys: Sequence[str],
         out["n_errors"] = np.bincount(inv, weights=known & ~corr, minlength=G).astype(np.int64)
     else:
         index = {(s, int(c)): i for i, (s, c) in enumerate(zip(means["split"], means["class"]))}
-        rows = np.array([index[(str(u[0]), int(u[1]))] for u in uniq], np.int64)
+        rows = np.array([index[(s, int(c))] for s, c in zip(g_split, g_class)], np.int64)
     for k in vog_keys:
         v = table.column(vog_col(k)).to_numpy(zero_copy_only=False).astype(np.float64)
         if means is not None:

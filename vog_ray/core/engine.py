@@ -222,6 +222,12 @@ class GradientEngine:
         self._use_stacked: bool | None = (None if stacked == "auto" and self._stack is not None
                                           else self._stack is not None)
 
+    @property
+    def uses_stacked(self) -> bool | None:
+        """Whether batches run all checkpoints as one vmapped call (``None``: ``"auto"`` has not
+        timed its first large batch yet)."""
+        return self._use_stacked
+
     # ------------------------------------------------------------------ helpers
     def keys(self) -> list[str]:
         """Output keys ``window_target`` in a stable order."""

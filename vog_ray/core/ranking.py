@@ -20,34 +20,34 @@ counts such rows (:func:`unreferenced`).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from .classes import class_lookup, classes_of, merge_class_moments, partial_class_moments
+from .classes import class_lookup, group_codes, merge_class_moments, partial_class_moments
 from .moments import class_normalize
 from .table import vog_col, z_col
 
-__all__ = ["normalize", "set_column", "SORT_KEYS", "RANK_COLUMNS", "assign_ranks", "block_counts",
+__all__ = ["normalize", "set_column", "SORT_KEYS", "assign_ranks", "block_counts", "add_counts",
            "rank_offsets", "rank_table", "rank_in_memory", "unreferenced", "check_reference", "z_values"]
-
-RANK_COLUMNS = ("rank", "class_rank", "percentile", "decile")
 
 
 def normalize(table: pa.Table, lookup: dict[str, dict[str, np.ndarray]], keys: Sequence[str],
               method: str, primary: str, reference: str | None = None) -> pa.Table:
-    """Add ``z_<key>`` for every key and ``score`` (= ``z_<primary>``): each split normalised by
-    its own class moments, or by those of the split ``reference`` (NaN for a class it lacks)."""
-    splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    cls = classes_of(table)
-    zs = {k: np.zeros(table.num_rows) for k in keys}
-    for s in np.unique(splits):
-        rows = splits == s
-        e = lookup[s if reference is None else reference]
-        for k in keys:
-            v = table.column(vog_col(k)).to_numpy(zero_copy_only=False)[rows]
-            zs[k][rows] = z_values(v, cls[rows], e, k, method, referenced=reference is not None)
+    """Add ``z_<key>`` for every key and ``score`` (= ``z_<primary>``): each row's class mean and
+    std looked up through its (split, class) group (:func:`group_codes`) in its own split's class
+    moments, or in those of the split ``reference`` (NaN for a class it lacks)."""
+    codes, g_split, g_class, _, _ = group_codes(table)
+    src = list(g_split) if reference is None else [reference] * len(g_split)
+    zs = {}
+    for k in keys:
+        mean = np.array([lookup[s][f"mean_{k}"][c] for s, c in zip(src, g_class)], np.float64)
+        std = np.array([lookup[s][f"std_{k}"][c] for s, c in zip(src, g_class)], np.float64)
+        z = class_normalize(table.column(vog_col(k)).to_numpy(zero_copy_only=False), codes, mean, std, method)
+        if reference is not None:
+            z[~np.isfinite(mean)[codes]] = np.nan
+        zs[k] = z
     for k in keys:
         table = set_column(table, z_col(k), pa.array(zs[k], pa.float64()))
     return set_column(table, "score", pa.array(zs[primary], pa.float64()))
@@ -84,17 +84,14 @@ def assign_ranks(sorted_table: pa.Table, split_offset: dict[str, int], class_off
     of each split (and split × class) that precede the block. Rows without a finite score get
     null ranks (they sort last in their split, so the offsets count ranked rows only)."""
     ok = _ranked(sorted_table)
-    n = int(ok.sum())
-    splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)[ok]
-    cls = classes_of(sorted_table)[ok]
-    rank = _cumcount(splits) + np.array([split_offset.get(s, 0) for s in splits], np.int64)
-    pairs = np.char.add(np.char.add(splits, "\x00"), cls.astype(str)) if n else splits
-    crank = _cumcount(pairs) + np.array(
-        [class_offset.get((s, int(c)), 0) for s, c in zip(splits, cls)], np.int64)
-    size = np.array([split_size[s] for s in splits], np.int64) if n else np.zeros(0, np.int64)
+    mask = None if ok.all() else ~ok
+    codes, g_split, g_class, sidx, names = group_codes(sorted_table if mask is None else sorted_table.filter(ok))
+    rank = _cumcount(sidx) + np.array([split_offset.get(s, 0) for s in names], np.int64)[sidx]
+    crank = _cumcount(codes) + np.array(
+        [class_offset.get((s, int(c)), 0) for s, c in zip(g_split, g_class)], np.int64)[codes]
+    size = np.array([split_size[s] for s in names], np.int64)[sidx]
     pct = 100.0 * (size - rank + 1) / np.maximum(size, 1)
     dec = 10 - np.floor_divide(10 * (rank - 1), np.maximum(size, 1))
-    mask = None if ok.all() else ~ok
 
     def full(values: np.ndarray, typ: pa.DataType) -> pa.Array:
         if mask is None:
@@ -110,15 +107,14 @@ def assign_ranks(sorted_table: pa.Table, split_offset: dict[str, int], class_off
     return set_column(t, "decile", full(dec.astype(np.int64), pa.int64()))
 
 
-def _cumcount(keys: np.ndarray) -> np.ndarray:
-    """1-based running count of each key's occurrences, in order."""
-    n = len(keys)
+def _cumcount(codes: np.ndarray) -> np.ndarray:
+    """1-based running count of each code's occurrences (small ints), in order."""
+    n = len(codes)
     if n == 0:
         return np.zeros(0, np.int64)
-    _, inv = np.unique(keys, return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    sorted_inv = inv[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_inv)) + 1]
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_codes)) + 1]
     group_start = np.repeat(starts, np.diff(np.r_[starts, n]))
     out = np.empty(n, np.int64)
     out[order] = np.arange(n) - group_start + 1
@@ -128,15 +124,23 @@ def _cumcount(keys: np.ndarray) -> np.ndarray:
 def block_counts(sorted_table: pa.Table) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
     """Ranked rows (finite score) per split and per (split, class) in a block."""
     ok = _ranked(sorted_table)
-    splits = sorted_table.column("split").to_numpy(zero_copy_only=False).astype(str)[ok]
-    cls = classes_of(sorted_table)[ok]
-    s_counts = {str(k): int(v) for k, v in zip(*np.unique(splits, return_counts=True))}
-    c_counts: dict[tuple[str, int], int] = {}
-    if len(splits):
-        pairs = np.rec.fromarrays([splits, cls], names="s,c")
-        for u, v in zip(*np.unique(pairs, return_counts=True)):
-            c_counts[(str(u[0]), int(u[1]))] = int(v)
+    codes, g_split, g_class, sidx, names = group_codes(sorted_table if ok.all() else sorted_table.filter(ok))
+    s_counts = {s: int(v) for s, v in zip(names, np.bincount(sidx, minlength=len(names))) if v}
+    c_counts = {(s, int(c)): int(v) for s, c, v in zip(g_split, g_class, np.bincount(codes, minlength=len(g_split)))}
     return s_counts, c_counts
+
+
+def add_counts(counts: list[tuple[dict[str, int], dict[tuple[str, int], int]]]
+               ) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """The sum of :func:`block_counts` results (the counts of the blocks together)."""
+    s_out: dict[str, int] = {}
+    c_out: dict[tuple[str, int], int] = {}
+    for s_c, c_c in counts:
+        for s, v in s_c.items():
+            s_out[s] = s_out.get(s, 0) + v
+        for k, v in c_c.items():
+            c_out[k] = c_out.get(k, 0) + v
+    return s_out, c_out
 
 
 def rank_offsets(counts: list[tuple[dict[str, int], dict[tuple[str, int], int]]]):
@@ -164,8 +168,6 @@ def rank_table(table: pa.Table) -> pa.Table:
     t = table.sort_by(SORT_KEYS)
     s_counts, _ = block_counts(t)
     return assign_ranks(t, {}, {}, s_counts)
-
-
 
 
 def unreferenced(classes: pa.Table, reference: str | None) -> dict[str, dict[int, int]]:

@@ -31,7 +31,8 @@ def _map_threads(fn: Callable[[Any], Any], items: Sequence[Any], max_workers: in
 
 def count_split_rows(spec: "SplitSpec", storage: StorageOptions | None = None) -> int:
     """The number of rows ``read_split`` yields for a split, from metadata where the format has
-    it (parquet footers, npz headers, the image-folder listing); CIFAR batches are unpickled."""
+    it (parquet footers, npz headers, the image-folder listing); CIFAR batches are unpickled.
+    Parquet footers are checked for the columns the split reads (``parquet.check_columns``)."""
     storage = storage or StorageOptions()
     if spec.format == "image_folder":
         return len(folder_files(spec, storage)[2])
@@ -39,7 +40,7 @@ def count_split_rows(spec: "SplitSpec", storage: StorageOptions | None = None) -
 
     def rows(f: SourceFile) -> int:
         if spec.format == "parquet":
-            return parquet.num_rows(fs, f)
+            return parquet.num_rows(fs, f, spec)
         if spec.format == "npz":
             return npz.num_rows(fs, f, spec)
         return cifar.num_rows(fs, f)

@@ -12,13 +12,14 @@ import pyarrow as pa
 from ..core.table import keep_array
 from ..storage import StorageOptions
 from .listing import SourceFile, list_split_files
-from .rows import ids_array, image_column_to_binary, labels_array, make_block, row_ids, rows_per_block
+from .rows import (ids_array, image_column_to_binary, label_type_ok, labels_array, make_block, row_ids,
+                   rows_per_block)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import SplitSpec
     from .datasource import Piece
 
-__all__ = ["read_piece", "num_row_groups", "num_rows", "peek_payloads", "fetch_rows", "fetch_by_id_column"]
+__all__ = ["read_piece", "check_columns", "num_row_groups", "num_rows", "peek_payloads", "fetch_rows", "fetch_by_id_column"]
 
 Found = Callable[[str, Any], None]   # called with (id, image payload) for each row fetched
 
@@ -30,14 +31,7 @@ def read_piece(fs, piece: "Piece", name: str, spec: "SplitSpec") -> Iterator[pa.
     f = piece.file
     with fs.open(f.path, "rb") as fh:
         pf = pq.ParquetFile(fh)
-        names = pf.schema_arrow.names
-        wanted = [spec.image_column] + ([spec.label_column] if spec.label_column else []) \
-            + ([spec.id_column] if spec.id_column else []) + list(spec.keep_columns)
-        missing = [c for c in wanted if c not in names]
-        if missing:
-            hint = " (set label_column: null for an unlabelled split)" if spec.label_column in missing else ""
-            raise KeyError(f"{f.rel} ({f.path}): no column {missing[0]!r}; columns are {names}{hint}")
-        cols = list(dict.fromkeys(wanted))
+        cols = check_columns(pf.schema_arrow, spec, f)
         md = pf.metadata
         rgs = list(range(md.num_row_groups))
         if piece.rg_start is not None:
@@ -58,6 +52,23 @@ def read_piece(fs, piece: "Piece", name: str, spec: "SplitSpec") -> Iterator[pa.
             yield make_block(ids, name, labels, images, keep)
 
 
+def check_columns(schema: pa.Schema, spec: "SplitSpec", f: SourceFile) -> list[str]:
+    """The columns a split reads from a file (image, label, id, keep), checked against the file's
+    schema: a missing one is a ``KeyError``, a label column that cannot hold labels a
+    ``TypeError``, each naming the file and the column."""
+    names = schema.names
+    wanted = [spec.image_column] + ([spec.label_column] if spec.label_column else []) \
+        + ([spec.id_column] if spec.id_column else []) + list(spec.keep_columns)
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        hint = " (set label_column: null for an unlabelled split)" if spec.label_column in missing else ""
+        raise KeyError(f"{f.rel} ({f.path}): no column {missing[0]!r}; columns are {names}{hint}")
+    if spec.label_column and not label_type_ok(schema.field(spec.label_column).type):
+        raise TypeError(f"{f.rel} ({f.path}): label column {spec.label_column!r} must be integer, "
+                        f"got {schema.field(spec.label_column).type}")
+    return list(dict.fromkeys(wanted))
+
+
 def num_row_groups(fs, f: SourceFile) -> int:
     """The number of row groups of a file (from its footer)."""
     import pyarrow.parquet as pq
@@ -66,13 +77,18 @@ def num_row_groups(fs, f: SourceFile) -> int:
         return pq.ParquetFile(fh).metadata.num_row_groups
 
 
-def num_rows(fs, f: SourceFile) -> int:
-    """The number of rows of a file (from its footer); a file that is not Parquet is an error."""
+def num_rows(fs, f: SourceFile, spec: Optional["SplitSpec"] = None) -> int:
+    """The number of rows of a file (from its footer); a file that is not Parquet is an error, and
+    so (given the split's ``spec``) is a file without the columns the split reads
+    (:func:`check_columns`)."""
     import pyarrow.parquet as pq
 
     try:
         with fs.open(f.path, "rb") as fh:
-            return pq.ParquetFile(fh).metadata.num_rows
+            pf = pq.ParquetFile(fh)
+            if spec is not None:
+                check_columns(pf.schema_arrow, spec, f)
+            return pf.metadata.num_rows
     except (pa.ArrowException, OSError) as e:  # truncated / corrupt / not Parquet at all
         if isinstance(e, FileNotFoundError):
             raise
@@ -86,6 +102,7 @@ def peek_payloads(fs, f: SourceFile, spec: "SplitSpec", n: int) -> Optional[list
 
     with fs.open(f.path, "rb") as fh:
         pf = pq.ParquetFile(fh)
+        check_columns(pf.schema_arrow, spec, f)
         if pf.metadata.num_rows == 0:
             return None
         g = next(i for i in range(pf.metadata.num_row_groups) if pf.metadata.row_group(i).num_rows)

@@ -16,7 +16,7 @@ from ..core.table import keep_array
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import SplitSpec
 
-__all__ = ["ROW_COLUMNS", "OK", "NPY_MAGIC", "npy_bytes", "labels_array", "ids_array", "make_block",
+__all__ = ["ROW_COLUMNS", "OK", "NPY_MAGIC", "npy_bytes", "label_type_ok", "labels_array", "ids_array", "make_block",
            "row_ids", "rows_per_block", "array_blocks", "image_column_to_binary", "raw_rows"]
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -41,13 +41,17 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return _npy_header_for(a.dtype.str, a.shape) + a.tobytes()
 
 
+def label_type_ok(t: pa.DataType) -> bool:
+    """Whether a column of this type can hold labels (integers; whole floats, bools and nulls pass)."""
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)
+
+
 def labels_array(values: Any, n: int, source: str, column: str) -> np.ndarray:
     """Labels as int64 (``-1`` for none or null); non-integer labels are an error."""
     if values is None:
         return np.full(n, -1, np.int64)
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
-                or pa.types.is_boolean(values.type) or pa.types.is_null(values.type)):
+        if not label_type_ok(values.type):
             raise TypeError(f"{source}: label column {column!r} must be integer, got {values.type}")
         values = values.cast(pa.float64()).fill_null(-1).to_numpy(zero_copy_only=False)
     arr = np.asarray(values)

@@ -87,8 +87,9 @@ class Plan:
 
 
 def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] | None = None) -> Plan:
-    """List, hash and validate the checkpoints, resolve windows, count the input rows, check the
-    output is writable — then connect to Ray (a bad checkpoint URL fails without starting Ray)."""
+    """List, hash and validate the checkpoints, resolve windows, count the input rows (checking
+    the columns each split reads), check the output is writable — then connect to Ray (a bad
+    checkpoint URL or a missing column fails without starting Ray)."""
     from ..data.metadata import count_rows
     from ..models.checkpoints import hash_checkpoints, list_checkpoints, load_checkpoints
 
@@ -100,11 +101,12 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
     infos = hash_checkpoints(urls, storage)
     # every checkpoint checked against the model once, here: clear errors before any actor starts
     load_checkpoints(cfg.model, urls, storage)
+    rows_in = count_rows(cfg, storage)
     check_writable(cfg.output.url, storage)
     ensure_ray(address)
     configure_data_context(cfg.compute)
     return Plan(cfg, storage, opts, urls, infos, windows, keys, opts.primary(windows),
-                cfg.output.url.rstrip("/"), count_rows(cfg, storage))
+                cfg.output.url.rstrip("/"), rows_in)
 
 
 def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | None = None,

@@ -17,6 +17,7 @@ import numpy as np
 from .. import __version__
 from ..config import FlagsSpec, redact
 from ..core.flags import flag_block, flagged_rows
+from ..core.table import dictionary_columns
 from ..runs import SUCCESS, publish, write_json, write_table
 from ..storage import StorageOptions, join, list_files, resolve
 from .reduce import Reduced, rejected_columns
@@ -83,9 +84,11 @@ def write_run(red: Reduced, run_url: str, out_url: str, run_id: str, storage: St
     t = time.perf_counter()
     try:
         ranked = red.ranked
+        dictionary = dictionary_columns(ranked.schema().base_schema)
         if flags is not None:
             ranked, manifest["flags"] = write_flagged(red, flags, run_url, storage, fs_out)
-        ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
+            dictionary.append("flagged")
+        ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite", use_dictionary=dictionary)
         if red.rows_rejected:  # an empty write on S3 fails: Ray then deletes a prefix that never existed
             red.rejected.map_batches(rejected_columns, batch_format="pyarrow").repartition(1).write_parquet(
                 join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")

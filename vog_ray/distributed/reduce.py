@@ -3,10 +3,11 @@ nothing per-example collected into the driver.
 
 The raw table is read once into the object store by Ray tasks (:func:`read_raw`, per-split
 counts on the way); class moments are exact per-block sums (``core.classes``: the same bits
-however the table is blocked); ranks come from the sample sort (:mod:`.sort`) and per-partition
-offsets; ids read from an ``id_column`` are checked for duplicates with the same sort. The
-per-block functions here run in Ray workers: this module imports neither torch nor (at module
-level) Ray.
+however the table is blocked), one task per raw block; ranks come from the sample sort
+(:mod:`.sort`), whose tasks filter and normalise each raw block themselves (nothing normalised
+is materialised before the sort), and per-partition offsets; ids read from an ``id_column`` are
+checked for duplicates with the same sort. The per-block functions here run in Ray workers: this
+module imports neither torch nor (at module level) Ray.
 """
 
 from __future__ import annotations
@@ -20,22 +21,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core.classes import class_lookup, exact_class_means, exact_class_sums, exact_class_table
-from ..core.ranking import SORT_KEYS, assign_ranks, block_counts, check_reference, normalize, rank_offsets, \
-    unreferenced
+from ..core.ranking import SORT_KEYS, add_counts, assign_ranks, block_counts, check_reference, normalize, \
+    rank_offsets, unreferenced
 from ..storage import StorageOptions, list_files, redact_url, resolve
 from .cluster import remote_task
-from .sort import adjacent_duplicates, block_refs, merge_sorted, partitions_for, sample_sort
+from .sort import Prepare, adjacent_duplicates, block_refs, cut_blocks, merge_sorted, partitions_for, sample_sort
 
 __all__ = ["Reduced", "reduce_raw", "read_raw", "check_unique_ids", "filter_status", "filter_splits",
-           "rejected_of_group0", "rejected_columns", "sigs_to_lists", "status_counts", "RAW_ROWS_PER_READ"]
+           "rejected_of_group0", "rejected_columns", "sigs_to_lists", "status_counts", "rank_dataset",
+           "class_table_exact", "normalize_block", "RAW_ROWS_PER_READ"]
 
 RAW_ROWS_PER_READ = 50_000   # rows of the raw table per read task
+ROWS_PER_PARTITION = 100_000  # rows per sorted partition of the ranking sort
 IDS_PER_PARTITION = 1_000_000  # the id-uniqueness sort moves two short columns: large partitions
 
 
 # ---------------------------------------------------------------- per-block functions
 def filter_status(t: pa.Table, ok: bool) -> pa.Table:
+    """The scored (``ok``) or the rejected rows of a block (the block itself when all are)."""
     m = pc.equal(t["status"], "ok")
+    if t.num_rows and pc.all(m if ok else pc.invert(m)).as_py():
+        return t
     return t.filter(m if ok else pc.invert(m))
 
 
@@ -76,8 +82,19 @@ def rejected_columns(t: pa.Table | None) -> pa.Table:
 
 
 def normalize_block(t: pa.Table, lookup, keys, method, primary, reference=None) -> pa.Table:
-    """z and ``score`` for a block of scored rows (against the split ``reference`` when given)."""
-    return normalize(drop_status(t), lookup, keys, method, primary, reference)
+    """The scored rows of a raw block with z and ``score`` (against the split ``reference`` when given)."""
+    return normalize(drop_status(filter_status(t, ok=True)), lookup, keys, method, primary, reference)
+
+
+def id_keys(t: pa.Table, splits: list[str] | None) -> pa.Table:
+    """``split`` and ``id`` of a block's rows (of ``splits`` only, if given)."""
+    t = t.select(["split", "id"])
+    return t if splits is None else filter_splits(t, splits)
+
+
+def ok_class_sums(t: pa.Table, vog_keys: list[str], means: dict[str, list] | None = None) -> pa.Table:
+    """``core.classes.exact_class_sums`` of a raw block's scored rows."""
+    return exact_class_sums(filter_status(t, ok=True), vog_keys, means)
 
 
 def status_counts(t: pa.Table) -> pa.Table:
@@ -139,15 +156,16 @@ def merge_duplicates(sort_keys: list[tuple[str, str]], *parts: pa.Table) -> pa.T
     return adjacent_duplicates(merge_sorted(list(parts), sort_keys))
 
 
-def check_unique_ids(raw: Any, n_rows: int) -> None:
-    """Ids must be unique within a split: a duplicate is an error naming it. One distributed sort
-    of the ``split``/``id`` columns; each sorted partition reports its repeats (equal keys always
-    share a partition, so that is all there is; nothing per-example reaches the driver)."""
+def check_unique_ids(raw: Any, n_rows: int, splits: list[str] | None = None) -> None:
+    """Ids must be unique within a split (of ``splits``, default all): a duplicate is an error
+    naming it. One distributed sort of the ``split``/``id`` columns; each sorted partition reports
+    its repeats (equal keys always share a partition, so that is all there is; nothing
+    per-example reaches the driver)."""
     import ray
 
     keys = [("split", "ascending"), ("id", "ascending")]
-    parts = sample_sort(block_refs(raw.select_columns(["split", "id"])), keys,
-                        partitions_for(n_rows, IDS_PER_PARTITION), merge_duplicates)
+    parts = sample_sort(block_refs(raw), keys, partitions_for(n_rows, IDS_PER_PARTITION), merge_duplicates,
+                        prepare=(id_keys, {"splits": splits}))
     dups = {(r["split"], r["id"]): r["n"] for t in ray.get(parts) for r in t.to_pylist()}
     if dups:
         listed = ", ".join(f"{i!r} in split {s!r}" + (f" ({n} rows)" if n > 2 else "")
@@ -157,34 +175,40 @@ def check_unique_ids(raw: Any, n_rows: int) -> None:
                          "(check the split's id_column)")
 
 
-def class_table_exact(ok: Any, keys: list[str]) -> pa.Table:
-    """The class table from exact per-block sums (two passes over the scored rows): the same bit
-    for bit however the raw table is blocked (see ``core.classes.exact_class_sums``)."""
-    kw = {"batch_format": "pyarrow", "batch_size": None}
-    first = ok.map_batches(exact_class_sums, fn_kwargs={"vog_keys": list(keys)}, **kw).take_all()
-    means = exact_class_means(first, keys)
-    second = ok.map_batches(exact_class_sums, fn_kwargs={"vog_keys": list(keys), "means": means}, **kw).take_all()
+def class_table_exact(raw: Any, keys: list[str]) -> pa.Table:
+    """The class table from exact sums over the scored rows of each raw block (two passes, one
+    task per block): the same bit for bit however the raw table is blocked (see
+    ``core.classes.exact_class_sums``)."""
+    import ray
+
+    refs = block_refs(raw)
+    sums = remote_task(ok_class_sums)
+    first = [r for t in ray.get([sums.remote(b, list(keys)) for b in refs]) for r in t.to_pylist()]
+    means = ray.put(exact_class_means(first, keys))
+    second = [r for t in ray.get([sums.remote(b, list(keys), means) for b in refs]) for r in t.to_pylist()]
     return exact_class_table(first, second, keys)
 
 
-def merge_counted(sort_keys: list[tuple[str, str]], *parts: pa.Table):
-    """The sample sort's merge step for ranking: a sorted partition and its rows per split/class."""
-    t = merge_sorted(list(parts), sort_keys)
-    return t, block_counts(t)
+def merge_ranked(sort_keys: list[tuple[str, str]], split_offset: dict[str, int],
+                 class_offset: dict[tuple[str, int], int], split_size: dict[str, int], *parts: pa.Table) -> pa.Table:
+    """The sample sort's merge step for ranking: a partition sorted, with its ranks."""
+    return assign_ranks(merge_sorted(list(parts), sort_keys), split_offset, class_offset, split_size)
 
 
-def rank_dataset(ds: Any, num_rows: int):
-    """Distributed sort by (split, score desc, id), then ranks from per-partition offsets.
-    Returns the ranked dataset and the rows per split."""
+def rank_dataset(ds: Any, num_rows: int, prepare: Prepare = None):
+    """Distributed sort by (split, score desc, id) of the blocks of ``ds`` (after ``prepare``,
+    e.g. :func:`normalize_block`) with ranks assigned as each partition is merged: the cut step
+    reports the rows per split/class of every part, so every partition's rank offsets are known
+    before its merge runs. Returns the ranked dataset and the rows per split."""
     import ray
     import ray.data
 
-    merged = sample_sort(block_refs(ds), SORT_KEYS, partitions_for(num_rows), merge_counted,
-                         merge_options={"num_returns": 2})
-    counts = ray.get([m[1] for m in merged])
-    sizes, offsets = rank_offsets(counts)
-    assign = remote_task(assign_ranks)
-    out_refs = [assign.remote(m[0], so, co, sizes) for m, (so, co) in zip(merged, offsets)]
+    columns, counts = cut_blocks(block_refs(ds), SORT_KEYS, partitions_for(num_rows, ROWS_PER_PARTITION), prepare,
+                                 count=block_counts)
+    per_block = ray.get(counts)
+    sizes, offsets = rank_offsets([add_counts([b[p] for b in per_block]) for p in range(len(columns))])
+    merge = remote_task(merge_ranked)
+    out_refs = [merge.remote(SORT_KEYS, so, co, sizes, *col) for col, (so, co) in zip(columns, offsets)]
     return ray.data.from_arrow_refs(out_refs), sizes
 
 
@@ -217,29 +241,25 @@ def reduce_raw(raw_url: str, storage: StorageOptions, *, keys: list[str], primar
     with steps("reduce: read raw table"):  # once, into the object store: every pass below reads that
         raw, scored_by_split, rejected_by_split = read_raw(raw_url, storage,
                                                            partitions_for(rows_in, RAW_ROWS_PER_READ))
-    ok = raw.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
     rejected = raw.map_batches(filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
     n_scored, n_rejected = sum(scored_by_split.values()), sum(rejected_by_split.values())
     # ids a reader makes ("<file>:<row>", image paths) are unique by construction; ids read from
     # an id_column are checked (a distributed sort of those splits' ids)
     if id_splits:
         with steps("reduce: unique ids"):
-            check_unique_ids(raw.map_batches(filter_splits, fn_kwargs={"splits": id_splits},
-                                             batch_format="pyarrow"), rows_in)
+            check_unique_ids(raw, rows_in, id_splits)
     if rows_in != n_scored + n_rejected:
         raise RuntimeError(f"row accounting failed: {rows_in} rows in != {n_scored} scored + {n_rejected} rejected")
     if n_scored == 0:
         raise RuntimeError("no row could be scored (see the rejected rows for the reasons)")
     with steps("reduce: class moments"):
-        classes = class_table_exact(ok, keys)
+        classes = class_table_exact(raw, keys)
     check_reference(classes, normalize_against)
     missing = unreferenced(classes, normalize_against)
-    normalized = ok.map_batches(normalize_block, fn_kwargs={"lookup": class_lookup(classes, keys), "keys": keys,
-                                                            "method": normalization, "primary": primary,
-                                                            "reference": normalize_against},
-                                batch_format="pyarrow")
+    z = (normalize_block, {"lookup": class_lookup(classes, keys), "keys": keys, "method": normalization,
+                           "primary": primary, "reference": normalize_against})
     with steps("reduce: z, sort, ranks"):
-        ranked, split_counts = rank_dataset(normalized, n_scored)
+        ranked, split_counts = rank_dataset(raw, n_scored, prepare=z)
     expected = {s: n - sum(missing.get(s, {}).values()) for s, n in scored_by_split.items()}
     if split_counts != {s: n for s, n in expected.items() if n}:
         raise RuntimeError(f"row accounting failed: ranked rows per split {split_counts} != scored {scored_by_split}"

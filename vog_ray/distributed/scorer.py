@@ -35,8 +35,9 @@ class ScorerActor:
 
         threads = threads or int(os.environ.get("VOG_RAY_TORCH_THREADS", "0"))  # else Ray's OMP_NUM_THREADS
         torch.set_num_threads(max(1, threads or torch.get_num_threads()))
-        # diagnostics: one JSON line per batch (wall-clock start/end, rows, seconds in the engine) in
-        # $VOG_RAY_TRACE_DIR/scorer-<pid>.jsonl; bench/pipeline.py takes its steady-state rate from it
+        # diagnostics: one JSON line per batch (wall-clock start/end, rows, seconds in the engine,
+        # whether the stacked path ran) in $VOG_RAY_TRACE_DIR/scorer-<pid>.jsonl; bench/pipeline.py
+        # takes its steady-state rate from it
         trace_dir = os.environ.get("VOG_RAY_TRACE_DIR")
         self._engine_s = 0.0
         self._trace = open(os.path.join(trace_dir, f"scorer-{os.getpid()}.jsonl"), "a", buffering=1) if trace_dir else None
@@ -64,7 +65,8 @@ class ScorerActor:
         self._engine_s = 0.0
         out = self._score(batch)
         self._trace.write(json.dumps({"start": t0, "end": time.time(), "rows": out.num_rows,
-                                      "engine_s": self._engine_s, "group": self.group}) + "\n")
+                                      "engine_s": self._engine_s, "group": self.group,
+                                      "stacked": self.engine.uses_stacked}) + "\n")
         return out
 
     def _score(self, batch: dict[str, np.ndarray]) -> pa.Table:

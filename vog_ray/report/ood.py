@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-__all__ = ["ORIENTATION", "METRICS", "ood_metrics", "fpr_at_tpr", "orient", "summarize_groups"]
+__all__ = ["ORIENTATION", "METRICS", "ood_metrics", "fpr_at_tpr", "summarize_groups"]
 
 METRICS = ("auroc", "aupr_in", "aupr_out", "aupr_out_paper", "fpr_at_95_tpr")
 
@@ -41,10 +41,6 @@ ORIENTATION: dict[str, tuple[str, float, str]] = {
     "label_logit": ("last_label_logit", -1.0, "logit at the target index, negated"),
     "margin": ("last_margin", -1.0, "margin (target logit − largest other logit), negated"),
 }
-
-
-def orient(name: str, values: np.ndarray) -> np.ndarray:
-    return ORIENTATION[name][1] * np.asarray(values, np.float64)
 
 
 def fpr_at_tpr(y_ood: np.ndarray, score: np.ndarray, tpr: float = 0.95) -> float:
