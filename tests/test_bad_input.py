@@ -350,9 +350,9 @@ def test_cuda_without_gpu_waits_for_the_autoscaler_then_fails_clearly(env, tmp_p
                     "checkpoints": "c/*.pt", "output": {"url": str(tmp_path / "out")},
                     "compute": {"device": "cuda", "gpu_wait_s": 3}})
     t = _time.monotonic()
-    assert _wait_for_gpus(cfg) is False
+    assert _wait_for_gpus(cfg.compute) is False
     assert 2.5 <= _time.monotonic() - t < 30
-    assert _wait_for_gpus(validate({**cfg.to_dict(), "compute": {"device": "cuda", "gpu_wait_s": 0}})) is False
+    assert _wait_for_gpus(validate({**cfg.to_dict(), "compute": {"device": "cuda", "gpu_wait_s": 0}}).compute) is False
     # the whole audit: a clear error naming the key, nothing scored
     tiny = env["tiny"]
     c = tiny.config(env["splits"], str(tmp_path / "gpu-out"))
