@@ -77,46 +77,6 @@ def s3_server_module(s3_session):
     return s3_session.with_bucket()
 
 
-# ---- digits + checkpoints of a real training on the S3 endpoint (incremental / multi-node) ---
-
-DIGITS_MODEL = {"name": "small_cnn", "size": 8, "width": 8, "num_classes": 10}
-
-
-@pytest.fixture(scope="module")
-def digits_s3(request, s3_server_module):
-    """scikit-learn's 8×8 digits as PNG-in-Parquet splits ``data/train`` and ``data/test`` and the
-    per-epoch checkpoints (``src/epoch_<n>.pt``) of a real short training of ``DIGITS_MODEL``,
-    all on the module's S3 endpoint. A test module may set ``DIGITS = {"n_train": …,
-    "n_test": …, "epochs": …}``. Returns ``{"checkpoints": [urls], "model", "n_train", "n_test",
-    "x_train", "y_train"}``."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    from vog_ray.testing.writers import write_parquet_split
-    from vog_ray.train import train
-
-    opts = {"n_train": 240, "n_test": 80, "epochs": 3, **getattr(request.module, "DIGITS", {})}
-    s3 = s3_server_module
-    d = load_digits()
-    img = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
-    y = d.target.astype(np.int64)
-    perm = np.random.default_rng(0).permutation(len(y))
-    tr, te = perm[:opts["n_train"]], perm[opts["n_train"]:opts["n_train"] + opts["n_test"]]
-    write_parquet_split(s3.url("data/train"), img[tr], y[tr], storage=s3.storage)
-    write_parquet_split(s3.url("data/test"), img[te], y[te], storage=s3.storage)
-    x = (img[tr].astype(np.float32) / 255.0)[:, None]  # what decode makes of the PNGs (scale 1/255)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = train(x, y[tr], model=DIGITS_MODEL, out_url=s3.url("src"), epochs=opts["epochs"], batch_size=32,
-                    lr=3e-3, storage=s3.storage, seed=0)
-    finally:
-        torch.set_num_threads(threads)
-    assert len(res.checkpoints) == opts["epochs"]
-    return {"checkpoints": res.checkpoints, "model": dict(DIGITS_MODEL), "n_train": len(tr), "n_test": len(te),
-            "x_train": x, "y_train": y[tr]}
-
-
 # ---- the digits and checkpoints of a tiny CNN (tests/digits.py) -------------------------------
 
 
