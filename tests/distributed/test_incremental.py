@@ -84,13 +84,20 @@ def test_each_generation_folds_in_only_its_new_checkpoints(s3, digits_audit, inc
         for k in ("late_logit", "late_softmax"):
             np.testing.assert_array_equal(col(t, f"vog_{k}"), np.zeros(t.num_rows))
         assert np.all(col(t, "vog_all_logit") > 0)
-    # the per-checkpoint signals of the last generation come from the same forward passes of the
-    # same checkpoints as the fused audit's: equal up to float32 rounding (tighter than the
-    # tolerance test_modes.py allows between any two modes)
+
+
+def test_last_generation_equals_the_full_audit_beyond_the_mode_tolerance(digits_audit, inc):
+    """Stricter than test_modes.py's rules for any two modes: against the fused audit of the same
+    4 checkpoints, z within 1e-6 absolute, the very same ranks, and per-checkpoint signals equal
+    up to float32 rounding (the same forward passes of the same checkpoints)."""
     last, full = digits_audit.mode("incremental"), digits_audit.mode("fused")
     eps = 4 * np.finfo(np.float32).eps
     for split, b in full.tables.items():
         a = last.tables[split]
+        for c in ("z_all_logit", "score"):
+            np.testing.assert_allclose(col(a, c), col(b, c), rtol=1e-6, atol=1e-6, err_msg=c)
+        for c in ("rank", "class_rank", "decile"):
+            assert a[c].to_pylist() == b[c].to_pylist(), (split, c)
         for c in (c for c in b.column_names if c.startswith("sig_")):
             x, y = np.asarray(a[c].to_pylist()), np.asarray(b[c].to_pylist())
             if np.issubdtype(y.dtype, np.integer):
