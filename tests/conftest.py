@@ -1,4 +1,12 @@
-"""Shared, generic test fixtures for vog-ray (keep minimal; add fixtures as needed)."""
+"""Fixtures shared by the whole suite: reference data, checkpoint writing, the session's S3 server
+(a fresh bucket per test or module), the digits checkpoints (trained once), and the one local Ray
+that the integration tests share. Helpers live in ``tests/digits.py``, ``tests/rayenv.py`` and
+``tests/s3.py``; the execution-mode tester in ``tests/modes.py``.
+
+Ordering: a module that needs a Ray of its own (``pytestmark = pytest.mark.own_ray``: it kills
+Ray processes, or its workers need another env) runs after every other module, so that the shared
+Ray starts once per session instead of once after each such module.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI clones the repo beside shared/ (the design notes and reference data live there)
 SHARED_DIR = REPO_ROOT.parent / "shared"
 REFERENCE_DIR = SHARED_DIR / "reference"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "own_ray: the module starts a Ray of its own (runs after the others)")
+
+
+def pytest_collection_modifyitems(config, items):
+    items[:] = sorted(items, key=lambda item: item.get_closest_marker("own_ray") is not None)  # stable
 
 
 @pytest.fixture
@@ -39,179 +55,97 @@ def save_checkpoints(tmp_path):
 # ---- S3 on loopback (moto's server; see tests/s3.py) ----------------------------------------
 
 
+@pytest.fixture(scope="session")
+def s3_session():
+    """One real S3 endpoint on 127.0.0.1 for the session (its dummy credentials and endpoint stay
+    in this process's env until the session ends; the shared Ray's workers get them too)."""
+    from tests.s3 import s3_endpoint
+
+    with s3_endpoint() as srv:
+        yield srv
+
+
 @pytest.fixture
-def s3_server():
-    """A real S3 endpoint on 127.0.0.1 with a fresh bucket: ``.endpoint .bucket .storage .url(path)``."""
-    from tests.s3 import s3_endpoint
-
-    with s3_endpoint() as srv:
-        yield srv
+def s3_server(s3_session):
+    """A fresh bucket on the session's S3 endpoint: ``.endpoint .bucket .storage .url(path)``."""
+    return s3_session.with_bucket()
 
 
 @pytest.fixture(scope="module")
-def s3_server_module():
+def s3_server_module(s3_session):
     """Like ``s3_server``, shared by the tests of one module (write test data once)."""
-    from tests.s3 import s3_endpoint
-
-    with s3_endpoint() as srv:
-        yield srv
+    return s3_session.with_bucket()
 
 
-# ---- digits + checkpoints of a real training on the S3 endpoint (incremental / multi-node) ---
-
-DIGITS_MODEL = {"name": "small_cnn", "size": 8, "width": 8, "num_classes": 10}
-
-
-@pytest.fixture(scope="module")
-def digits_s3(request, s3_server_module):
-    """scikit-learn's 8×8 digits as PNG-in-Parquet splits ``data/train`` and ``data/test`` and the
-    per-epoch checkpoints (``src/epoch_<n>.pt``) of a real short training of ``DIGITS_MODEL``,
-    all on the module's S3 endpoint. A test module may set ``DIGITS = {"n_train": …,
-    "n_test": …, "epochs": …}``. Returns ``{"checkpoints": [urls], "model", "n_train", "n_test",
-    "x_train", "y_train"}``."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    from vog_ray.testing.writers import write_parquet_split
-    from vog_ray.train import train
-
-    opts = {"n_train": 240, "n_test": 80, "epochs": 3, **getattr(request.module, "DIGITS", {})}
-    s3 = s3_server_module
-    d = load_digits()
-    img = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
-    y = d.target.astype(np.int64)
-    perm = np.random.default_rng(0).permutation(len(y))
-    tr, te = perm[:opts["n_train"]], perm[opts["n_train"]:opts["n_train"] + opts["n_test"]]
-    write_parquet_split(s3.url("data/train"), img[tr], y[tr], storage=s3.storage)
-    write_parquet_split(s3.url("data/test"), img[te], y[te], storage=s3.storage)
-    x = (img[tr].astype(np.float32) / 255.0)[:, None]  # what decode makes of the PNGs (scale 1/255)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = train(x, y[tr], model=DIGITS_MODEL, out_url=s3.url("src"), epochs=opts["epochs"], batch_size=32,
-                    lr=3e-3, storage=s3.storage, seed=0)
-    finally:
-        torch.set_num_threads(threads)
-    assert len(res.checkpoints) == opts["epochs"]
-    return {"checkpoints": res.checkpoints, "model": dict(DIGITS_MODEL), "n_train": len(tr), "n_test": len(te),
-            "x_train": x, "y_train": y[tr]}
-
-
-# ---- tiny digits audits: fault injection, bad input, security (tests/test_faults.py …) -------
-
-
-class TinyDigits:
-    """sklearn's 8×8 digits (uint8, 0..255) and K = 3 checkpoints of a tiny ``small_cnn``
-    trained on the first 600 of them (local files). ``config(...)`` builds an audit config dict."""
-
-    MODEL = {"name": "small_cnn", "size": 8, "width": 4, "num_classes": 10}
-
-    def __init__(self, root):
-        import numpy as np
-        from sklearn.datasets import load_digits
-
-        from vog_ray.train import train
-
-        d = load_digits()
-        self.root = root
-        self.imgs = np.round(d.images * 255.0 / 16.0).astype(np.uint8)
-        self.labels = d.target.astype(np.int64)
-        self.ckpt_dir = str(root / "ckpts")
-        x = self.imgs[:600, None].astype(np.float32) / np.float32(255)
-        res = train(x, self.labels[:600], model=self.MODEL, out_url=self.ckpt_dir, epochs=3, batch_size=64,
-                    lr=3e-3)
-        assert len(res.checkpoints) == 3
-        self.ckpt_glob = self.ckpt_dir + "/epoch_*.pt"
-
-    def upload_checkpoints(self, url: str, storage) -> str:
-        """Copy the checkpoints to ``url`` (e.g. S3); returns the glob there."""
-        import glob
-        import os
-
-        from vog_ray.storage import join, resolve
-
-        for p in sorted(glob.glob(self.ckpt_glob)):
-            fs, path = resolve(join(url, os.path.basename(p)), storage)
-            with fs.open(path, "wb") as f, open(p, "rb") as src:
-                f.write(src.read())
-        return join(url, "epoch_*.pt")
-
-    def config(self, splits: dict, out_url: str, *, checkpoints: str | None = None, **sections) -> dict:
-        """An audit config: tiny batches (many blocks), CPU, no report unless asked."""
-        cfg = {
-            "name": "tiny-digits",
-            "data": {"splits": splits},
-            "model": dict(self.MODEL),
-            "checkpoints": checkpoints or self.ckpt_glob,
-            "compute": {"device": "cpu", "batch_size": 16, "decode_batch_size": 16},
-            "output": {"url": out_url},
-            "report": {"enabled": False},
-        }
-        for k, v in sections.items():
-            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-                cfg[k] = {**cfg[k], **v}
-            else:
-                cfg[k] = v
-        return cfg
+# ---- the digits and checkpoints of a tiny CNN (tests/digits.py) -------------------------------
 
 
 @pytest.fixture(scope="session")
-def tiny_digits(tmp_path_factory) -> TinyDigits:
-    """Digits + 3 checkpoints of a tiny CNN, made once per session (a few seconds)."""
-    return TinyDigits(tmp_path_factory.mktemp("tiny-digits"))
+def digits_checkpoints(tmp_path_factory):
+    """K = 4 checkpoints of ``tests.digits.MODEL`` trained on the first 600 digits (local files)."""
+    from tests.digits import train_checkpoints
+
+    return train_checkpoints(str(tmp_path_factory.mktemp("digits-ckpts")))
 
 
-def start_test_ray(env_vars: dict | None = None) -> dict:
-    """(Re)start a local 2-CPU Ray whose workers get ``env_vars`` (start S3 servers first).
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory, digits_checkpoints):
+    """The digits and 3 of the shared checkpoints in a directory of their own (``TinyDigits``)."""
+    from tests.digits import TinyDigits
 
-    Returns the env vars given to the workers, with a unique ``VOG_TEST_RAY_MARKER`` among them:
-    a process carrying it in its environment belongs to this test's Ray, and to nothing else."""
-    import os
-    import uuid
-
-    import ray
-    import ray.data
-
-    if ray.is_initialized():  # another module's Ray: its workers lack our env
-        ray.shutdown()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    env = {**(env_vars or {}), "VOG_RAY_TORCH_THREADS": "1", "VOG_TEST_RAY_MARKER": uuid.uuid4().hex}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.use_datasource_v2 = os.environ.get("VOG_TEST_DATASOURCE_V2", "0") == "1"  # V1: faster reads
-    return env
+    return TinyDigits(tmp_path_factory.mktemp("tiny-digits"), digits_checkpoints)
 
 
-def processes_with_env(name: str, value: str) -> list[int]:
-    """Pids of the live processes whose environment holds ``name=value`` (Linux /proc)."""
-    import os
+@pytest.fixture(scope="session")
+def digits_report(tmp_path_factory):
+    """``(run_url, report)``: a digits run published without Ray (``runfactory.digits_run``: 20%
+    shuffled labels flagged ``is_noisy``, softmax target, 30 epochs) whose class 9 is named
+    ``runfactory.SCRIPT_CLASS``, and its report (grids of classes 3 and 9). The HTML and the
+    security tests read it."""
+    import sys
 
-    needle = f"{name}={value}".encode()
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    continue  # a zombie: dead, waiting to be reaped
-        except OSError:
-            continue
-        if needle in env:
-            out.append(int(pid))
-    return out
+    import runfactory as rf
+    from vog_ray.report import build_report
+
+    with pytest.MonkeyPatch.context() as mp:
+        try:  # the real image reader when there is one; else the test stand-in
+            from vog_ray.data.fetch import fetch_images  # noqa: F401
+        except ImportError:
+            mp.setitem(sys.modules, "vog_ray.data.fetch", rf.fake_readers())
+        names = [f"digit {i}" for i in range(9)] + [rf.SCRIPT_CLASS]
+        url = rf.digits_run(str(tmp_path_factory.mktemp("digits-report")), targets=("softmax",), epochs=30,
+                            report={"flag_columns": ["is_noisy"], "classes_to_show": [3, 9], "bootstrap": 100},
+                            class_names=names)
+        return url, build_report(url)
+
+
+# ---- the local Ray that integration tests share (tests/rayenv.py) ----------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_session):
+    """The session's ``SharedRay`` (not started yet): 2 CPUs, workers with the session S3 env and
+    ``VOG_RAY_TORCH_THREADS=1``. Session-scoped fixtures call ``.ensure()`` before they use it."""
+    from tests.rayenv import SharedRay
+
+    shared = SharedRay(s3_session.env)
+    yield shared
+    shared.close()
+
+
+@pytest.fixture(scope="module")
+def shared_ray(ray_session):
+    """The shared local Ray, started (or started again after a module that had its own)."""
+    return ray_session.ensure()
 
 
 # ---- a small real run for the explorer (tests/explore; see tests/explorerun.py) ------------
 
 
 @pytest.fixture(scope="session")
-def explore_run(tiny_digits, tmp_path_factory):
-    """A Ray audit of the tiny digits with hostile strings, flags and a rejected row."""
+def explore_run(tiny_digits, ray_session, tmp_path_factory):
+    """A Ray audit (on the shared Ray) of the tiny digits with hostile strings, flags and a rejected row."""
     from tests.explorerun import build
 
+    ray_session.ensure()
     return build(tiny_digits, tmp_path_factory.mktemp("explore-run"))

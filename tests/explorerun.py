@@ -46,10 +46,7 @@ def png(a: np.ndarray) -> bytes:
 
 
 def build(tiny, root: Path) -> ExploreRun:
-    """Write the splits, run the audit on the test Ray (started here, shut down after)."""
-    import ray
-
-    from tests.conftest import start_test_ray
+    """Write the splits, run the audit on the test Ray (the caller's: the suite's shared Ray)."""
     from vog_ray.config import validate
     from vog_ray.distributed.audit import run_audit
 
@@ -83,11 +80,7 @@ def build(tiny, root: Path) -> ExploreRun:
                            "targets": ["logit", "softmax"]},
                       flags={"top_percent": 10, "ground_truth": "is_noisy",
                              "splits": {"test": {"top_percent": 20, "label_mismatch": True}}})
-    start_test_ray()
-    try:
-        res = run_audit(validate(cfg), report=False)
-    finally:
-        ray.shutdown()
+    res = run_audit(validate(cfg), report=False)
     images = {"train": {i: imgs[k] for k, i in enumerate(ids)},
               "test": {f"part-{p}.parquet:{r}": imgs[600 + 50 * p + r] for p in (0, 1) for r in range(50)}}
     return ExploreRun(res.run_url, root, splits, images)

@@ -22,17 +22,16 @@ from vog_ray.core.classes import class_lookup, merge_class_moments, partial_clas
 from vog_ray.core.ranking import normalize, rank_table
 from vog_ray.runs import publish, write_json, write_table
 
+SCRIPT_CLASS = "<script>alert(1)</script>"  # a class name that must stay text in every report
 SIGNAL_NAMES = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",
                 "max_logit", "energy", "el2n", "entropy")
 
 
 def digits_data(seed: int = 0) -> dict[str, np.ndarray]:
     """Digits as uint8 ``[N, 8, 8]`` images (0..255) with a fixed train/test split."""
-    from sklearn.datasets import load_digits
+    from tests.digits import digit_images
 
-    d = load_digits()
-    img = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
-    y = d.target.astype(np.int64)
+    img, y = digit_images()
     perm = np.random.default_rng(seed).permutation(len(y))
     tr, te = perm[:1300], perm[1300:]
     return {"x_train": img[tr], "y_train": y[tr], "x_test": img[te], "y_test": y[te]}

@@ -4,12 +4,14 @@
         s3.url("train/part-0.parquet")   # 's3://vog-test-1a2b3c4d/train/part-0.parquet'
         s3.storage                       # StorageOptions(endpoint_url=s3.endpoint, ...)
 
-The pytest fixtures ``s3_server`` / ``s3_server_module`` (``tests/conftest.py``) wrap this.
-While the server runs, dummy credentials and ``AWS_ENDPOINT_URL`` are set in this process's
-environment (and restored afterwards). Ray workers do not see them: a worker inherits the env of
-the raylet, fixed at ``ray.init``. The endpoint and the dummy credentials reach the workers inside
-the filesystem object that ``storage.resolve`` builds from ``S3Server.storage`` (``s3fs`` with
-``client_kwargs={"endpoint_url": ...}``, ``key``/``secret``), which pickles its constructor
+The test session runs one such server (``s3_session`` in ``tests/conftest.py``); the fixtures
+``s3_server`` / ``s3_server_module`` give a test or a module a fresh bucket on it
+(:meth:`S3Server.with_bucket`). While a server runs, dummy credentials and ``AWS_ENDPOINT_URL`` are
+set in this process's environment (and restored afterwards). A Ray worker sees them only when
+they were given to ``ray.init`` (the shared test Ray gets the session server's ``env``): a worker
+inherits the env of the raylet. Otherwise the endpoint and the dummy credentials reach the workers
+inside the filesystem object that ``storage.resolve`` builds from ``S3Server.storage`` (``s3fs``
+with ``client_kwargs={"endpoint_url": ...}``, ``key``/``secret``), which pickles its constructor
 arguments. (In production the credentials come from each node's own environment/role; only the
 non-secret endpoint travels in the config.)
 """
@@ -25,11 +27,14 @@ from typing import Iterator
 
 from vog_ray.storage import StorageOptions
 
-__all__ = ["S3Server", "s3_endpoint", "free_port", "DUMMY_ENV"]
+__all__ = ["S3Server", "s3_endpoint", "free_port", "DUMMY_ENV", "DUMMY_SECRET"]
 
+# a secret-looking secret key: every test process and Ray worker signs with it, and a test can
+# assert that it appears in no output (moto accepts any credentials)
+DUMMY_SECRET = "vogTEST/s3cr3t+KEY-aB9x7Qz2Lm4Np6Rt8Vw0Yy1Uu3Ii5Oo"
 DUMMY_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET,
     "AWS_SECURITY_TOKEN": "testing",
     "AWS_SESSION_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -61,6 +66,13 @@ class S3Server:
         when workers build their own ``StorageOptions`` (without ``extra``) from the config."""
         return {**DUMMY_ENV, "AWS_ENDPOINT_URL": self.endpoint}
 
+    def with_bucket(self, bucket: str | None = None) -> "S3Server":
+        """The same endpoint with a new, empty bucket (tests that list or snapshot a bucket see
+        only their own objects)."""
+        srv = S3Server(endpoint=self.endpoint, bucket=bucket or new_bucket_name())
+        srv.client().create_bucket(Bucket=srv.bucket)
+        return srv
+
     def url(self, path: str = "") -> str:
         return f"s3://{self.bucket}/{path.lstrip('/')}"
 
@@ -76,6 +88,10 @@ class S3Server:
         for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             keys.extend(o["Key"] for o in page.get("Contents", []))
         return sorted(keys)
+
+
+def new_bucket_name() -> str:
+    return f"vog-test-{uuid.uuid4().hex[:8]}"
 
 
 @contextlib.contextmanager
@@ -94,9 +110,7 @@ def s3_endpoint(bucket: str | None = None) -> Iterator[S3Server]:
     os.environ.update(DUMMY_ENV)
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     try:
-        srv = S3Server(endpoint=endpoint, bucket=bucket or f"vog-test-{uuid.uuid4().hex[:8]}")
-        srv.client().create_bucket(Bucket=srv.bucket)
-        yield srv
+        yield S3Server(endpoint=endpoint, bucket="").with_bucket(bucket)
     finally:
         for k, v in saved.items():
             if v is None:

@@ -36,8 +36,6 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import start_test_ray
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -81,10 +79,7 @@ def _bad_raw_rows(imgs: np.ndarray) -> dict[str, tuple[Any, Any, str]]:
 
 
 @pytest.fixture(scope="module")
-def env(tiny_digits, tmp_path_factory):
-    import ray
-
-    start_test_ray()
+def env(tiny_digits, shared_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-input")
     imgs, labels = tiny_digits.imgs, tiny_digits.labels
     # "train": 140 good digits in which class 9 keeps ONE example, then the bad rows
@@ -116,12 +111,9 @@ def env(tiny_digits, tmp_path_factory):
         "empty": {"format": "parquet", "url": str(root / "empty"), "id_column": "key"},
     }
     expected = {("train", k): v[2] for k, v in bad.items()} | {("raw", k): v[2] for k, v in raw_bad.items()}
-    try:
-        yield {"root": root, "tiny": tiny_digits, "splits": splits, "expected": expected,
-               "rows_in": {"train": len(rows), "raw": len(raw_rows), "empty": 0},
-               "ids": {"train": [r[0] for r in rows], "raw": [r[0] for r in raw_rows]}}
-    finally:
-        ray.shutdown()
+    return {"root": root, "tiny": tiny_digits, "splits": splits, "expected": expected,
+            "rows_in": {"train": len(rows), "raw": len(raw_rows), "empty": 0},
+            "ids": {"train": [r[0] for r in rows], "raw": [r[0] for r in raw_rows]}}
 
 
 def _run(cfg: dict):

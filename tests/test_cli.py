@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -38,34 +37,29 @@ def _run(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """Local digits Parquet (train/test), K checkpoints of a briefly trained model, a config."""
-    from sklearn.datasets import load_digits
-
+def project(tmp_path_factory, digits_checkpoints):
+    """Local digits Parquet (train/test), the K shared checkpoints (conftest), a config."""
+    from tests.digits import digit_images
     from vog_ray.testing.writers import write_parquet_split
-    from vog_ray.train import train
 
     root = tmp_path_factory.mktemp("cli")
-    d = load_digits()
-    imgs = np.round(d.images * 255.0 / 16.0).astype(np.uint8)
-    y = d.target.astype(np.int64)
+    imgs, y = digit_images()
     write_parquet_split(str(root / "data" / "train"), imgs[:N_TRAIN], y[:N_TRAIN], rows_per_file=60)
     write_parquet_split(str(root / "data" / "test"), imgs[1500:1500 + N_TEST], y[1500:1500 + N_TEST])
-    x = imgs[:400, None].astype(np.float32) / np.float32(255)
-    res = train(x, y[:400], model=MODEL, out_url=str(root / "ckpt"), epochs=K, batch_size=64, lr=3e-3)
+    assert digits_checkpoints.model == MODEL and len(digits_checkpoints.paths) == K
     cfg = {
         "name": "cli-digits",
         "data": {"splits": {"train": {"format": "parquet", "url": str(root / "data" / "train")},
                             "test": {"format": "parquet", "url": str(root / "data" / "test")}}},
         "model": MODEL,
-        "checkpoints": str(root / "ckpt" / "epoch_*.pt"),
+        "checkpoints": digits_checkpoints.glob,
         "vog": {"windows": {"early": "first:3", "late": "last:3", "all": "all"}, "targets": ["logit", "softmax"]},
         "compute": {"device": "cpu", "batch_size": 32, "cpus_per_actor": 0.5},  # 2 CPUs: reads need 1
         "output": {"url": str(root / "out")},
     }
     path = root / "audit.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return {"root": root, "config": path, "cfg": cfg, "checkpoints": res.checkpoints}
+    return {"root": root, "config": path, "cfg": cfg, "checkpoints": list(digits_checkpoints.paths)}
 
 
 def _write(project, name: str, cfg: dict) -> Path:

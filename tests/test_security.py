@@ -102,8 +102,7 @@ def _secrets_in(text: str) -> list[str]:
     return [s for s in (SECRET_KEY, SESSION_TOKEN, PASSWORD) if s in text]
 
 
-def test_no_credentials_anywhere_and_the_report_escapes_class_names(tiny_digits, http_ckpts, tmp_path):
-    from tests.s3 import s3_endpoint
+def test_no_credentials_anywhere_and_the_report_escapes_class_names(tiny_digits, http_ckpts, s3_server, tmp_path):
     from vog_ray.testing.writers import write_parquet_split
     from vog_ray.storage import resolve
 
@@ -111,66 +110,62 @@ def test_no_credentials_anywhere_and_the_report_escapes_class_names(tiny_digits,
     factory_dir.mkdir()
     marker = tmp_path / "factory-imports.txt"
     (factory_dir / f"{FACTORY_MODULE}.py").write_text(_factory_source(marker))
-    with s3_endpoint() as s3:
-        write_parquet_split(s3.url("data/train"), tiny_digits.imgs[:96], tiny_digits.labels[:96], storage=s3.storage,
-                            rows_per_file=48)
-        cfg = tiny_digits.config({"train": {"format": "parquet", "url": s3.url("data/train")}}, s3.url("out"),
-                                 checkpoints=http_ckpts, storage={"endpoint_url": s3.endpoint, "region": "us-east-1"},
-                                 report={"enabled": True, "bootstrap": 20},
-                                 compute={"device": "cpu", "batch_size": 32, "decode_batch_size": 32})
-        cfg["data"]["class_names"] = CLASS_NAMES
-        cfg_path = tmp_path / "audit.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-        env.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                    "AWS_SESSION_TOKEN": SESSION_TOKEN, "AWS_DEFAULT_REGION": "us-east-1",
-                    "RAY_AUTH_MODE": "disabled", "VOG_RAY_TORCH_THREADS": "1",
-                    "PYTHONPATH": os.pathsep.join([str(REPO), str(factory_dir)])})
-        p = subprocess.Popen([sys.executable, "-m", "vog_ray.cli", "-v", "audit", str(cfg_path)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            stdout, stderr = p.communicate(timeout=600)
-        finally:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
-        assert p.returncode == 0, stdout[-2000:] + stderr[-6000:]
-        assert "report:" in stdout
+    s3 = s3_server
+    write_parquet_split(s3.url("data/train"), tiny_digits.imgs[:96], tiny_digits.labels[:96], storage=s3.storage,
+                        rows_per_file=48)
+    cfg = tiny_digits.config({"train": {"format": "parquet", "url": s3.url("data/train")}}, s3.url("out"),
+                             checkpoints=http_ckpts, storage={"endpoint_url": s3.endpoint, "region": "us-east-1"},
+                             report={"enabled": True, "bootstrap": 20},
+                             compute={"device": "cpu", "batch_size": 32, "decode_batch_size": 32})
+    cfg["data"]["class_names"] = CLASS_NAMES
+    cfg_path = tmp_path / "audit.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    env.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_SESSION_TOKEN": SESSION_TOKEN, "AWS_DEFAULT_REGION": "us-east-1",
+                "RAY_AUTH_MODE": "disabled", "VOG_RAY_TORCH_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join([str(REPO), str(factory_dir)])})
+    p = subprocess.Popen([sys.executable, "-m", "vog_ray.cli", "-v", "audit", str(cfg_path)], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+    assert p.returncode == 0, stdout[-2000:] + stderr[-6000:]
+    assert "report:" in stdout
 
-        # 1. the CLI's own output (debug logging on)
-        assert not _secrets_in(stdout + stderr), _secrets_in(stdout + stderr)
-        # 2. every object under the output URL: manifest, tables, work files, report, figures
-        keys = s3.list("out/")
-        assert any(k.endswith("/manifest.json") for k in keys) and any(k.endswith("/report.html") for k in keys)
-        assert any("/_work/" in k for k in keys)
-        fs, _ = resolve(s3.url(""), s3.storage)
-        for k in keys:
-            blob = fs.cat_file(f"{s3.bucket}/{k}")
-            for secret in (SECRET_KEY, SESSION_TOKEN, PASSWORD, ACCESS_KEY_ID):
-                assert secret.encode() not in blob, (secret, k)
-        manifest = fs.cat_file(f"{s3.bucket}/" + next(k for k in keys if k.endswith("/manifest.json"))).decode()
-        assert "http://***:***@127.0.0.1" in manifest  # the checkpoint URLs, redacted
-        # 3. the logs of the CLI's Ray session (its directory ends with the driver's pid)
-        logs = [f for d in glob.glob(f"/tmp/ray/session_*_{p.pid}") for f in glob.glob(f"{d}/logs/**/*", recursive=True)
-                if os.path.isfile(f)]
-        assert logs, "the audit's Ray session logs were not found"
-        for f in logs:
-            text = Path(f).read_bytes().decode("utf-8", "replace")
-            assert not _secrets_in(text), (f, _secrets_in(text))
-        # the HTML report shows the class name as text
-        html = fs.cat_file(f"{s3.bucket}/" + next(k for k in keys if k.endswith("/report.html"))).decode()
-        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-        assert SCRIPT not in html
+    # 1. the CLI's own output (debug logging on)
+    assert not _secrets_in(stdout + stderr), _secrets_in(stdout + stderr)
+    # 2. every object under the output URL: manifest, tables, work files, report, figures
+    keys = s3.list("out/")
+    assert any(k.endswith("/manifest.json") for k in keys) and any(k.endswith("/report.html") for k in keys)
+    assert any("/_work/" in k for k in keys)
+    fs, _ = resolve(s3.url(""), s3.storage)
+    for k in keys:
+        blob = fs.cat_file(f"{s3.bucket}/{k}")
+        for secret in (SECRET_KEY, SESSION_TOKEN, PASSWORD, ACCESS_KEY_ID):
+            assert secret.encode() not in blob, (secret, k)
+    manifest = fs.cat_file(f"{s3.bucket}/" + next(k for k in keys if k.endswith("/manifest.json"))).decode()
+    assert "http://***:***@127.0.0.1" in manifest  # the checkpoint URLs, redacted
+    # 3. the logs of the CLI's Ray session (its directory ends with the driver's pid)
+    logs = [f for d in glob.glob(f"/tmp/ray/session_*_{p.pid}") for f in glob.glob(f"{d}/logs/**/*", recursive=True)
+            if os.path.isfile(f)]
+    assert logs, "the audit's Ray session logs were not found"
+    for f in logs:
+        text = Path(f).read_bytes().decode("utf-8", "replace")
+        assert not _secrets_in(text), (f, _secrets_in(text))
+    # the HTML report shows the class name as text
+    html = fs.cat_file(f"{s3.bucket}/" + next(k for k in keys if k.endswith("/report.html"))).decode()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert SCRIPT not in html
     # the factory module on the PYTHONPATH was not named by the config: no process imported it
     assert not marker.exists(), marker.read_text()
 
 
-def test_build_report_escapes_a_script_class_name(tmp_path):
-    from tests.runfactory import digits_run
-    from vog_ray.report import build_report
-
-    run_url = digits_run(str(tmp_path / "out"), class_names=CLASS_NAMES, epochs=20, num_checkpoints=3,
-                         report={"bootstrap": 20})
-    build_report(run_url)
+def test_build_report_escapes_a_script_class_name(digits_report):
+    """A run made without Ray (conftest ``digits_report``, class 9 named ``SCRIPT``)."""
+    run_url, _ = digits_report
     html = (Path(run_url) / "report.html").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert SCRIPT not in html
@@ -182,7 +177,7 @@ def test_a_model_factory_module_is_imported_only_when_named(tiny_digits, tmp_pat
     marker = tmp_path / "imports.txt"
     (factory_dir / f"{FACTORY_MODULE}.py").write_text(_factory_source(marker))
     named = tiny_digits.config({"train": {"format": "parquet", "url": str(tmp_path)}}, str(tmp_path / "out"))
-    named["model"] = {"name": f"{FACTORY_MODULE}:make", "size": 8, "width": 4, "num_classes": 10}
+    named["model"] = {**tiny_digits.MODEL, "name": f"{FACTORY_MODULE}:make"}
     other = tiny_digits.config({"train": {"format": "parquet", "url": str(tmp_path)}}, str(tmp_path / "out"))
     (tmp_path / "named.yaml").write_text(yaml.safe_dump(named))
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))

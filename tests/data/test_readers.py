@@ -1,4 +1,6 @@
-"""Readers, decode stage and image fetches — real local Ray, real S3 API on 127.0.0.1 (moto)."""
+"""Readers, decode stage and image fetches — the shared local Ray, a real S3 API on 127.0.0.1 (moto)
+of this module's own: the workers' env names the session's endpoint, not this one, so every read
+proves that the filesystem object carries the endpoint and the credentials."""
 
 from __future__ import annotations
 
@@ -45,27 +47,18 @@ def _png(a: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
+def private_s3():
+    """An S3 endpoint that the shared Ray's workers do not know (not the session's)."""
+    from tests.s3 import s3_endpoint
 
-    started = False
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        started = True
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    yield started
-    if started:
-        ray.shutdown()
+    with s3_endpoint() as s3:
+        yield s3
 
 
 @pytest.fixture(scope="module")
-def data(ray_local, s3_server_module):
-    """All test splits written to the S3 endpoint once (Ray is up first: its workers never see
-    the AWS_* env of the S3 fixture, so reads prove the filesystem object carries the endpoint)."""
-    s3 = s3_server_module
+def data(shared_ray, private_s3):
+    """All test splits written to this module's S3 endpoint once."""
+    s3 = private_s3
     st = s3.storage
     write_parquet_split(s3.url("png"), GRAY, GRAY_LABELS, {"is_noisy": NOISY}, st,
                         rows_per_file=10, row_group_size=3)
@@ -97,7 +90,7 @@ def data(ray_local, s3_server_module):
     fs.pipe_file(f"{root.rsplit('/', 1)[0]}/cifar/batches.meta", b"not read")
 
     write_npz_split(s3.url("npz/ood.npz"), NPZ, np.arange(7) % 10, st, tag=np.arange(7) * 10)
-    return {"s3": s3, "storage": st, "folder_ids": folder_ids, "fresh_ray": ray_local}
+    return {"s3": s3, "storage": st, "folder_ids": folder_ids}
 
 
 def _spec(data, fmt: str, path: str, **kw) -> SplitSpec:
@@ -122,8 +115,8 @@ def _decoded(ds, transform=T, input_shape=None, **kw) -> dict[str, np.ndarray]:
 def test_parquet_png_ids_stable_and_statuses(data):
     import ray
 
-    if data["fresh_ray"]:  # workers never saw the AWS_* env: the filesystem object carries the endpoint
-        assert ray.get(ray.remote(lambda: os.environ.get("AWS_ENDPOINT_URL")).remote()) is None
+    # the workers' env names another endpoint (or none): the filesystem object carries this one
+    assert ray.get(ray.remote(lambda: os.environ.get("AWS_ENDPOINT_URL")).remote()) != data["s3"].endpoint
     spec = _spec(data, "parquet", "png", keep_columns=["is_noisy"])
     fs, _, files = split_files(spec, data["storage"])
     assert [f.rel for f in files] == [f"part-0000{i}.parquet" for i in range(4)]     # _SUCCESS skipped

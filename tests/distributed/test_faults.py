@@ -1,8 +1,9 @@
 """Faults during an audit are survived, and nothing is lost (issue "Reliability and security").
 
-Real parts: a local 2-CPU Ray (one per module, plus the CLI's own in the driver-kill test), a real
-S3 API on 127.0.0.1 (moto's server) behind :mod:`tests.faultproxy`, real images (sklearn's 8×8
-digits, Parquet/PNG) and a tiny CNN with K = 3 checkpoints.
+Real parts: a local 2-CPU Ray of this module's own (its workers SIGKILLed, and with an env of their
+own; plus the CLI's own Ray in the driver-kill test), the session's S3 API on 127.0.0.1 (moto's
+server) behind :mod:`tests.faultproxy`, real images (sklearn's 8×8 digits, Parquet/PNG) and a tiny
+CNN with K = 3 checkpoints.
 
 1. + 2. determinism, and a scorer actor killed mid-run: the same config run twice (fresh each
    time; the second time its ScorerActor process is SIGKILLed while it scores, so Ray restarts it
@@ -43,9 +44,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import processes_with_env, start_test_ray
+from tests.digits import MODEL
+from tests.rayenv import processes_with_env, start_test_ray
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# own_ray: this module kills the processes of its Ray and gives its workers VOG_TEST_FORWARD_LOG;
+# it does not share the session's Ray (and runs after the modules that do)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.own_ray]
 
 N_ROWS = 320           # audited digits (the model trained on the first 600)
 ROWS_PER_FILE = 80     # 4 input files …
@@ -55,8 +59,7 @@ COMPUTE = {"device": "cpu", "batch_size": 8, "decode_batch_size": 8, "read_block
 # through the fault proxy: 4 blocks of 80 rows (every raw file is read ~6 times by the reduce; on S3
 # each read is a few requests, and every 25th request is faulted and backed off)
 S3_COMPUTE = {"device": "cpu", "batch_size": 80, "decode_batch_size": 80, "read_blocks": 4}
-SLOW_MODEL = {"name": "tests.faultproxy:slow_small_cnn", "delay": 0.02, "size": 8, "width": 4,
-              "num_classes": 10}
+SLOW_MODEL = {**MODEL, "name": "tests.faultproxy:slow_small_cnn", "delay": 0.02}
 REPO = Path(__file__).resolve().parents[2]
 REPORT: dict[str, Any] = {}
 
@@ -85,15 +88,15 @@ class FX:
 
 
 @pytest.fixture(scope="module")
-def fx(tiny_digits, tmp_path_factory):
+def fx(tiny_digits, s3_server_module, tmp_path_factory):
     import ray
 
     from tests.faultproxy import FaultProxy
-    from tests.s3 import s3_endpoint
     from vog_ray.testing.writers import write_parquet_split
 
     root = tmp_path_factory.mktemp("faults")
-    with s3_endpoint() as s3, FaultProxy(s3.endpoint) as proxy:
+    s3 = s3_server_module
+    with FaultProxy(s3.endpoint) as proxy:
         env = start_test_ray({**s3.env, "VOG_TEST_FORWARD_LOG": str(root / "forwards.log")})
         imgs, labels = tiny_digits.imgs[:N_ROWS], tiny_digits.labels[:N_ROWS]
         write_parquet_split(str(root / "data"), imgs, labels, rows_per_file=ROWS_PER_FILE, row_group_size=ROW_GROUP)

@@ -1,12 +1,13 @@
-"""Incremental (scheduled) audits on a real local Ray, with data, checkpoints and outputs on a
-real S3 API on loopback (moto's server).
+"""Incremental (scheduled) audits on the shared local Ray, with data, checkpoints and outputs on
+the session's S3 API on loopback (moto's server).
 
-The data are scikit-learn's 8×8 digits (a few hundred train + test images, PNG in Parquet), the
-checkpoints come from a real short training (``vog_ray.train.train``, ``small_cnn``). Checkpoints
-are "published" one at a time by copying them into a live prefix, like a training run does.
+The runs are the incremental mode of the shared digits audit (``tests/modes.py``): checkpoints
+are "published" by copying them into a live prefix, like a training run does — the first 2, an
+incremental run, the other 2, a second run. That the result equals every other execution mode
+(single process, fused, checkpoint-sharded) is ``test_modes.py``'s; here:
 
-* three incremental runs (one new checkpoint each) == one full ``run_audit`` over the three
-* a 4th run with nothing new: ``None`` / ``up to date`` on the CLI, exit 0, NOTHING written
+* each generation folds in only its new checkpoints and keeps only its own moments
+* a 3rd run with nothing new: ``None`` / ``up to date`` on the CLI, exit 0, NOTHING written
 * refused configs: ``label: predicted`` and a sliding window (``last:2``)
 * a folded checkpoint that changed → an error naming it
 * two runs at once: exactly one publishes, the other gets ``LockHeld`` (or finds nothing new)
@@ -24,77 +25,36 @@ import numpy as np
 import pytest
 import yaml
 
-# the module's Ray runs ~5 audits; on a shared 2-core machine that is many minutes
+from tests.modes import INCREMENTAL_STEPS, Scores, col, publish_checkpoint
+
+# the module's Ray runs several audits; on a shared 2-core machine that is many minutes
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]
 
-MODEL = {"name": "small_cnn", "size": 8, "width": 8, "num_classes": 10}  # conftest DIGITS_MODEL
-
-N_TRAIN, N_TEST, EPOCHS = 240, 80, 3
-DIGITS = {"n_train": N_TRAIN, "n_test": N_TEST, "epochs": EPOCHS}  # read by the digits_s3 fixture
-WINDOWS = {"all": "all", "early": "first:1"}
+RACE_WINDOWS = {"all": "all", "early": "first:1"}  # the race needs one checkpoint, not the shared windows
 
 
-# --------------------------------------------------------------------------- fixtures
+# --------------------------------------------------------------------------- fixtures and helpers
 @pytest.fixture(scope="module")
-def s3(s3_server_module):
-    """The S3 server (started first) and a local Ray whose workers see its credentials."""
-    import ray
-
-    if ray.is_initialized():  # another module's Ray: its workers lack this module's S3 env
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": s3_server_module.env},
-             # on a loaded machine a worker may need > 60 s to start; the default timeout then
-             # kills and restarts workers over and over
-             _system_config={"worker_register_timeout_seconds": 600})
-    yield s3_server_module
-    ray.shutdown()
+def s3(digits_audit):
+    """The shared audit's bucket (data under ``digits/``, checkpoints under ``ckpt/``)."""
+    return digits_audit.s3
 
 
 @pytest.fixture(scope="module")
-def digits(s3, digits_s3) -> dict[str, Any]:
-    """Digits splits + 3 real checkpoints (conftest ``digits_s3``) and other weights of the same
-    architecture (another seed), for the "a folded checkpoint changed" test."""
-    import torch
-
-    from vog_ray.train import train
-
-    assert digits_s3["model"] == MODEL
-    torch.set_num_threads(1)
-    other = train(digits_s3["x_train"], digits_s3["y_train"], model=MODEL, out_url=s3.url("other"), epochs=1,
-                  batch_size=32, lr=3e-3, storage=s3.storage, seed=1)
-    return {**digits_s3, "other": other.checkpoints[0]}
+def inc(digits_audit):
+    """The shared audit's incremental runs (``tests.modes.Incremental``)."""
+    return digits_audit.incremental()
 
 
-def config_dict(s3, out: str, live: str, **vog: Any) -> dict[str, Any]:
-    return {
-        "name": "incremental-test",
-        "data": {"splits": {"train": {"format": "parquet", "url": s3.url("data/train")},
-                            "test": {"format": "parquet", "url": s3.url("data/test")}}},
-        "model": MODEL,
-        "checkpoints": s3.url(f"{live}/epoch_*.pt"),
-        "vog": {"windows": dict(WINDOWS), "label": "true", **vog},
-        "compute": {"device": "cpu", "batch_size": 128, "actors": {"min": 1, "max": 1}},
-        "storage": {"endpoint_url": s3.endpoint},
-        "output": {"url": s3.url(out)},
-        "report": {"enabled": False},
-    }
-
-
-def make_cfg(s3, out: str, live: str, **vog: Any):
+def make_cfg(digits_audit, out: str, live: str, **vog: Any):
     from vog_ray.config import validate
 
-    return validate(config_dict(s3, out, live, **vog))
+    return validate(config_dict(digits_audit, out, live, **vog))
 
 
-def publish_checkpoint(s3, src_key: str, live: str, epoch: int) -> None:
-    """What a training run does: one more ``epoch_<n>.pt`` appears under the live prefix."""
-    s3.client().copy_object(Bucket=s3.bucket, Key=f"{live}/epoch_{epoch}.pt",
-                            CopySource={"Bucket": s3.bucket, "Key": src_key})
-
-
-def key_of(s3, url: str) -> str:
-    return url.split(f"s3://{s3.bucket}/", 1)[1]
+def config_dict(digits_audit, out: str, live: str, **vog: Any) -> dict[str, Any]:
+    return digits_audit.config("incremental-test", out=out, checkpoints=digits_audit.s3.url(f"{live}/epoch_*.pt"),
+                               vog=vog)
 
 
 def snapshot(s3) -> list[tuple[str, str, int, str]]:
@@ -105,97 +65,72 @@ def snapshot(s3) -> list[tuple[str, str, int, str]]:
     return sorted(out)
 
 
-def scores(s3, out: str):
-    from vog_ray.runs import open_run
-
-    t = open_run(s3.url(out), s3.storage).scores()
-    return t.sort_by([("split", "ascending"), ("id", "ascending")])
-
-
-@pytest.fixture(scope="module")
-def three_runs(s3, digits) -> dict[str, Any]:
-    """Three incremental runs, one new checkpoint each, and one full audit over the three."""
-    from vog_ray.distributed.incremental import read_state, run_incremental
-    from vog_ray.distributed.audit import run_audit
-
-    live, out = "run3/ckpt", "run3/inc"
-    results, states = [], []
-    for epoch, url in enumerate(digits["checkpoints"], start=1):
-        publish_checkpoint(s3, key_of(s3, url), live, epoch)
-        res = run_incremental(make_cfg(s3, out, live))
-        assert res is not None, f"run {epoch}: a new checkpoint was there"
-        results.append(res)
-        states.append(read_state(s3.url(f"{out}/_incremental"), s3.storage))
-    full = run_audit(make_cfg(s3, "run3/full", live))
-    return {"live": live, "out": out, "results": results, "states": states, "full": full}
-
-
-# --------------------------------------------------------------------------- equality with a full audit
-def test_three_incremental_runs_equal_one_full_audit(s3, three_runs):
-    results, states = three_runs["results"], three_runs["states"]
-    for g, (res, st) in enumerate(zip(results, states), start=1):
+# --------------------------------------------------------------------------- the generations
+def test_each_generation_folds_in_only_its_new_checkpoints(s3, digits_audit, inc):
+    for g, (res, st) in enumerate(zip(inc.results, inc.states), start=1):
+        start, stop = INCREMENTAL_STEPS[g - 1]
         m = res.manifest
         assert m["mode"] == "incremental" and m["generation"] == g == st["generation"]
-        assert m["num_checkpoints"] == g and len(st["checkpoints"]) == g
-        assert [c.rsplit("/", 1)[1] for c in m["new_checkpoints"]] == [f"epoch_{g}.pt"]  # only the new one
-        assert m["throughput"]["checkpoints_scored"] == 1
+        assert m["num_checkpoints"] == stop and len(st["checkpoints"]) == stop
+        assert [c.rsplit("/", 1)[1] for c in m["new_checkpoints"]] == [f"epoch_{i + 1}.pt" for i in range(start, stop)]
+        assert m["throughput"]["checkpoints_scored"] == stop - start  # only the new ones
     # the previous generation's moments are gone; only the current one is kept
-    gens = {k.split("/")[3] for k, *_ in snapshot(s3) if k.startswith(f"{three_runs['out']}/_incremental/gen-")}
-    assert gens == {states[-1]["moments_url"].rstrip("/").split("/")[-2]}
+    gens = {k.split("/")[3] for k, *_ in snapshot(s3) if k.startswith(f"{inc.out}/_incremental/gen-")}
+    assert gens == {inc.states[-1]["moments_url"].rstrip("/").split("/")[-2]}
+    # generation 1's late window ("1:" of 2 checkpoints) holds ONE checkpoint: the population std
+    # over one value is exactly 0
+    first = Scores.of_run(inc.results[0].run_url, digits_audit.storage)
+    for t in first.tables.values():
+        for k in ("late_logit", "late_softmax"):
+            np.testing.assert_array_equal(col(t, f"vog_{k}"), np.zeros(t.num_rows))
+        assert np.all(col(t, "vog_all_logit") > 0)
 
-    inc, full = scores(s3, three_runs["out"]), scores(s3, "run3/full")
-    assert inc.num_rows == full.num_rows == N_TRAIN + N_TEST
-    assert inc["id"].to_pylist() == full["id"].to_pylist()
-    assert inc["split"].to_pylist() == full["split"].to_pylist()
-    a, b = inc["vog_all_logit"].to_numpy(), full["vog_all_logit"].to_numpy()
-    assert np.all(b > 0)
-    rel = np.max(np.abs(a - b) / np.abs(b))
-    assert rel < 1e-6, f"vog_all_logit: max relative difference {rel:.3g}"
-    # early = first:1 holds ONE checkpoint: the population std over one value is exactly 0 —
-    # in the full audit and in the incremental state that kept it while epochs 2 and 3 arrived
-    np.testing.assert_array_equal(inc["vog_early_logit"].to_numpy(), np.zeros(inc.num_rows))
-    np.testing.assert_array_equal(full["vog_early_logit"].to_numpy(), np.zeros(full.num_rows))
-    for col in ("z_all_logit", "score"):
-        np.testing.assert_allclose(inc[col].to_numpy(), full[col].to_numpy(), rtol=1e-6, atol=1e-6)
-    for col in ("rank", "class_rank", "decile", "pred", "target_label", "label"):
-        assert inc[col].to_pylist() == full[col].to_pylist(), col
-    sigs = [c for c in full.column_names if c.startswith("sig_")]
-    assert sigs and sorted(sigs) == sorted(c for c in inc.column_names if c.startswith("sig_"))
-    for c in sigs:
-        a = np.stack(inc[c].to_numpy(zero_copy_only=False))
-        b = np.stack(full[c].to_numpy(zero_copy_only=False))
-        assert a.shape == b.shape == (N_TRAIN + N_TEST, EPOCHS), c
-        if np.issubdtype(b.dtype, np.integer):
-            np.testing.assert_array_equal(a, b, err_msg=c)
-        else:  # the same forward pass of the same checkpoint: equal up to float32 rounding
-            np.testing.assert_allclose(a, b, rtol=4 * np.finfo(np.float32).eps,
-                                       atol=4 * np.finfo(np.float32).eps * max(1.0, float(np.abs(b).max())), err_msg=c)
+
+def test_last_generation_equals_the_full_audit_beyond_the_mode_tolerance(digits_audit, inc):
+    """Stricter than test_modes.py's rules for any two modes: against the fused audit of the same
+    4 checkpoints, z within 1e-6 absolute, the very same ranks, and per-checkpoint signals equal
+    up to float32 rounding (the same forward passes of the same checkpoints)."""
+    last, full = digits_audit.mode("incremental"), digits_audit.mode("fused")
+    eps = 4 * np.finfo(np.float32).eps
+    for split, b in full.tables.items():
+        a = last.tables[split]
+        for c in ("z_all_logit", "score"):
+            np.testing.assert_allclose(col(a, c), col(b, c), rtol=1e-6, atol=1e-6, err_msg=c)
+        for c in ("rank", "class_rank", "decile"):
+            assert a[c].to_pylist() == b[c].to_pylist(), (split, c)
+        for c in (c for c in b.column_names if c.startswith("sig_")):
+            x, y = np.asarray(a[c].to_pylist()), np.asarray(b[c].to_pylist())
+            if np.issubdtype(y.dtype, np.integer):
+                np.testing.assert_array_equal(x, y, err_msg=c)
+            else:
+                np.testing.assert_allclose(x, y, rtol=eps, atol=eps * max(1.0, float(np.abs(y).max())), err_msg=c)
 
 
 # --------------------------------------------------------------------------- nothing new
-def test_fourth_run_without_new_checkpoint_writes_nothing(s3, three_runs):
+def test_a_run_without_new_checkpoint_writes_nothing(s3, inc):
+    from vog_ray.config import validate
     from vog_ray.distributed.incremental import read_state, run_incremental
     from vog_ray.runs import list_runs
 
     before = snapshot(s3)
-    assert run_incremental(make_cfg(s3, three_runs["out"], three_runs["live"])) is None
+    assert run_incremental(validate(inc.config)) is None
     assert snapshot(s3) == before
-    assert read_state(s3.url(f"{three_runs['out']}/_incremental"), s3.storage)["generation"] == 3
-    assert len(list_runs(s3.url(three_runs["out"]), s3.storage)) == 3
+    assert read_state(s3.url(f"{inc.out}/_incremental"), s3.storage)["generation"] == len(INCREMENTAL_STEPS)
+    assert len(list_runs(s3.url(inc.out), s3.storage)) == len(INCREMENTAL_STEPS)
 
 
-def test_cli_up_to_date_exits_0_and_writes_nothing(s3, three_runs, tmp_path, capsys):
+def test_cli_up_to_date_exits_0_and_writes_nothing(s3, inc, tmp_path, capsys):
     from vog_ray.cli import main
 
     cfg = tmp_path / "scheduled.yaml"
-    cfg.write_text(yaml.safe_dump(config_dict(s3, three_runs["out"], three_runs["live"])))
+    cfg.write_text(yaml.safe_dump(inc.config))
     before = snapshot(s3)
     assert main(["audit", "--incremental", str(cfg)]) == 0
     assert "up to date" in capsys.readouterr().out
     assert snapshot(s3) == before
 
 
-def test_scheduled_audit_job_entrypoint_up_to_date(s3, three_runs, tmp_path):
+def test_scheduled_audit_job_entrypoint_up_to_date(s3, inc, tmp_path):
     """``python jobs/scheduled_audit.py CONFIG`` (what the CronJob / RayCronJob run): exit 0, "up to
     date", nothing written; without a config: usage, exit 2."""
     import subprocess
@@ -204,7 +139,7 @@ def test_scheduled_audit_job_entrypoint_up_to_date(s3, three_runs, tmp_path):
 
     repo = Path(__file__).resolve().parents[2]
     cfg = tmp_path / "scheduled.yaml"
-    cfg.write_text(yaml.safe_dump(config_dict(s3, three_runs["out"], three_runs["live"])))
+    cfg.write_text(yaml.safe_dump(inc.config))
     env = {**os.environ, **s3.env}
     env.pop("RAY_ADDRESS", None)
     before = snapshot(s3)
@@ -224,33 +159,33 @@ def test_scheduled_audit_job_entrypoint_up_to_date(s3, three_runs, tmp_path):
     ({"windows": {"all": "all", "late": "last:2"}}, "late = 'last:2' moves with the newest checkpoint"),
     ({"windows": {"tail": "-2:"}}, "tail = '-2:' moves with the newest checkpoint"),
 ])
-def test_refused_configs(s3, digits, tmp_path, capsys, vog, message):
+def test_refused_configs(s3, digits_audit, tmp_path, capsys, vog, message):
     from vog_ray.cli import main
     from vog_ray.distributed.incremental import IncrementalError, run_incremental
 
-    publish_checkpoint(s3, key_of(s3, digits["checkpoints"][0]), "refused/ckpt", 1)
+    publish_checkpoint(s3, digits_audit.ckpt_keys[0], "refused/ckpt", 1)
     before = snapshot(s3)
     with pytest.raises(IncrementalError, match=message.replace("(", r"\(")):
-        run_incremental(make_cfg(s3, "refused/out", "refused/ckpt", **vog))
+        run_incremental(make_cfg(digits_audit, "refused/out", "refused/ckpt", **vog))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(config_dict(s3, "refused/out", "refused/ckpt", **vog)))
+    cfg.write_text(yaml.safe_dump(config_dict(digits_audit, "refused/out", "refused/ckpt", **vog)))
     assert main(["audit", "--incremental", str(cfg)]) == 1
     assert message in capsys.readouterr().err
     assert snapshot(s3) == before  # refused before anything is written
 
 
 # --------------------------------------------------------------------------- two runs at once
-def test_two_concurrent_runs_one_publishes(s3, digits):
+def test_two_concurrent_runs_one_publishes(s3, digits_audit, shared_ray):
     from vog_ray.distributed.incremental import LockHeld, read_state, run_incremental
     from vog_ray.runs import list_runs
 
     live, out = "race/ckpt", "race/inc"
-    publish_checkpoint(s3, key_of(s3, digits["checkpoints"][0]), live, 1)
+    publish_checkpoint(s3, digits_audit.ckpt_keys[0], live, 1)
     barrier = threading.Barrier(2)
     outcome: dict[int, Any] = {}
 
     def go(i: int) -> None:
-        cfg = make_cfg(s3, out, live)
+        cfg = make_cfg(digits_audit, out, live, windows=RACE_WINDOWS)
         barrier.wait()
         try:
             outcome[i] = run_incremental(cfg)
@@ -275,30 +210,32 @@ def test_two_concurrent_runs_one_publishes(s3, digits):
     assert state["generation"] == 1 and len(state["checkpoints"]) == 1
     assert list_runs(s3.url(out), s3.storage) == [published[0].run_id]
     assert [k for k, *_ in snapshot(s3) if k.endswith("/_incremental/lock")] == []  # released
-    assert run_incremental(make_cfg(s3, out, live)) is None  # and a rerun is up to date
+    assert run_incremental(make_cfg(digits_audit, out, live, windows=RACE_WINDOWS)) is None  # and a rerun is up to date
 
 
 # --------------------------------------------------------------------------- changed checkpoints
-def test_changed_folded_checkpoint_is_an_error(s3, digits, three_runs):
+def test_changed_folded_checkpoint_is_an_error(s3, digits_audit, inc):
+    from vog_ray.config import validate
     from vog_ray.distributed.incremental import IncrementalError, run_incremental
 
-    live, out = three_runs["live"], three_runs["out"]
+    live, keys = inc.live, digits_audit.ckpt_keys
+    new = f"epoch_{len(keys) + 1}.pt"
     original = s3.client().get_object(Bucket=s3.bucket, Key=f"{live}/epoch_1.pt")["Body"].read()
     try:
-        publish_checkpoint(s3, key_of(s3, digits["other"]), live, 1)  # epoch_1 overwritten
+        publish_checkpoint(s3, keys[-1], live, 1)  # epoch_1 overwritten (by other weights)
         before = snapshot(s3)
         # same number of checkpoints (the "up to date" path) ...
         with pytest.raises(IncrementalError, match=r"checkpoint 0 changed since it was folded in: was .*epoch_1\.pt"):
-            run_incremental(make_cfg(s3, out, live))
+            run_incremental(validate(inc.config))
         # ... and with a new one pending (the path under the lock)
-        publish_checkpoint(s3, key_of(s3, digits["checkpoints"][2]), live, 4)
+        publish_checkpoint(s3, keys[2], live, len(keys) + 1)
         with pytest.raises(IncrementalError, match=r"checkpoint 0 changed .*epoch_1\.pt"):
-            run_incremental(make_cfg(s3, out, live))
-        after = [o for o in snapshot(s3) if not o[0].endswith("epoch_4.pt")]
+            run_incremental(validate(inc.config))
+        after = [o for o in snapshot(s3) if not o[0].endswith(new)]
         assert after == before  # nothing written, the lock released
     finally:
         s3.client().put_object(Bucket=s3.bucket, Key=f"{live}/epoch_1.pt", Body=original)
-        s3.client().delete_object(Bucket=s3.bucket, Key=f"{live}/epoch_4.pt")
+        s3.client().delete_object(Bucket=s3.bucket, Key=f"{live}/{new}")
 
 
 # --------------------------------------------------------------------------- the lock alone

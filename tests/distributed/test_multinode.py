@@ -9,10 +9,12 @@ servers listen on all interfaces; the dashboard is bound to 127.0.0.1. Token aut
 every process this test starts (``RAY_AUTH_MODE=disabled``; a ``~/.ray/auth_token`` on the machine
 would otherwise switch ``ray start`` to token mode).
 
-The audit (``jobs/audit.py``) is submitted with ``ray job submit --working-dir <repo>``; the S3
-credentials reach the job's driver and workers through ``--runtime-env-json`` only (the raylets
-are started without them). Two scorer actors with one GPU each must land one per node. The
-job's tables must equal a local ``run_audit`` of the same config.
+The audit (``jobs/audit.py``) is the shared digits audit of ``tests/modes.py`` (its data and
+checkpoints on the session's S3 endpoint), submitted with ``ray job submit --working-dir <repo>``;
+the S3 credentials reach the job's driver and workers through ``--runtime-env-json`` only (the
+raylets are started without them). Two scorer actors with one GPU each must land one per node.
+The job is one more execution mode: its tables must equal the single-process reference that
+test_modes.py holds every mode to (scores, class tables, signals).
 
 Teardown kills only the processes of this cluster: those whose command line names its unique
 temp dir, and their descendants (workers, the job driver). ``ray stop`` is never used: it
@@ -34,17 +36,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
+
+from tests.digits import MODEL, K
+from tests.modes import ROWS, Scores, assert_modes_agree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
-MODEL = {"name": "small_cnn", "size": 8, "width": 8, "num_classes": 10}  # conftest DIGITS_MODEL
-DIGITS = {"n_train": 160, "n_test": 48, "epochs": 3}
 EXCLUDES = [".venv", ".git", "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis", "demo-output",
             "*.egg-info", "build"]
 
@@ -189,47 +191,28 @@ def wait_for_nodes(dashboard: str, n: int, timeout: float = 120) -> dict[str, st
 
 
 # --------------------------------------------------------------------------- the test
-def audit_config(s3, out: str, slow: bool = True) -> dict[str, Any]:
-    return {
-        "name": "multinode-test",
-        "data": {"splits": {"train": {"format": "parquet", "url": s3.url("data/train")},
-                            "test": {"format": "parquet", "url": s3.url("data/test")}}},
+def audit_config(digits_audit) -> dict[str, Any]:
+    return digits_audit.config(
+        "multinode-test", out="mn/job",
         # the same network and weights, with a forward that sleeps: a batch takes long enough that
         # the second actor gets the next block while the first is busy (tests/ travels with the job)
-        "model": {**MODEL, "name": "tests.faultproxy:slow_small_cnn", "delay": 0.05} if slow else MODEL,
-        "checkpoints": s3.url("src/epoch_*.pt"),
-        "vog": {"windows": {"all": "all", "early": "first:2"}},
+        model={**MODEL, "name": "tests.faultproxy:slow_small_cnn", "delay": 0.05},
         # two scorer actors with one (fake) GPU each: one per node; several small blocks; scoring
         # waits until both actors are up, and each holds one block at a time
-        "compute": {"device": "auto", "batch_size": 16,
-                    "actors": {"min": 2, "max": 2, "tasks_in_flight": 1, "wait_for_min_s": 600},
-                    "gpus_per_actor": 1, "cpus_per_actor": 1, "read_blocks": 8, "decode_batch_size": 16},
-        "storage": {"endpoint_url": s3.endpoint},
-        "output": {"url": s3.url(out)},
-        "report": {"enabled": False},
-    }
-
-
-def scores(s3, out: str):
-    from vog_ray.runs import open_run
-
-    return open_run(s3.url(out), s3.storage).scores().sort_by([("split", "ascending"), ("id", "ascending")])
+        compute={"device": "auto", "batch_size": 16,
+                 "actors": {"min": 2, "max": 2, "tasks_in_flight": 1, "wait_for_min_s": 600},
+                 "gpus_per_actor": 1, "cpus_per_actor": 1, "read_blocks": 8, "decode_batch_size": 16})
 
 
 @pytest.mark.timeout(3600)  # minutes on an idle 2-core machine; much longer when it is shared
-def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
-    import ray
+def test_audit_job_on_two_node_cluster(digits_audit, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors, list_tasks
 
-    from vog_ray.config import validate
-    from vog_ray.distributed.audit import run_audit
-    from vog_ray.runs import open_run
-
-    s3 = s3_server_module
-    assert digits_s3["model"] == MODEL
+    s3 = digits_audit.s3
+    rows = sum(len(r) for r in ROWS.values())
     cfg_path = tmp_path / "audit.yaml"
-    cfg_path.write_text(yaml.safe_dump(audit_config(s3, "mn/job")))
+    cfg_path.write_text(yaml.safe_dump(audit_config(digits_audit)))
     sub_id = f"vog-mn-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {**s3.env, "RAY_AUTH_MODE": "disabled"}, "excludes": EXCLUDES}
     t0 = time.time()
@@ -245,7 +228,7 @@ def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
             time.sleep(2)
         logs = client.get_job_logs(sub_id)
         assert status == JobStatus.SUCCEEDED, f"job {sub_id}: {status}\n{logs[-6000:]}"
-        assert "rows: 208 in = 208 scored + 0 rejected" in logs, logs[-3000:]
+        assert f"rows: {rows} in = {rows} scored + 0 rejected" in logs, logs[-3000:]
         print(f"job {sub_id} succeeded after {time.time() - t0:.0f} s")
 
         # the scorer actors: one per node (one fake GPU each), and both of them scored blocks
@@ -260,30 +243,9 @@ def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
         per_node = {n: sum(cluster["nodes"].get(t.node_id) == n for t in batches) for n in ("node_a", "node_b")}
         print("scorer batch tasks per node:", per_node)
         assert all(per_node.values()), ("both scorer actors must score blocks", per_node)
-    t1 = time.time()
 
-    # the same config audited by a local Ray in this process (no GPU there: CPU actors)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": s3.env}, _system_config={"worker_register_timeout_seconds": 600})
-    try:
-        # the same network and weights without the sleep (the sleep only spreads the job's blocks)
-        local = run_audit(validate(audit_config(s3, "mn/local", slow=False)))
-    finally:
-        ray.shutdown()
-    print(f"local reference audit: {time.time() - t1:.0f} s")
-
-    # the job's tables == the local audit's
-    job, loc = scores(s3, "mn/job"), scores(s3, "mn/local")
-    assert job.num_rows == loc.num_rows == DIGITS["n_train"] + DIGITS["n_test"]
-    assert job["id"].to_pylist() == loc["id"].to_pylist()
-    for col in ("vog_all_logit", "vog_early_logit"):
-        a, b = job[col].to_numpy(), loc[col].to_numpy()
-        assert np.all(b > 0), col
-        rel = float(np.max(np.abs(a - b) / b))
-        assert rel < 1e-6, f"{col}: max relative difference {rel:.3g}"
-    for col in ("rank", "class_rank", "decile", "pred", "target_label"):
-        assert job[col].to_pylist() == loc[col].to_pylist(), col
-    m = open_run(s3.url("mn/job"), s3.storage).manifest
-    assert m["rows"] == local.manifest["rows"] and m["num_checkpoints"] == DIGITS["epochs"]
+    # the job is one more execution mode: the same numbers as the single-process reference
+    job = Scores.of_run(s3.url("mn/job"), digits_audit.storage)
+    assert_modes_agree(digits_audit.reference(), job, "two-node job vs single")
+    m = job.manifest
+    assert m["rows"] == {"in": rows, "scored": rows, "rejected": 0} and m["num_checkpoints"] == K

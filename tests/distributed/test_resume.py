@@ -113,7 +113,7 @@ def test_load_done_keys_raises_on_a_read_error_naming_the_part(tmp_path):
 def test_scan_partial_raw_on_s3_deletes_nothing_on_a_transient_error():
     import ray
 
-    from tests.conftest import start_test_ray
+    from tests.rayenv import start_test_ray
     from tests.faultproxy import SLOW_DOWN, FaultProxy
     from tests.s3 import s3_endpoint
     from vog_ray.distributed.resume import scan_partial_raw

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import start_test_ray
+from tests.rayenv import start_test_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -119,7 +119,7 @@ def test_rows_equal_to_a_boundary_all_go_to_one_part():
 
 
 @pytest.mark.integration
-def test_ray_sample_sort_and_ranks_equal_the_naive_reference():
+def test_ray_sample_sort_and_ranks_equal_the_naive_reference(shared_ray, monkeypatch):
     """The Ray tasks (reduce.rank_dataset) on many blocks and several partitions: every column equals
     one in-memory sort + rank, and the split sizes are right."""
     import ray
@@ -128,24 +128,13 @@ def test_ray_sample_sort_and_ranks_equal_the_naive_reference():
     from vog_ray.distributed import reduce
 
     t = table(5000, seed=7, ties=True)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        ds = ray.data.from_arrow(blocks_of(t, [1000] * 5))
-        old = reduce.partitions_for
-        reduce.partitions_for = lambda n, per=100_000: 4  # several partitions for 5,000 rows
-        try:
-            ranked, sizes = reduce.rank_dataset(ds, t.num_rows)
-        finally:
-            reduce.partitions_for = old
-        got = pa.concat_tables([ray.get(r) for b in ranked.iter_internal_ref_bundles() for r in b.block_refs])
-        assert got.equals(rank_table(t))
-        assert sizes == {s: int(n) for s, n in zip(*np.unique(t["split"].to_numpy(zero_copy_only=False),
-                                                               return_counts=True))}
-    finally:
-        if started:
-            ray.shutdown()
+    ds = ray.data.from_arrow(blocks_of(t, [1000] * 5))
+    monkeypatch.setattr(reduce, "partitions_for", lambda n, per=100_000: 4)  # several partitions for 5,000 rows
+    ranked, sizes = reduce.rank_dataset(ds, t.num_rows)
+    got = pa.concat_tables([ray.get(r) for b in ranked.iter_internal_ref_bundles() for r in b.block_refs])
+    assert got.equals(rank_table(t))
+    assert sizes == {s: int(n) for s, n in zip(*np.unique(t["split"].to_numpy(zero_copy_only=False),
+                                                           return_counts=True))}
 
 
 def merge_moment_rows(t: pa.Table, vog_keys: list[str], num_groups: int | None = None) -> pa.Table:

@@ -19,28 +19,12 @@ EVIL = "<script>alert(1)</script>"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def _readers(monkeypatch):
-    """The real image reader when there is one; else the test stand-in."""
-    try:
-        from vog_ray.data.fetch import fetch_images  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "vog_ray.data.fetch", rf.fake_readers())
-
-
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    try:
-        _readers(mp)
-        root = str(tmp_path_factory.mktemp("html"))
-        names = [f"digit {i}" for i in range(9)] + [EVIL]
-        url = rf.digits_run(root, targets=("softmax",), epochs=30,
-                            report={"flag_columns": ["is_noisy"], "classes_to_show": [3, 9],
-                                    "bootstrap": 100}, class_names=names)
-        rep = build_report(url)
-        yield url, rep
-    finally:
-        mp.undo()
+def report(digits_report):
+    """The session's published digits run with its report (conftest ``digits_report``; class 9
+    is named ``EVIL``, the grids show classes 3 and 9)."""
+    assert rf.SCRIPT_CLASS == EVIL
+    return digits_report
 
 
 def _chromium(tmp, url: str, *args: str) -> subprocess.CompletedProcess:
