@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import SplitSpec
     from .datasource import Piece
 
-__all__ = ["read_piece", "num_row_groups", "num_rows", "peek_payloads", "fetch_rows", "fetch_by_id_column"]
+__all__ = ["read_piece", "num_row_groups", "num_rows", "footer", "peek_payloads", "fetch_rows", "fetch_by_id_column"]
 
 Found = Callable[[str, Any], None]   # called with (id, image payload) for each row fetched
 
@@ -68,11 +68,18 @@ def num_row_groups(fs, f: SourceFile) -> int:
 
 def num_rows(fs, f: SourceFile) -> int:
     """The number of rows of a file (from its footer); a file that is not Parquet is an error."""
+    return footer(fs, f)[0]
+
+
+def footer(fs, f: SourceFile) -> tuple[int, pa.Schema]:
+    """The number of rows and the Arrow schema of a file, from its footer; a file that is not
+    Parquet is an error naming it."""
     import pyarrow.parquet as pq
 
     try:
         with fs.open(f.path, "rb") as fh:
-            return pq.ParquetFile(fh).metadata.num_rows
+            pf = pq.ParquetFile(fh)
+            return pf.metadata.num_rows, pf.schema_arrow
     except (pa.ArrowException, OSError) as e:  # truncated / corrupt / not Parquet at all
         if isinstance(e, FileNotFoundError):
             raise
