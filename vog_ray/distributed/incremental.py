@@ -32,31 +32,56 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
-import socket
 import time
 from typing import Any
 
 
 from ..config import AuditConfig
-from ..core.windows import parse_window
+from ..core.windows import parse_window, resolve_windows
 from ..models.checkpoints import hash_checkpoints, list_checkpoints
 from ..storage import StorageOptions, join, resolve
 from .audit import AuditResult, Plan, plan_audit, reduce_and_publish
+from .lock import DirLock
+from .lock import LockHeld as DirLockHeld
 from .merge import merge_by_example, moments_to_table, set_group
 from .reduce import RAW_ROWS_PER_READ, filter_status, read_raw, rejected_of_group0
 from .sort import partitions_for
 from .stage import score_stage
 
-__all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config"]
+__all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config",
+           "TooFewCheckpoints", "check_window_counts"]
 
 
 class IncrementalError(RuntimeError):
     """The incremental state cannot be advanced (changed checkpoints, changed config, lost race)."""
 
 
-class LockHeld(IncrementalError):
+class TooFewCheckpoints(IncrementalError):
+    """The windows need more checkpoints than the training run has written so far: nothing to
+    publish yet (every window needs at least two)."""
+
+
+# "as many checkpoints as a training run will write": a window that no count of this size
+# satisfies (``first:1``, ``0:1``) is a config error, one that this count satisfies is waiting
+FUTURE_CHECKPOINTS = 10_000
+
+
+def check_window_counts(cfg: AuditConfig, num_checkpoints: int) -> None:
+    """Raise :class:`TooFewCheckpoints` when the windows need more checkpoints than are listed,
+    and a ``ConfigError`` when no number of checkpoints would do."""
+    try:
+        resolve_windows(cfg.vog.windows, num_checkpoints)
+    except ValueError as e:
+        try:
+            resolve_windows(cfg.vog.windows, max(num_checkpoints, FUTURE_CHECKPOINTS))
+        except ValueError as never:
+            raise cfg.error("vog.windows", str(never)) from None
+        raise TooFewCheckpoints(f"{num_checkpoints} checkpoint(s) so far, too few for the windows ({e}); "
+                                "nothing was written") from None
+
+
+class LockHeld(IncrementalError, DirLockHeld):
     """Another incremental audit holds the lock."""
 
 
@@ -86,52 +111,11 @@ def read_state(state_url: str, storage: StorageOptions | None) -> dict[str, Any]
         return json.load(f)
 
 
-class StateLock:
-    """An exclusive lock file (``open(..., "xb")``: O_EXCL locally, If-None-Match on S3)."""
+class StateLock(DirLock):
+    """The incremental state's lock (``<output>/_incremental/lock``)."""
 
-    def __init__(self, state_url: str, storage: StorageOptions | None):
-        self.fs, self.path = resolve(join(state_url, "lock"), storage)
-        self.token = secrets.token_hex(8)
-
-    def __enter__(self) -> "StateLock":
-        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
-        info = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        try:
-            with self.fs.open(self.path, "xb") as f:
-                f.write(json.dumps(info).encode())
-        except (FileExistsError, OSError) as e:
-            if not self.fs.exists(self.path):
-                raise
-            held = self._holder()
-            raise LockHeld(
-                f"another incremental audit holds the lock {self.path} (host {held.get('host')}, pid "
-                f"{held.get('pid')}, since {held.get('since')}); if that audit died, delete the lock file") from e
-        return self
-
-    def _holder(self) -> dict[str, Any]:
-        """Who holds the lock (best effort: a local lock file is created before it is written)."""
-        for _ in range(20):
-            try:
-                with self.fs.open(self.path, "rb") as f:
-                    held = json.loads(f.read().decode() or "{}")
-                if held:
-                    return held
-            except FileNotFoundError:
-                return {}
-            except Exception:  # noqa: BLE001 - half-written: try again
-                pass
-            time.sleep(0.05)
-        return {}
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            with self.fs.open(self.path, "rb") as f:
-                mine = json.loads(f.read().decode() or "{}").get("token") == self.token
-            if mine:
-                self.fs.rm_file(self.path)  # never a glob: an output URL may hold [ ] * ?
-        except FileNotFoundError:
-            pass
+    what = "another incremental audit"
+    error = LockHeld
 
 
 def _new_checkpoints(plan_urls: list[str], infos: list[Any], state: dict[str, Any] | None) -> list[int]:
@@ -156,6 +140,7 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
     out_url = cfg.output.url.rstrip("/")
     state_url = join(out_url, "_incremental")
     urls = list_checkpoints(cfg.checkpoints, storage)
+    check_window_counts(cfg, len(urls))
     state = read_state(state_url, storage)
     if state and state.get("config_key") != _config_key(cfg):
         raise IncrementalError(

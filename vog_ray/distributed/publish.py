@@ -9,15 +9,16 @@ import os
 import platform
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 
 from .. import __version__
 from ..config import redact
 from ..runs import SUCCESS, publish, write_json, write_table
 from ..storage import StorageOptions, join, list_files, resolve
-from .reduce import Reduced, rejected_columns
+from .reduce import Reduced, cast_carried, rejected_columns
 
 __all__ = ["write_run", "publish_failed", "top_ids", "versions", "check_writable"]
 
@@ -48,23 +49,35 @@ def check_writable(url: str, storage: StorageOptions) -> None:
 
 
 def write_run(red: Reduced, run_url: str, out_url: str, run_id: str, storage: StorageOptions,
-              manifest: dict[str, Any], *, t0: float) -> None:
+              manifest: dict[str, Any], *, t0: float, carried: dict[str, Any] | None = None,
+              gate: Callable[[str], None] | None = None) -> None:
     """Write the run's tables and ``manifest`` (completed with ``wall_time_s`` since ``t0`` and the
-    tables' write time in ``timings_s``), then publish it. Any failure removes what was written
+    tables' write time in ``timings_s``), check it with ``gate(run_url)`` (the run validator, which
+    raises when an invariant breaks), then publish it. ``carried``: the carried columns and their
+    source types (null when unknown), kept in both tables. Any failure removes what was written
     and raises :func:`publish_failed`'s error."""
     fs_out, _ = resolve(out_url, storage)
     t = time.perf_counter()
+    carried = dict(carried or {})
+    typed = {c: typ for c, typ in carried.items() if not pa.types.is_null(typ)}
     try:
-        red.ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
+        ranked = red.ranked.map_batches(cast_carried, fn_kwargs={"types": typed}, batch_format="pyarrow") \
+            if typed else red.ranked
+        ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite")
         if red.rows_rejected:  # an empty write on S3 fails: Ray then deletes a prefix that never existed
-            red.rejected.map_batches(rejected_columns, batch_format="pyarrow").repartition(1).write_parquet(
-                join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")
+            red.rejected.map_batches(rejected_columns, fn_kwargs={"carried": carried}, batch_format="pyarrow") \
+                .repartition(1).write_parquet(join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")
         else:
-            write_table(join(run_url, "rejected.parquet", "empty.parquet"), rejected_columns(None), storage)
+            write_table(join(run_url, "rejected.parquet", "empty.parquet"), rejected_columns(None, carried), storage)
         write_table(join(run_url, "classes.parquet"), red.classes, storage)
         manifest["wall_time_s"] = time.time() - t0
         manifest.setdefault("timings_s", {})["publish (tables)"] = round(time.perf_counter() - t, 3)
         write_json(join(run_url, "manifest.json"), manifest, storage)
+        if gate is not None:
+            t_gate = time.perf_counter()
+            gate(run_url)
+            manifest["timings_s"]["validate"] = round(time.perf_counter() - t_gate, 3)
+            write_json(join(run_url, "manifest.json"), manifest, storage)
         publish(run_url, out_url, run_id, storage)
     except Exception as e:  # noqa: BLE001 - any failure to write the run is reported the same way
         raise publish_failed(run_url, run_id, storage, e) from None
