@@ -20,7 +20,6 @@ import pyarrow.compute as pc
 __all__ = ["value_text", "row_digest", "add_digests", "DIGEST_MOD"]
 
 DIGEST_MOD = 1 << 64
-_SEP = "\x1f"  # unit separator: between split, id and value (a split name never holds it)
 
 
 def _plain(arr: pa.Array) -> pa.Array:
@@ -54,6 +53,11 @@ def value_text(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pc.if_else(pc.is_valid(arr), pc.binary_join_element_wise("v", text, ""), "n")
 
 
+def _framed(text: Any) -> list[Any]:
+    """``<length>:<text>``: fields joined this way never run into each other, whatever they hold."""
+    return [pc.cast(pc.utf8_length(text), pa.string()), ":", text]
+
+
 def row_digest(split: Any, ids: pa.Array | pa.ChunkedArray, values: pa.Array | pa.ChunkedArray | None = None) -> int:
     """Sum (mod 2**64) over the rows of a hash of ``split``, ``id`` and (if given) the value.
     ``split``: one name for every row, or an array."""
@@ -63,10 +67,10 @@ def row_digest(split: Any, ids: pa.Array | pa.ChunkedArray, values: pa.Array | p
     if n == 0:
         return 0
     sp = pa.array([split] * n, pa.string()) if isinstance(split, str) else pc.cast(split, pa.string())
-    parts = [sp, pc.cast(ids, pa.string())]
+    parts = _framed(sp) + _framed(pc.cast(ids, pa.string()))
     if values is not None:
         parts.append(value_text(values))
-    joined = pc.binary_join_element_wise(*parts, _SEP)
+    joined = pc.binary_join_element_wise(*parts, "")
     if isinstance(joined, pa.ChunkedArray):
         joined = joined.combine_chunks()
     h = pd.util.hash_array(joined.to_numpy(zero_copy_only=False), categorize=False)

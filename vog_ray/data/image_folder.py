@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import pyarrow as pa
 
 from ..storage import StorageOptions
-from .listing import SourceFile, folder_root, folder_sources, list_classes
+from .listing import SourceFile, folder_files, folder_root, folder_sources, list_classes
 from .rows import rows_per_block
 
 if TYPE_CHECKING:  # pragma: no cover

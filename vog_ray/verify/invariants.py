@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-import numpy as np
 import pyarrow as pa
 
 from ..core.classes import exact_class_table
