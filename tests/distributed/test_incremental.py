@@ -5,9 +5,11 @@ The data are scikit-learn's 8×8 digits (a few hundred train + test images, PNG 
 checkpoints come from a real short training (``vog_ray.train.train``, ``small_cnn``). Checkpoints
 are "published" one at a time by copying them into a live prefix, like a training run does.
 
-* three incremental runs (one new checkpoint each) == one full ``run_audit`` over the three
-* a 4th run with nothing new: ``None`` / ``up to date`` on the CLI, exit 0, NOTHING written
-* refused configs: ``label: predicted`` and a sliding window (``last:2``)
+* one checkpoint is too few for a window (VoG over one checkpoint is 0): the run waits (exit 0,
+  nothing written); then two incremental runs (epochs 1–2, then 3) == one full ``run_audit``
+* a run with nothing new: ``None`` / ``up to date`` on the CLI, exit 0, NOTHING written
+* refused configs: ``label: predicted``, a sliding window (``last:2``), a window that no number of
+  checkpoints fills (``first:1``)
 * a folded checkpoint that changed → an error naming it
 * two runs at once: exactly one publishes, the other gets ``LockHeld`` (or finds nothing new)
 * ``StateLock`` alone, on S3 (conditional put, ``If-None-Match: *``) and on a local directory
@@ -31,7 +33,7 @@ MODEL = {"name": "small_cnn", "size": 8, "width": 8, "num_classes": 10}  # conft
 
 N_TRAIN, N_TEST, EPOCHS = 240, 80, 3
 DIGITS = {"n_train": N_TRAIN, "n_test": N_TEST, "epochs": EPOCHS}  # read by the digits_s3 fixture
-WINDOWS = {"all": "all", "early": "first:1"}
+WINDOWS = {"all": "all", "early": "first:2"}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -114,14 +116,21 @@ def scores(s3, out: str):
 
 @pytest.fixture(scope="module")
 def three_runs(s3, digits) -> dict[str, Any]:
-    """Three incremental runs, one new checkpoint each, and one full audit over the three."""
-    from vog_ray.distributed.incremental import read_state, run_incremental
+    """Checkpoints published one at a time, an incremental run after each (the first waits: one
+    checkpoint is too few), and one full audit over the three."""
     from vog_ray.distributed.audit import run_audit
+    from vog_ray.distributed.incremental import TooFewCheckpoints, read_state, run_incremental
 
     live, out = "run3/ckpt", "run3/inc"
     results, states = [], []
     for epoch, url in enumerate(digits["checkpoints"], start=1):
         publish_checkpoint(s3, key_of(s3, url), live, epoch)
+        if epoch == 1:
+            before = snapshot(s3)
+            with pytest.raises(TooFewCheckpoints, match=r"1 checkpoint\(s\) so far, too few for the windows"):
+                run_incremental(make_cfg(s3, out, live))
+            assert snapshot(s3) == before
+            continue
         res = run_incremental(make_cfg(s3, out, live))
         assert res is not None, f"run {epoch}: a new checkpoint was there"
         results.append(res)
@@ -131,14 +140,16 @@ def three_runs(s3, digits) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- equality with a full audit
-def test_three_incremental_runs_equal_one_full_audit(s3, three_runs):
+def test_incremental_runs_equal_one_full_audit(s3, three_runs):
     results, states = three_runs["results"], three_runs["states"]
+    new = [["epoch_1.pt", "epoch_2.pt"], ["epoch_3.pt"]]
+    assert len(results) == 2
     for g, (res, st) in enumerate(zip(results, states), start=1):
         m = res.manifest
         assert m["mode"] == "incremental" and m["generation"] == g == st["generation"]
-        assert m["num_checkpoints"] == g and len(st["checkpoints"]) == g
-        assert [c.rsplit("/", 1)[1] for c in m["new_checkpoints"]] == [f"epoch_{g}.pt"]  # only the new one
-        assert m["throughput"]["checkpoints_scored"] == 1
+        assert m["num_checkpoints"] == g + 1 and len(st["checkpoints"]) == g + 1
+        assert [c.rsplit("/", 1)[1] for c in m["new_checkpoints"]] == new[g - 1]  # only the new ones
+        assert m["throughput"]["checkpoints_scored"] == len(new[g - 1])
     # the previous generation's moments are gone; only the current one is kept
     gens = {k.split("/")[3] for k, *_ in snapshot(s3) if k.startswith(f"{three_runs['out']}/_incremental/gen-")}
     assert gens == {states[-1]["moments_url"].rstrip("/").split("/")[-2]}
@@ -147,14 +158,13 @@ def test_three_incremental_runs_equal_one_full_audit(s3, three_runs):
     assert inc.num_rows == full.num_rows == N_TRAIN + N_TEST
     assert inc["id"].to_pylist() == full["id"].to_pylist()
     assert inc["split"].to_pylist() == full["split"].to_pylist()
-    a, b = inc["vog_all_logit"].to_numpy(), full["vog_all_logit"].to_numpy()
-    assert np.all(b > 0)
-    rel = np.max(np.abs(a - b) / np.abs(b))
-    assert rel < 1e-6, f"vog_all_logit: max relative difference {rel:.3g}"
-    # early = first:1 holds ONE checkpoint: the population std over one value is exactly 0 —
-    # in the full audit and in the incremental state that kept it while epochs 2 and 3 arrived
-    np.testing.assert_array_equal(inc["vog_early_logit"].to_numpy(), np.zeros(inc.num_rows))
-    np.testing.assert_array_equal(full["vog_early_logit"].to_numpy(), np.zeros(full.num_rows))
+    # all: folded over two generations; early = first:2: folded in generation 1 and kept while
+    # epoch 3 arrived
+    for key in ("vog_all_logit", "vog_early_logit"):
+        a, b = inc[key].to_numpy(), full[key].to_numpy()
+        assert np.all(b > 0)
+        rel = np.max(np.abs(a - b) / np.abs(b))
+        assert rel < 1e-6, f"{key}: max relative difference {rel:.3g}"
     for col in ("z_all_logit", "score"):
         np.testing.assert_allclose(inc[col].to_numpy(), full[col].to_numpy(), rtol=1e-6, atol=1e-6)
     for col in ("rank", "class_rank", "decile", "pred", "target_label", "label"):
@@ -180,8 +190,8 @@ def test_fourth_run_without_new_checkpoint_writes_nothing(s3, three_runs):
     before = snapshot(s3)
     assert run_incremental(make_cfg(s3, three_runs["out"], three_runs["live"])) is None
     assert snapshot(s3) == before
-    assert read_state(s3.url(f"{three_runs['out']}/_incremental"), s3.storage)["generation"] == 3
-    assert len(list_runs(s3.url(three_runs["out"]), s3.storage)) == 3
+    assert read_state(s3.url(f"{three_runs['out']}/_incremental"), s3.storage)["generation"] == 2
+    assert len(list_runs(s3.url(three_runs["out"]), s3.storage)) == 2
 
 
 def test_cli_up_to_date_exits_0_and_writes_nothing(s3, three_runs, tmp_path, capsys):
@@ -219,6 +229,23 @@ def test_scheduled_audit_job_entrypoint_up_to_date(s3, three_runs, tmp_path):
 
 
 # --------------------------------------------------------------------------- refused configs
+def test_too_few_checkpoints_waits_and_a_window_of_one_is_refused(s3, digits, tmp_path, capsys):
+    """One checkpoint listed: the CLI says it waits, exits 0 and writes nothing; a window that no
+    number of checkpoints fills (first:1) is a config error (exit 2) naming the key."""
+    from vog_ray.cli import main
+
+    publish_checkpoint(s3, key_of(s3, digits["checkpoints"][0]), "wait/ckpt", 1)
+    before = snapshot(s3)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config_dict(s3, "wait/out", "wait/ckpt")))
+    assert main(["audit", "--incremental", str(cfg)]) == 0
+    assert "waiting: 1 checkpoint(s) so far" in capsys.readouterr().out
+    cfg.write_text(yaml.safe_dump(config_dict(s3, "wait/out", "wait/ckpt", windows={"one": "first:1"})))
+    assert main(["audit", "--incremental", str(cfg)]) == 2
+    assert "vog.windows: window 'one' = 'first:1' covers 1 checkpoint" in capsys.readouterr().err
+    assert snapshot(s3) == before
+
+
 @pytest.mark.parametrize("vog, message", [
     ({"label": "predicted"}, "incremental audits require vog.label: true"),
     ({"windows": {"all": "all", "late": "last:2"}}, "late = 'last:2' moves with the newest checkpoint"),
@@ -245,7 +272,8 @@ def test_two_concurrent_runs_one_publishes(s3, digits):
     from vog_ray.runs import list_runs
 
     live, out = "race/ckpt", "race/inc"
-    publish_checkpoint(s3, key_of(s3, digits["checkpoints"][0]), live, 1)
+    for epoch in (1, 2):  # two: a window needs at least two checkpoints
+        publish_checkpoint(s3, key_of(s3, digits["checkpoints"][epoch - 1]), live, epoch)
     barrier = threading.Barrier(2)
     outcome: dict[int, Any] = {}
 
@@ -272,7 +300,7 @@ def test_two_concurrent_runs_one_publishes(s3, digits):
         assert f"pid {os.getpid()}" in str(other) and socket.gethostname() in str(other)
 
     state = read_state(s3.url(f"{out}/_incremental"), s3.storage)
-    assert state["generation"] == 1 and len(state["checkpoints"]) == 1
+    assert state["generation"] == 1 and len(state["checkpoints"]) == 2
     assert list_runs(s3.url(out), s3.storage) == [published[0].run_id]
     assert [k for k, *_ in snapshot(s3) if k.endswith("/_incremental/lock")] == []  # released
     assert run_incremental(make_cfg(s3, out, live)) is None  # and a rerun is up to date
