@@ -6,10 +6,12 @@ Runs, in one process and on the same synthetic raw table (default 1,000,000 rows
   (a) vog-ray's Ray reduce (``pipeline.reduce_and_publish``): nothing per-example is collected
       into the driver;
   (b) a naive in-driver reduce with pandas (read everything, groupby, z, sort, rank), the thing
-      (a) exists to avoid.
+      (a) exists to avoid;
+  (c) ``vog-ray verify`` of the published run (the run validator on threads in this process,
+      streaming the score files): its time and the driver's peak RSS growth.
 
-It reports wall time and the driver's peak RSS growth for both, their ratios, and checks that
-both give the same ranks. Last line: one JSON object.
+It reports wall time and the driver's peak RSS growth for each, their ratios, and checks that
+(a) and (b) give the same ranks and that (c) finds every invariant holds. Last line: one JSON object.
 
     .venv/bin/python bench/reduce.py [--rows 1000000] [--quick]
 """
@@ -140,9 +142,21 @@ def main() -> int:
 
     with PeakRSS() as mem_ray:
         t = time.time()
-        res = reduce_and_publish(plan, raw, run_id="bench", t0=t, score_wall=1.0, extra={}, report=False)
+        # the synthetic raw table has no source to read again: the validator checks the tables only
+        res = reduce_and_publish(plan, raw, run_id="bench", t0=t, score_wall=1.0, extra={}, report=False,
+                                 verify_source=False)
         t_ray = time.time() - t
-    print(f"(a) ray reduce:    {t_ray:7.1f} s   driver peak RSS growth {mem_ray.growth_mb:8.1f} MiB", flush=True)
+    t_gate = res.manifest["timings_s"]["validate"]
+    print(f"(a) ray reduce:    {t_ray:7.1f} s   driver peak RSS growth {mem_ray.growth_mb:8.1f} MiB "
+          f"(of which the run validator, Ray tasks: {t_gate:.1f} s)", flush=True)
+    from vog_ray.verify import verify_run
+
+    with PeakRSS() as mem_verify:
+        t = time.time()
+        verdict = verify_run(res.run_url, source=False)
+        t_verify = time.time() - t
+    print(f"(c) vog-ray verify (threads in this process): {t_verify:7.1f} s   driver peak RSS growth "
+          f"{mem_verify.growth_mb:8.1f} MiB   every invariant holds: {verdict.ok}", flush=True)
     with PeakRSS() as mem_naive:
         t = time.time()
         df = naive_reduce(raw, keys, primary)
@@ -158,10 +172,12 @@ def main() -> int:
            "ray_vs_naive_time": round(t_ray / t_naive, 3),
            "ray_driver_peak_mib": round(mem_ray.growth_mb, 1), "naive_driver_peak_mib": round(mem_naive.growth_mb, 1),
            "driver_memory_ratio": round(mem_ray.growth_mb / max(mem_naive.growth_mb, 1e-9), 3),
-           "ranks_identical": same, "cpus": os.cpu_count()}
+           "ranks_identical": same, "cpus": os.cpu_count(), "validate_gate_s": t_gate,
+           "verify_s": round(t_verify, 2), "verify_driver_peak_mib": round(mem_verify.growth_mb, 1),
+           "verify_ok": verdict.ok}
     print(json.dumps(out))
     ray.shutdown()
-    return 0 if same else 1
+    return 0 if same and verdict.ok else 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ Refused up front (the CLI, in this process; no Ray starts):
 Audited on a local Ray (each publishes a run that passes its invariants):
 
 2. a model whose gradient is NaN for some examples: those rows are rejected
-   (``non_finite_vog: …``), never a z of 0;
+   (``non_finite_vog: …``), never a z of 0 — and (10) when the report fails after the run was
+   published, the error line says the run was published and names it;
 4. carried columns keep their Arrow type and every value (nullable int64 above 2**53 with nulls
    anywhere — also only in the last rows —, bool, string, list, timestamp, decimal), in the score
    table and in ``rejected.parquet``;
@@ -338,10 +339,13 @@ def test_4_carried_columns_keep_their_type_and_every_value(data, ray_env):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_2_rows_whose_vog_is_not_finite_are_rejected_never_a_z_of_0(data, ray_env):
+def test_2_rows_whose_vog_is_not_finite_are_rejected_never_a_z_of_0(data, ray_env, capsys, monkeypatch):
+    """…and (case 10) a report that fails after the run was published says the run stands."""
     import torch
 
+    import vog_ray.report
     from tests.helpers_factory import sqrt_pixel
+    from vog_ray.report.common import ReportError
     from vog_ray.runs import open_run
 
     d = data["root"] / "sqrt-ckpts"
@@ -349,9 +353,17 @@ def test_2_rows_whose_vog_is_not_finite_are_rejected_never_a_z_of_0(data, ray_en
     for i in range(3):
         torch.manual_seed(i)
         torch.save(sqrt_pixel().state_dict(), d / f"epoch_{i + 1}.pt")
-    path = data["cfg"]("nan-vog", model={"name": "tests.helpers_factory:sqrt_pixel"}, checkpoints=str(d / "epoch_*.pt"))
-    res = _audit(path)
-    run = open_run(res.run_url)
+    path = data["cfg"]("nan-vog", model={"name": "tests.helpers_factory:sqrt_pixel"}, checkpoints=str(d / "epoch_*.pt"),
+                       report={"enabled": True})
+
+    def no_report(*a, **k):
+        raise ReportError("the report broke")
+
+    monkeypatch.setattr(vog_ray.report, "build_report", no_report)
+    code, out, err = _cli(capsys, "audit", str(path))
+    msg = _one_error_line(err)
+    run = open_run(str(data["root"] / "out" / "nan-vog"))
+    assert code == 1 and f"run {run.run_id} was published at {run.url}, but its report failed: the report broke" in msg
     zero = {f"row-{i:03d}" for i in range(N) if data["tiny"].imgs[i].reshape(-1)[25] == 0} - {"row-007", f"row-{N - 3:03d}"}
     rej = run.rejected()
     nan_rows = {i for i, r in zip(rej["id"].to_pylist(), rej["reason"].to_pylist()) if r == "non_finite_vog: all_logit"}

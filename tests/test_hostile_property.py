@@ -6,7 +6,7 @@ missing or of disagreeing types, string labels), exit 1 for what only reading th
 (fractional labels, null or duplicate ids, nothing scorable). Never a traceback, never a wrong
 table.
 
-Hypothesis draws the files of a Parquet split (0–6 rows each), the ids (derived, or an id column
+Hypothesis draws the files of a Parquet split (1–6 rows each), the ids (derived, or an id column
 of arbitrary text, nulls and repeats included), labels (valid, out of range, missing, fractional,
 strings, the column absent), images (good, corrupt, null) and carried columns of several types
 (nulls anywhere, int64 beyond 2**53, a type that flips between files, names the audit reserves).
@@ -34,7 +34,7 @@ from tests.conftest import start_test_ray
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_EXAMPLES = 10  # each scored example is a whole audit (~10 s on 2 busy cores); refusals are instant
+MAX_EXAMPLES = 12  # each scored example is a whole audit (~10-30 s on 2 busy cores); refusals are instant
 TYPES = {"k_int": pa.int64(), "k_str": pa.string(), "k_bool": pa.bool_(), "k_list": pa.list_(pa.int64()),
          "k_float": pa.float64()}
 RESERVED = ("pred", "rank")  # carried names the audit writes itself: refused
@@ -55,22 +55,32 @@ def _values(typ: pa.DataType) -> st.SearchStrategy:
 
 @st.composite
 def split_files(draw) -> dict[str, Any]:
-    """Files of one split: rows, plus what the oracle needs to know about them."""
+    """Files of one split: rows, plus what the oracle needs to know about them. Most draws are
+    audits that publish; the rest exercise each way to be refused or to fail."""
     id_column = draw(st.booleans())
-    label_kind = draw(st.sampled_from(["int"] * 6 + ["float", "string", "absent"]))
-    keep = draw(st.lists(st.sampled_from(list(TYPES) + list(RESERVED)), max_size=3, unique=True))
-    flip = draw(st.sampled_from([None] * 5 + [k for k in keep if k in TYPES]))
-    files = []
-    for f in range(draw(st.integers(1, 2))):
-        n = draw(st.integers(0, 6))
+    label_kind = draw(st.sampled_from(["int"] * 10 + ["float", "string", "absent"]))
+    keep = draw(st.lists(st.sampled_from(list(TYPES) * 3 + list(RESERVED)), max_size=3, unique=True))
+    flip = draw(st.sampled_from([None] * 8 + [k for k in keep if k in TYPES]))
+    sizes = draw(st.lists(st.integers(1, 6), min_size=1, max_size=2))
+    ids = draw(st.lists(st.text(min_size=1, max_size=6), min_size=sum(sizes), max_size=sum(sizes), unique=True))
+    id_problem = draw(st.sampled_from([None] * 8 + ["null", "repeat"])) if id_column else None
+    if id_problem == "null":
+        ids[draw(st.integers(0, len(ids) - 1))] = None
+    elif id_problem == "repeat" and len(ids) > 1:
+        ids[-1] = ids[0]
+    good_label = st.integers(0, 9)
+    label_st = st.one_of(good_label, good_label, good_label, st.sampled_from([None, -1, -5, 10, 12]))
+    image_st = st.sampled_from(["good"] * 8 + ["corrupt", "null"])
+    files, at = [], 0
+    for f, n in enumerate(sizes):
         rows = []
         for _ in range(n):
-            label = draw(st.integers(0, 9) | st.sampled_from([None, -1, -5, 10, 12]))
+            label = draw(label_st)
             if label_kind == "float" and label is not None and draw(st.integers(0, 3)) == 0:
                 label = label + 0.5
-            rows.append({"image": draw(st.sampled_from(["good"] * 6 + ["corrupt", "null"])), "label": label,
-                         "id": draw(st.text(min_size=1, max_size=6) | st.none()) if id_column else None,
+            rows.append({"image": draw(image_st), "label": label, "id": ids[at] if id_column else None,
                          "digit": draw(st.integers(0, 1796))})
+            at += 1
         types = {k: (FLIP[TYPES[k]] if (k == flip and f == 1) else TYPES.get(k, pa.int64())) for k in keep}
         values = {k: [draw(_values(t)) for _ in range(n)] for k, t in types.items()}
         files.append({"rows": rows, "types": types, "values": values})

@@ -132,8 +132,9 @@ def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | Non
 
 def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: float, score_wall: float,
                        extra: dict[str, Any], report: bool | None = None,
-                       scored_checkpoints: int | None = None) -> AuditResult:
-    """Stage 2: class moments → z → ranks → the published run (``_SUCCESS`` last), then the report."""
+                       scored_checkpoints: int | None = None, verify_source: bool = True) -> AuditResult:
+    """Stage 2: class moments → z → ranks → the run, checked by the run validator (the source
+    read again unless ``verify_source`` is False), published (``_SUCCESS`` last), then the report."""
     cfg, storage = plan.cfg, plan.storage
     run_id = run_id or new_run_id()
     run_url = join(plan.out_url, "runs", run_id)
@@ -148,7 +149,7 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
     carried = {c: plan.carried_types.get(c, pa.null())
                for c in dict.fromkeys(k for s in cfg.data.splits.values() for k in s.keep_columns)}
     write_run(red, run_url, plan.out_url, run_id, storage, manifest, t0=t0, carried=carried,
-              gate=publish_gate(plan))
+              gate=publish_gate(plan, source=verify_source))
     log.info("publish: %.1f s", time.perf_counter() - t_publish)
     result = AuditResult(run_url=run_url, run_id=run_id, manifest=manifest,
                          top=top_ids(run_url, storage, list(cfg.data.splits)))

@@ -7,7 +7,7 @@ State at ``<output>/_incremental/``::
     gen-<g>-<token>/moments/*.parquet   per example: (n, mean, M2) per window and target over the
                           checkpoints folded so far, and the per-checkpoint signals (generation 1
                           keeps them under ``gen-…/parts/``, the scorer's output, without a copy)
-    lock                  held (exclusive create) while a run folds checkpoints in
+    lock                  held (exclusive create, :mod:`.lock`) while a run folds checkpoints in
 
 A run lists the checkpoint prefix, compares it with ``state.json``, computes gradient maps for
 the **new checkpoints only**, merges them into the persisted moments (Chan), publishes a new
@@ -23,6 +23,8 @@ Rules, enforced with clear errors:
   and explicit index lists are fine; ``last:N`` (and negative slices) move as checkpoints
   arrive, so they cannot be folded incrementally — run a full audit for them.
 * Checkpoints only get appended: a folded checkpoint that changed or disappeared is an error.
+* Every window needs two checkpoints: with fewer listed, the run waits (:class:`TooFewCheckpoints`:
+  nothing written; the CLI exits 0); a window no number of checkpoints fills is a config error.
 * Two runs at once: the lock (exclusive create, also on S3 via conditional writes) lets one
   proceed; the other fails saying who holds it. The commit is also a compare-and-swap on the
   state's generation.
@@ -133,7 +135,8 @@ def _new_checkpoints(plan_urls: list[str], infos: list[Any], state: dict[str, An
 
 def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: bool | None = None,
                     run_id: str | None = None) -> AuditResult | None:
-    """Fold new checkpoints into the persisted moments and publish a new run; ``None`` if up to date."""
+    """Fold new checkpoints into the persisted moments and publish a new run; ``None`` if up to
+    date; :class:`TooFewCheckpoints` while the windows need more checkpoints than are listed."""
     t0 = time.time()
     check_incremental_config(cfg)
     storage = cfg.storage.options()

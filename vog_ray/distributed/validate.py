@@ -28,12 +28,13 @@ def ray_map(fn: Callable[..., Any], args: list[tuple]) -> list:
     return ray.get([task.remote(*a) for a in args])
 
 
-def publish_gate(plan: Any) -> Callable[[str], None]:
+def publish_gate(plan: Any, *, source: bool = True) -> Callable[[str], None]:
     """The check ``write_run`` runs on a written run: every invariant, the source read again with
-    the audit's own config. Raises :class:`~vog_ray.verify.RunInvalid` naming what broke."""
+    the audit's own config (unless ``source`` is False). Raises
+    :class:`~vog_ray.verify.RunInvalid` naming what broke."""
 
     def gate(run_url: str) -> None:
-        verdict = verify_run(run_url, plan.storage, cfg=plan.cfg, mapper=ray_map)
+        verdict = verify_run(run_url, plan.storage, cfg=plan.cfg, source=source, mapper=ray_map)
         if not verdict.ok:
             raise RunInvalid(verdict.message())
         log.info("validate: %d rows, every invariant holds (%s)", verdict.rows, ", ".join(verdict.checked))
