@@ -201,3 +201,43 @@ def test_example_configs_say_what_they_promise():
 def test_example_config_overrides_from_the_command_line():
     cfg = load_config(CONFIGS / "cifar10_s3.yaml", ["compute.checkpoint_groups=3", "vog.accum_dtype=float64"])
     assert cfg.compute.checkpoint_groups == 3 and cfg.vog.accum_dtype == "float64"
+
+
+def test_errors_are_unwrapped_from_ray_and_keep_vog_rays_message():
+    """``describe_error``: a Ray task's error is reported as the exception raised in the task; an
+    error vog-ray raised from another (a checkpoint error from torch's) keeps vog-ray's message;
+    config and checkpoint errors exit 2, the rest 1; KeyError's message is not quoted."""
+    from ray.exceptions import RayTaskError
+
+    from vog_ray.cli import describe_error
+    from vog_ray.config import ConfigError
+    from vog_ray.models.checkpoints import CheckpointError
+
+    inner = TypeError("part-0.parquet: label column 'label' holds non-integer values")
+    wrapped = RayTaskError("read", "Traceback (most recent call last):\n  ...", inner).as_instanceof_cause()
+    assert describe_error(wrapped) == (1, "part-0.parquet: label column 'label' holds non-integer values")
+    try:
+        try:
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+        except RuntimeError as torch_error:
+            raise CheckpointError("checkpoint 'c/epoch_2.pt' is truncated or corrupt") from torch_error
+    except CheckpointError as e:
+        assert describe_error(e) == (2, "checkpoint 'c/epoch_2.pt' is truncated or corrupt")
+    assert describe_error(ConfigError("invalid config a.yaml:\n  vog.windows: x"))[0] == 2
+    assert describe_error(KeyError("part-1.parquet: no column 'label'")) == (1, "part-1.parquet: no column 'label'")
+    assert describe_error(AssertionError()) == (1, "AssertionError")
+
+
+def test_debug_prints_the_traceback_with_the_error_line(tmp_path, capsys):
+    from vog_ray.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"data": {"splits": {"t": {"format": "npz", "url": str(tmp_path / "no.npz")}}},
+                                    "model": "lenet", "checkpoints": str(tmp_path / "none_*.pt"),
+                                    "output": {"url": str(tmp_path / "out")}}))
+    assert main(["audit", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no file matches") and "Traceback" not in err, err
+    assert main(["--debug", "audit", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "\nerror: no file matches" in err, err
