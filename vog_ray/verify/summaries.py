@@ -50,13 +50,25 @@ class _Problems:
     def __init__(self) -> None:
         self.d: dict[str, dict[str, Any]] = {}
 
-    def add(self, rule: str, ids: Any, mask: np.ndarray | None = None) -> None:
-        hit = ids if mask is None else np.asarray(ids, dtype=object)[mask]
-        if len(hit) == 0:
-            return
+    def add(self, rule: str, ids: pa.Array | list, mask: np.ndarray | None = None) -> None:
+        """Rows ``ids`` (where ``mask``) break ``rule``; ids stay Arrow (no Python string per row)."""
+        if mask is not None:
+            mask = np.asarray(mask, bool)
+            n = int(mask.sum())
+            if n == 0:
+                return
+            ids = ids.filter(pa.array(mask)) if isinstance(ids, (pa.Array, pa.ChunkedArray)) else \
+                [i for i, m in zip(ids, mask) if m]
+        else:
+            n = len(ids)
+            if n == 0:
+                return
         e = self.d.setdefault(rule, {"n": 0, "ids": []})
-        e["n"] += int(len(hit))
-        e["ids"].extend(str(i) for i in list(hit[:EXAMPLES - len(e["ids"])]))
+        e["n"] += n
+        room = EXAMPLES - len(e["ids"])
+        if room > 0:
+            head = ids.slice(0, room).to_pylist() if isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids[:room]
+            e["ids"].extend(str(i) for i in head)
 
 
 def _floats(col: Any) -> np.ndarray:
@@ -77,7 +89,7 @@ class _ScoresAcc:
         self.ctx = ctx
         self.problems = _Problems()
         self.rows: dict[str, int] = {}
-        self.by_split: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self.by_split: dict[str, list[tuple[np.ndarray, np.ndarray, pa.Array]]] = {}
         self.class_ranks: dict[tuple[str, int], list[np.ndarray]] = {}
         self.pass1: list[dict[str, Any]] = []
         self.pass2: list[dict[str, Any]] = []
@@ -86,7 +98,7 @@ class _ScoresAcc:
 
     def add(self, t: pa.Table) -> None:
         ctx = self.ctx
-        ids = t.column("id").to_numpy(zero_copy_only=False).astype(object)
+        ids = t.column("id").combine_chunks()
         splits = t.column("split").to_numpy(zero_copy_only=False).astype(str)
         cls = classes_of(t)
         rank = pc.fill_null(t.column("rank"), -1).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -98,7 +110,7 @@ class _ScoresAcc:
         for s in np.unique(splits):
             m = splits == s
             self.rows[s] = self.rows.get(s, 0) + int(m.sum())
-            self._split_rows(t.filter(pa.array(m)), s, ids[m], cls[m], rank[m], crank[m], score[m])
+            self._split_rows(t.filter(pa.array(m)), s, ids.filter(pa.array(m)), cls[m], rank[m], crank[m], score[m])
         keep = t.select(["split", "target_label", "correct"] + [vog_col(k) for k in ctx.keys])
         self.pass1.extend(exact_class_sums(keep, ctx.keys).to_pylist())
         known = {(s, int(c)) for s, c in zip(ctx.means.get("split", []), ctx.means.get("class", []))}
@@ -106,10 +118,9 @@ class _ScoresAcc:
         if pairs <= known:
             self.pass2.extend(exact_class_sums(keep, ctx.keys, means=ctx.means).to_pylist())
         else:
-            missing = sorted(pairs - known)[:EXAMPLES]
-            self.problems.add("classes:missing", np.array([f"{s}/{c}" for s, c in missing], dtype=object))
+            self.problems.add("classes:missing", [f"{s}/{c}" for s, c in sorted(pairs - known)])
 
-    def _split_rows(self, t: pa.Table, split: str, ids: np.ndarray, cls: np.ndarray, rank: np.ndarray,
+    def _split_rows(self, t: pa.Table, split: str, ids: pa.Array, cls: np.ndarray, rank: np.ndarray,
                     crank: np.ndarray, score: np.ndarray) -> None:
         ctx = self.ctx
         self.by_split.setdefault(split, []).append((rank, score, ids))
@@ -128,7 +139,7 @@ class _ScoresAcc:
             if c in t.column_names:
                 vals[c] = add_digests(vals.get(c, 0), row_digest(split, t.column("id"), t.column(c)))
 
-    def _check_z(self, t: pa.Table, split: str, ids: np.ndarray, cls: np.ndarray) -> None:
+    def _check_z(self, t: pa.Table, split: str, ids: pa.Array, cls: np.ndarray) -> None:
         ctx = self.ctx
         e = ctx.lookup.get(split)
         for k in ctx.keys:
@@ -157,21 +168,25 @@ class _ScoresAcc:
         for s, parts in self.by_split.items():
             r = np.concatenate([p[0] for p in parts])
             sc = np.concatenate([p[1] for p in parts])
-            ids = np.concatenate([p[2] for p in parts])
             order = np.argsort(r, kind="stable")
-            r, sc, ids = r[order], sc[order], ids[order]
-            self.problems.add(f"ranks:duplicate:{s}", ids[1:], r[1:] == r[:-1])
+            r, sc = r[order], sc[order]
+            ids = pa.chunked_array([p[2] for p in parts]).combine_chunks().take(pa.array(order))
+            self.problems.add(f"ranks:duplicate:{s}", ids.slice(1), r[1:] == r[:-1])
             # higher score first; equal scores by id ascending
-            worse = (sc[1:] > sc[:-1]) | ((sc[1:] == sc[:-1]) & (ids[1:] < ids[:-1]))
-            self.problems.add(f"rank order:{s}", ids[1:], worse)
+            id_down = pc.less(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False) \
+                if len(ids) > 1 else np.zeros(0, bool)
+            worse = (sc[1:] > sc[:-1]) | ((sc[1:] == sc[:-1]) & id_down)
+            self.problems.add(f"rank order:{s}", ids.slice(1), worse)
             runs = intervals(np.unique(r))
-            at = {int(v): i for i, v in enumerate(r)}
-            ranks[s] = [[a, b, float(sc[at[a]]), str(ids[at[a]]), float(sc[at[b]]), str(ids[at[b]])] for a, b in runs]
+            first = np.searchsorted(r, [a for a, _ in runs])
+            last = np.searchsorted(r, [b for _, b in runs], side="right") - 1
+            ranks[s] = [[a, b, float(sc[i]), ids[int(i)].as_py(), float(sc[j]), ids[int(j)].as_py()]
+                        for (a, b), i, j in zip(runs, first, last)]
         cranks: dict[str, Any] = {}
         for (s, c), parts in self.class_ranks.items():
             r = np.sort(np.concatenate(parts))
             dup = r[1:][r[1:] == r[:-1]]
-            self.problems.add(f"class ranks:duplicate:{s}/{c}", np.array([f"class_rank {v}" for v in dup], dtype=object))
+            self.problems.add(f"class ranks:duplicate:{s}/{c}", [f"class_rank {v}" for v in dup[:EXAMPLES]])
             cranks[f"{s}\x1f{c}"] = intervals(np.unique(r))
         return {"rows": self.rows, "ranks": ranks, "class_ranks": cranks, "pass1": self.pass1, "pass2": self.pass2,
                 "ids": self.ids, "values": self.values, "problems": self.problems.d}
@@ -241,7 +256,7 @@ def summarize_rejected(path: str, url: str, storage: dict[str, Any], ctx: RunCon
     values: dict[str, dict[str, int]] = {}
     for t in batches:
         carried.add(t)
-        ids = t.column("id").to_numpy(zero_copy_only=False).astype(object)
+        ids = t.column("id").combine_chunks()
         has_reason = pc.fill_null(pc.greater(pc.utf8_length(t.column("reason")), 0), False)
         problems.add("reason", ids, ~has_reason.to_numpy(zero_copy_only=False))
         splits = t.column("split").to_numpy(zero_copy_only=False).astype(str)
