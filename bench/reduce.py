@@ -13,7 +13,10 @@ Runs, in one process and on the same synthetic raw table (default 1,000,000 rows
   (c) a naive in-driver reduce with pandas (read everything, groupby, z, sort, rank), the thing
       (a) exists to avoid; it is the reference the ranks are checked against. Skipped above
       ``--pandas-max-rows`` (default 2,000,000: the driver would hold the whole table), and then
-      (a)'s ranks are checked against (b)'s order instead.
+      (a)'s ranks are checked against (b)'s order instead;
+  (d) ``vog-ray verify`` of the published run (the run validator on threads in this process,
+      streaming the score files): its time and the driver's peak RSS growth. (a) includes the
+      publishing gate (the same validator as Ray tasks), reported as its ``validate`` step.
 
 It prints wall time and the driver's peak RSS growth of each, (a)'s own step timings, and the
 ratios; the last line is one JSON object (``reduce_vs_raydata`` = (b) time / (a) time: > 1 means
@@ -244,13 +247,20 @@ def main() -> int:
     ctx.print_on_execution_start = False
     plan = vog_plan(tmp, raw)
     res, t_vog, mem_vog = timed("(a) vog-ray reduce:", lambda: reduce_and_publish(
-        plan, raw, run_id="bench", t0=time.time(), score_wall=1.0, extra={}, report=False))
+        plan, raw, run_id="bench", t0=time.time(), score_wall=1.0, extra={}, report=False,
+        verify_source=False))  # the synthetic raw table has no source to read again: tables only
     steps = {k: v for k, v in res.manifest["timings_s"].items() if k != "score"}
     print("    steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()), flush=True)
     out = {"rows": a.rows, "files": a.files, "reduce_s": round(t_vog, 2), "reduce_driver_peak_mib": round(mem_vog, 1),
            "reduce_steps_s": steps}
     vog_order = ranked_order(f"{res.run_url}/scores")
-    checks = []
+    from vog_ray.verify import verify_run
+
+    verdict, t_verify, mem_verify = timed("(d) vog-ray verify:", lambda: verify_run(res.run_url, source=False))
+    print(f"    every invariant holds: {verdict.ok}", flush=True)
+    out.update(validate_gate_s=steps.get("validate"), verify_s=round(t_verify, 2),
+               verify_driver_peak_mib=round(mem_verify, 1), verify_ok=verdict.ok)
+    checks = [verdict.ok]
     if not a.skip_raydata:
         _, t_rd, mem_rd = timed("(b) Ray Data pipeline:", raydata_reduce, raw, f"{tmp}/raydata", KEYS, PRIMARY)
         same_rd = same_order(vog_order, order_of_files(f"{tmp}/raydata"))

@@ -9,7 +9,8 @@ early/late/all, targets logit + softmax, ``label: true``. The modes (:data:`MODE
 * ``fused`` — the Ray audit with its defaults (one actor holds all checkpoints);
 * ``sharded`` — ``compute.checkpoint_groups: 2`` (partial pixel moments merged by example id);
   also one read block and batch 100 (results must not depend on them either);
-* ``incremental`` — the first 2 checkpoints published and audited, then the other 2 folded in.
+* ``incremental`` — the first 3 checkpoints published and audited, then the 4th folded in (every
+  window needs at least 2 checkpoints: ``late`` = ``"1:"`` of 3 holds 2).
 
 :class:`DigitsAudit` (the session fixture ``digits_audit``, ``tests/distributed/conftest.py``)
 holds the data and memoises every audit, so the modules that use it (test_modes, test_audit,
@@ -49,7 +50,7 @@ RTOL = 1e-6
 # forever (seen: 3 x 0.5 on 2 CPUs)
 BASE_COMPUTE = {"device": "cpu", "batch_size": 64, "cpus_per_actor": 0.25}
 MODE_COMPUTE = {"fused": {}, "sharded": {"checkpoint_groups": 2, "read_blocks": 1, "batch_size": 100}}
-INCREMENTAL_STEPS = ((0, 2), (2, 4))  # the checkpoints (index ranges) published before each run
+INCREMENTAL_STEPS = ((0, 3), (3, 4))  # the checkpoints (index ranges) published before each run
 FIGURES: dict[str, float] = {}         # measured maxima, printed when the session ends (pytest -s)
 
 
@@ -164,7 +165,7 @@ class DigitsAudit:
         return self._references[key]
 
     def incremental(self) -> Incremental:
-        """The first 2 checkpoints published and audited, then the other 2 folded in (memoised)."""
+        """The first 3 checkpoints published and audited, then the 4th folded in (memoised)."""
         from vog_ray.config import validate
         from vog_ray.distributed.incremental import read_state, run_incremental
 

@@ -129,16 +129,16 @@ def _parquet_split(path: Path, columns: dict) -> Path:
 
 def test_reader_key_and_type_errors_exit_2_with_one_line_naming_file_and_column(project):
     """A split whose files lack the label or image column, or hold string labels: found while
-    planning (before Ray starts), one ``error:`` line naming the file and the column, exit 2."""
+    planning (before Ray starts), one error naming the config key, the file and the column, exit 2."""
     import pyarrow.parquet as pq
 
     good = pq.read_table(project["root"] / "data" / "test")
     images, labels = good["image"], good["label"]
     cases = {
-        "no_label": ({"image": images}, "no column 'label'"),
-        "no_image": ({"pixels": images, "label": labels}, "no column 'image'"),
+        "no_label": ({"image": images}, "has no column 'label'"),
+        "no_image": ({"pixels": images, "label": labels}, "has no column 'image'"),
         "string_labels": ({"image": images, "label": labels.cast("string")},
-                          "label column 'label' must be integer, got string"),
+                          "labels must be integers"),
     }
     for name, (columns, expected) in cases.items():
         f = _parquet_split(project["root"] / "bad" / name, columns)
@@ -147,7 +147,10 @@ def test_reader_key_and_type_errors_exit_2_with_one_line_naming_file_and_column(
         r = _run("audit", str(_write(project, f"{name}.yaml", cfg)), cwd=project["root"], timeout=300)
         assert r.returncode == 2, (name, r.stderr[-2000:])
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and expected in errors[0] and str(f) in errors[0], (name, r.stderr[-2000:])
+        # one error (an invalid-config error: its first line names the config file, the next the
+        # key, the data file and the column)
+        assert len(errors) == 1 and expected in r.stderr and str(f) in r.stderr, (name, r.stderr[-2000:])
+        assert f"data.splits.test.{'image' if name == 'no_image' else 'label'}_column" in r.stderr, name
         assert "Traceback" not in r.stderr, name
         # refused while planning: no scoring started (no CPU-layout hint, no Ray Data execution)
         assert "cores stay idle" not in r.stderr and "Starting execution" not in r.stderr, name
@@ -155,14 +158,15 @@ def test_reader_key_and_type_errors_exit_2_with_one_line_naming_file_and_column(
 
 def test_reader_error_raised_in_a_ray_task_is_one_line(monkeypatch, capsys):
     """The same errors raised inside a Ray read task reach the driver wrapped by Ray (with Ray
-    Data's retry hints appended): still one ``error:`` line, exit 2; ``-v`` adds the traceback."""
+    Data's retry hints appended): still one ``error:`` line, exit 2; ``--debug`` adds the traceback."""
     from ray.exceptions import RayTaskError
 
     from vog_ray import cli
+    from vog_ray.config import InputError
 
     msg = "part-3.parquet (/data/train/part-3.parquet): no column 'label'; columns are ['image']"
-    for cause in (KeyError(msg + "\nFailed to apply UDF transform after 1/1 attempts"),
-                  TypeError("part-3.parquet: label column 'label' must be integer, got string")):
+    for cause in (InputError(msg + "\nFailed to apply UDF transform after 1/1 attempts"),
+                  InputError("part-3.parquet: label column 'label' must be integer, got string")):
         wrapped = RayTaskError("ReadParquet", "Traceback (most recent call last): ...", cause).as_instanceof_cause()
 
         def dispatch(args, e=wrapped):
@@ -172,7 +176,7 @@ def test_reader_error_raised_in_a_ray_task_is_one_line(monkeypatch, capsys):
         assert cli.main(["validate", "x.yaml"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: {str(cause.args[0]).splitlines()[0]}"], err
-        assert cli.main(["-v", "validate", "x.yaml"]) == 2
+        assert cli.main(["--debug", "validate", "x.yaml"]) == 2
         assert "Traceback" in capsys.readouterr().err
 
 
@@ -283,3 +287,43 @@ def test_example_configs_say_what_they_promise():
 def test_example_config_overrides_from_the_command_line():
     cfg = load_config(CONFIGS / "cifar10_s3.yaml", ["compute.checkpoint_groups=3", "vog.accum_dtype=float64"])
     assert cfg.compute.checkpoint_groups == 3 and cfg.vog.accum_dtype == "float64"
+
+
+def test_errors_are_unwrapped_from_ray_and_keep_vog_rays_message():
+    """``describe_error``: a Ray task's error is reported as the exception raised in the task; an
+    error vog-ray raised from another (a checkpoint error from torch's) keeps vog-ray's message;
+    config and checkpoint errors exit 2, the rest 1; KeyError's message is not quoted."""
+    from ray.exceptions import RayTaskError
+
+    from vog_ray.cli import describe_error
+    from vog_ray.config import ConfigError
+    from vog_ray.models.checkpoints import CheckpointError
+
+    inner = TypeError("part-0.parquet: label column 'label' holds non-integer values")
+    wrapped = RayTaskError("read", "Traceback (most recent call last):\n  ...", inner).as_instanceof_cause()
+    assert describe_error(wrapped) == (1, "part-0.parquet: label column 'label' holds non-integer values")
+    try:
+        try:
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+        except RuntimeError as torch_error:
+            raise CheckpointError("checkpoint 'c/epoch_2.pt' is truncated or corrupt") from torch_error
+    except CheckpointError as e:
+        assert describe_error(e) == (2, "checkpoint 'c/epoch_2.pt' is truncated or corrupt")
+    assert describe_error(ConfigError("invalid config a.yaml:\n  vog.windows: x"))[0] == 2
+    assert describe_error(KeyError("part-1.parquet: no column 'label'")) == (1, "part-1.parquet: no column 'label'")
+    assert describe_error(AssertionError()) == (1, "AssertionError")
+
+
+def test_debug_prints_the_traceback_with_the_error_line(tmp_path, capsys):
+    from vog_ray.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"data": {"splits": {"t": {"format": "npz", "url": str(tmp_path / "no.npz")}}},
+                                    "model": "lenet", "checkpoints": str(tmp_path / "none_*.pt"),
+                                    "output": {"url": str(tmp_path / "out")}}))
+    assert main(["audit", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no file matches") and "Traceback" not in err, err
+    assert main(["--debug", "audit", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "\nerror: no file matches" in err, err

@@ -6,9 +6,13 @@
     vog-ray report RUN_URL
     vog-ray compare RUN_A RUN_B [--out compare.json]
     vog-ray runs OUTPUT_URL
+    vog-ray verify RUN_URL [--no-source]
     vog-ray validate CONFIG.yaml [--set …]
     vog-ray explore RUN_OR_OUTPUT_URL [--port 8765] [--host 127.0.0.1]
     vog-ray export RUN [--where SQL] [--flagged] [--split S] [--top N] --to csv|parquet|jsonl|labelstudio [--out FILE]
+
+Every failure is one ``error:`` line on stderr (``--debug``: with the traceback); exit codes: 0 ok,
+1 a failure, 2 an invalid config or input (the message names the file and key).
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ import sys
 import traceback
 from typing import Sequence
 
-from .config import ConfigError, load_config
+from .config import ConfigError, InputError, load_config
 from .storage import StorageOptions, redact_url
 
-__all__ = ["main"]
+__all__ = ["main", "describe_error", "user_error"]
 
 
 def _storage(args: argparse.Namespace) -> StorageOptions:
@@ -36,6 +40,7 @@ def _storage(args: argparse.Namespace) -> StorageOptions:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vog-ray", description="Rank every example of a dataset by Variance of Gradients, on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     a = sub.add_parser("audit", help="run an audit described by a YAML config")
@@ -69,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--endpoint-url", default=None)
     ls.add_argument("--anonymous", action="store_true")
     _explore_parsers(sub)
+
+    ve = sub.add_parser("verify", help="check a run against its invariants (and its source data)")
+    ve.add_argument("run", help="a run URL, or an output URL (its latest run)")
+    ve.add_argument("--no-source", action="store_true",
+                    help="do not read the source data again (skips the carried-column and id checks)")
+    ve.add_argument("--endpoint-url", default=None)
+    ve.add_argument("--anonymous", action="store_true")
     return p
 
 
@@ -101,28 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _redact_log_records()
     try:
         return _dispatch(args)
-    except ConfigError as e:
-        print(f"error: {_redact(str(e))}", file=sys.stderr)
-        return 2
-    except (KeyError, TypeError) as e:
-        return _reader_error_exit(e, args.verbose)
-    except (FileNotFoundError, ValueError, RuntimeError, PermissionError, OSError) as e:
-        print(f"error: {_redact(_root_message(e))}", file=sys.stderr)
-        return 1
-
-
-def _reader_error_exit(e: BaseException, verbose: bool) -> int:
-    """A reader's ``KeyError`` (a split's file lacks a column the config names) or ``TypeError``
-    (a label column of strings …), raised while planning or inside a Ray read task: input that
-    can never be scored, so exit 2 with one ``error:`` line naming the file and the column (the
-    traceback too with ``--verbose``)."""
-    if verbose:
-        traceback.print_exception(e)
-    root = _root_cause(e)
-    msg = str(root.args[0]) if isinstance(root, KeyError) and root.args else str(root) or type(root).__name__
-    # Ray Data appends retry-tuning hints on the lines after the error itself
-    print(f"error: {_redact(msg.strip().splitlines()[0])}", file=sys.stderr)
-    return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure becomes one error line
+        if args.debug:
+            traceback.print_exc()
+        code, msg = describe_error(e)
+        print(f"error: {_redact(msg)}", file=sys.stderr)
+        return code
 
 
 # names of environment variables whose values are credentials (AWS_SECRET_ACCESS_KEY, *_TOKEN …)
@@ -165,20 +164,44 @@ def _redact_log_records() -> None:
     logging.setLogRecordFactory(factory)
 
 
-def _root_cause(e: BaseException) -> BaseException:
-    """The user's error, not Ray's wrapper around it."""
-    seen = e
-    while getattr(seen, "cause", None) is not None or seen.__cause__ is not None:
-        nxt = getattr(seen, "cause", None) or seen.__cause__
-        if nxt is seen:
+def _is_ray(e: BaseException) -> bool:
+    return type(e).__module__.split(".", 1)[0] == "ray"
+
+
+def user_error(e: BaseException) -> BaseException:
+    """The error a user can act on: Ray's wrappers (a task's or actor's error, Ray Data's
+    ``UserCodeException``) are unwrapped down to the exception raised in the task; an error that
+    vog-ray raised from another (``CheckpointError`` from torch's) is kept, as it names the file."""
+    seen: set[int] = set()
+    while _is_ray(e) and id(e) not in seen:
+        seen.add(id(e))
+        nxt = getattr(e, "cause", None) or e.__cause__
+        if nxt is None:
             break
-        seen = nxt
-    return seen
+        e = nxt
+    return e
 
 
-def _root_message(e: BaseException) -> str:
-    seen = _root_cause(e)
-    return str(seen) if str(seen) else type(seen).__name__
+_PLAIN = (ValueError, RuntimeError, OSError, KeyError, TypeError)  # their message says it all
+
+
+def describe_error(e: BaseException) -> tuple[int, str]:
+    """``(exit code, message)`` of an error: 2 for an invalid config or input (the message names the
+    file and key), 1 for any other failure; the message without Ray's wrapping or tracebacks."""
+    from .models.checkpoints import CheckpointError
+
+    root = user_error(e)
+    if isinstance(root, InputError):  # Ray Data appends retry hints on the lines after the error itself
+        return 2, str(root).strip().splitlines()[0]
+    if isinstance(root, KeyError) and len(root.args) == 1 and isinstance(root.args[0], str):
+        msg = root.args[0]  # str(KeyError) quotes its message
+    else:
+        msg = str(root)
+    msg = msg.split("\nTraceback (most recent call last)", 1)[0].strip()
+    if not msg or not (type(root).__module__.startswith("vog_ray") or type(root) in _PLAIN
+                       or isinstance(root, (FileNotFoundError, PermissionError))):
+        msg = f"{type(root).__name__}: {msg}" if msg else type(root).__name__
+    return (2 if isinstance(root, (ConfigError, CheckpointError)) else 1), msg
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -190,9 +213,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         report = False if args.no_report else None  # None: as the config's report.enabled says
         if args.incremental:
-            from .distributed.incremental import run_incremental
+            from .distributed.incremental import TooFewCheckpoints, run_incremental
 
-            res = run_incremental(cfg, address=args.address, report=report)
+            try:
+                res = run_incremental(cfg, address=args.address, report=report)
+            except TooFewCheckpoints as e:
+                print(f"waiting: {e}")
+                return 0
             if res is None:
                 print("up to date: no new checkpoint")
                 return 0
@@ -205,9 +232,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"report: {res.run_url}/report.html")
         return 0
     if args.cmd == "report":
-        from .report import build_report
-
-        from .report import findings_lines
+        from .report import build_report, findings_lines
 
         out = build_report(args.run, storage=_storage(args))
         print("\n".join(findings_lines(out)))
@@ -221,16 +246,49 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(res.get("text", json.dumps(res, indent=2)) if isinstance(res, dict) else res)
         return 0
     if args.cmd == "runs":
-        from .runs import list_runs
-
-        for rid in list_runs(args.output, _storage(args)):
-            print(rid)
-        return 0
+        return _runs(args)
+    if args.cmd == "verify":
+        return _verify(args)
     if args.cmd == "explore":
         return _explore(args)
     if args.cmd == "export":
         return _export(args)
     raise AssertionError(args.cmd)
+
+
+def _runs(args: argparse.Namespace) -> int:
+    """The published runs, one id a line; a place with none says so on stderr (exit 0), a place
+    that does not exist is an error (exit 1)."""
+    from .runs import list_runs
+    from .storage import resolve
+
+    fs, path = resolve(args.output, _storage(args))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no output at {args.output!r} (nothing was ever written there)")
+    ids = list_runs(args.output, _storage(args))
+    for rid in ids:
+        print(rid)
+    if not ids:
+        print(f"no published run under {args.output!r}", file=sys.stderr)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Every invariant of a published run: exit 0 when all hold, 1 (listing them) when one breaks."""
+    from .runs import open_run
+    from .verify import verify_run
+
+    run = open_run(args.run, _storage(args))
+    v = verify_run(run.url, _storage(args), source=not args.no_source)
+    for p in v.problems:
+        print(f"broken: {p}")
+    print(f"run {run.url}: {v.rows} rows; checked: {', '.join(v.checked)}"
+          + ("" if v.source == "read" else f"; source {v.source}"))
+    if v.ok:
+        print("ok: every invariant holds")
+        return 0
+    print(f"error: {v.message(limit=3)}", file=sys.stderr)
+    return 1
 
 
 def _explore(args: argparse.Namespace) -> int:

@@ -12,22 +12,33 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .core.options import VogOptions
+from .core.options import WRITTEN_COLUMNS, WRITTEN_PREFIXES, VogOptions, written_column
 from .core.windows import check_window_spec
 from .storage import StorageOptions as _StorageOptions
 from .storage import redact_url
 
-__all__ = ["AuditConfig", "ConfigError", "load_config", "apply_overrides", "SplitSpec", "redact"]
+__all__ = ["AuditConfig", "ConfigError", "InputError", "load_config", "apply_overrides", "SplitSpec", "redact"]
 
 
 class ConfigError(ValueError):
     """The config file is invalid; the message names the file and the key."""
 
 
+class InputError(ValueError):
+    """Input data that can never be scored as configured (a split's file lacks a column the config
+    names, labels that are not class indices); the message names the file and the column. The CLI
+    exits 2 for it, as for a :class:`ConfigError`, also when it was raised inside a Ray task."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+IMAGE_FOLDER_COLUMNS = ("class_name", "path")  # what an image-folder split can carry
+# score-table columns a report setting may name besides the carried ones
+REPORTABLE_COLUMNS = ("split", "label", "target_label", "pred", "correct")
 
 
 class SplitSpec(_Strict):
@@ -45,6 +56,26 @@ class SplitSpec(_Strict):
     cifar_batches: Optional[Literal["train", "test"]] = Field(
         default=None, description="cifar: which batches (train = data_batch_*, test = test_batch)")
     group: Optional[str] = Field(default=None, description="a group name for reports (e.g. OoD groups)")
+
+    @model_validator(mode="after")
+    def _carried(self) -> "SplitSpec":
+        seen = [c for i, c in enumerate(self.keep_columns) if c in self.keep_columns[:i]]
+        if seen:
+            raise ValueError(f"keep_columns names {seen[0]!r} twice")
+        clash = [c for c in self.keep_columns if written_column(c)]
+        if clash:
+            raise ValueError(
+                f"keep_columns: {clash[0]!r} is a column the audit writes itself (reserved: "
+                f"{', '.join(WRITTEN_COLUMNS)} and names starting with {', '.join(WRITTEN_PREFIXES)}); "
+                "rename that column in the data")
+        if self.format == "image_folder":
+            bad = [k for k in self.keep_columns if k not in IMAGE_FOLDER_COLUMNS]
+            if bad:
+                raise ValueError(f"keep_columns: an image_folder split can keep only "
+                                 f"{' and '.join(map(repr, IMAGE_FOLDER_COLUMNS))}, not {bad[0]!r}")
+            if self.id_column:
+                raise ValueError("id_column: an image_folder split takes its ids from the paths")
+        return self
 
 
 class TransformSpec(_Strict):
@@ -218,6 +249,7 @@ class AuditConfig(_Strict):
     output: OutputSpec
     report: ReportSpec = Field(default_factory=ReportSpec)
     flags: Optional[FlagsSpec] = None
+    _source: str = PrivateAttr(default="<dict>")
 
     @model_validator(mode="after")
     def _flags_names(self) -> "AuditConfig":
@@ -239,6 +271,10 @@ class AuditConfig(_Strict):
                 check_window_spec(name, spec)
             except ValueError as e:
                 raise ValueError(f"vog.windows: {e}") from e
+        keys = [f"{w}_{t}" for w in self.vog.windows for t in self.vog.targets]
+        if self.vog.rank_by is not None and self.vog.rank_by not in keys:
+            raise ValueError(f"vog.rank_by: {self.vog.rank_by!r} is not one of the audit's <window>_<target> "
+                             f"keys {keys}")
         return self
 
     @model_validator(mode="after")
@@ -251,6 +287,41 @@ class AuditConfig(_Strict):
             raise ValueError("vog.normalize_against needs vog.normalization zscore or abs_zscore "
                              "(with none, z is raw VoG)")
         return self
+
+    @model_validator(mode="after")
+    def _report_fits(self) -> "AuditConfig":
+        """Report settings that name splits or columns the audit will not have are refused here,
+        not after the run is published."""
+        splits = list(self.data.splits)
+        carried = list(dict.fromkeys(c for s in self.data.splits.values() for c in s.keep_columns))
+        columns = carried + list(REPORTABLE_COLUMNS)
+        for c in self.report.flag_columns:
+            if c not in columns:
+                raise ValueError(f"report.flag_columns: {c!r} is not carried by any split (add it to a split's "
+                                 f"keep_columns); carried: {carried}")
+        ood = self.report.ood
+        if ood is not None:
+            for key, s in [("in_distribution", ood.in_distribution)] + [("ood_splits", x) for x in ood.ood_splits]:
+                if s not in splits:
+                    raise ValueError(f"report.ood.{key}: {s!r} is not a split of data.splits {splits}")
+            if ood.in_distribution in ood.ood_splits:
+                raise ValueError(f"report.ood: split {ood.in_distribution!r} is both in_distribution and in ood_splits")
+            if not ood.ood_splits and not ood.group_column:
+                raise ValueError("report.ood needs ood_splits and/or group_column")
+            if ood.group_column is not None and ood.group_column not in columns:
+                raise ValueError(f"report.ood.group_column: {ood.group_column!r} is not carried by any split "
+                                 f"(add it to a split's keep_columns); carried: {carried}")
+        return self
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from (``<dict>`` when built from a dict)."""
+        return self._source
+
+    def error(self, key: str, message: str) -> "ConfigError":
+        """An invalid-config error naming this config's file and ``key`` (for checks that need the
+        checkpoints or the data, made while planning)."""
+        return ConfigError(f"invalid config {self._source}:\n  {key}: {message}")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -304,6 +375,12 @@ def _format_errors(e: ValidationError, source: str) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            m = re.match(r"([a-z_][a-z_.]*): ", msg)
+            if m:  # a model check names its key first
+                loc = m.group(1) if loc == "(top level)" else f"{loc}.{m.group(1)}"
+                msg = msg[m.end():]
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
@@ -312,9 +389,11 @@ def validate(d: dict[str, Any], source: str = "<dict>") -> AuditConfig:
     if not isinstance(d, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping")
     try:
-        return AuditConfig.model_validate(d)
+        cfg = AuditConfig.model_validate(d)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+    cfg._source = source
+    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> AuditConfig:

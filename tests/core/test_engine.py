@@ -287,3 +287,14 @@ def test_target_errors_name_the_targets():
         msg = str(err.value)
         assert msg.startswith(start) and "{" not in msg, msg
         assert all(repr(t) in msg for t in TARGETS), msg
+
+
+@pytest.mark.parametrize("spec, K", [({"a": [0, 0, 0]}, 3), ({"a": "first:1"}, 5), ({"a": "0:1"}, 5),
+                                     ({"a": "last:1"}, 5), ({"all": "all"}, 1), ({"a": [2, -1]}, 3)])
+def test_a_window_of_one_checkpoint_is_refused(spec, K):
+    """VoG over one checkpoint is 0 for every example (the std of one value): such a window would
+    rank every split in id order. Duplicates count once ([0, 0, 0] is one checkpoint)."""
+    name = next(iter(spec))
+    with pytest.raises(ValueError, match=rf"window '{name}' = .* covers 1 checkpoint .*at least 2 distinct"):
+        resolve_windows(spec, K)
+    assert resolve_windows({"a": [0, 1]}, 2) == {"a": [0, 1]}

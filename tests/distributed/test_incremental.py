@@ -2,13 +2,16 @@
 the session's S3 API on loopback (moto's server).
 
 The runs are the incremental mode of the shared digits audit (``tests/modes.py``): checkpoints
-are "published" by copying them into a live prefix, like a training run does — the first 2, an
-incremental run, the other 2, a second run. That the result equals every other execution mode
+are "published" by copying them into a live prefix, like a training run does — the first 3, an
+incremental run, the 4th, a second run. That the result equals every other execution mode
 (single process, fused, checkpoint-sharded) is ``test_modes.py``'s; here:
 
 * each generation folds in only its new checkpoints and keeps only its own moments
 * a 3rd run with nothing new: ``None`` / ``up to date`` on the CLI, exit 0, NOTHING written
-* refused configs: ``label: predicted`` and a sliding window (``last:2``)
+* one checkpoint is too few for a window (VoG over one checkpoint is 0): the run waits (exit 0,
+  nothing written)
+* refused configs: ``label: predicted``, a sliding window (``last:2``), a window that no number of
+  checkpoints fills (``first:1``)
 * a folded checkpoint that changed → an error naming it
 * two runs at once: exactly one publishes, the other gets ``LockHeld`` (or finds nothing new)
 * ``StateLock`` alone, on S3 (conditional put, ``If-None-Match: *``) and on a local directory
@@ -30,7 +33,7 @@ from tests.modes import INCREMENTAL_STEPS, Scores, col, publish_checkpoint
 # the module's Ray runs several audits; on a shared 2-core machine that is many minutes
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]
 
-RACE_WINDOWS = {"all": "all", "early": "first:1"}  # the race needs one checkpoint, not the shared windows
+RACE_WINDOWS = {"all": "all", "early": "first:2"}  # the race needs two checkpoints, not the shared windows' 3
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -77,13 +80,15 @@ def test_each_generation_folds_in_only_its_new_checkpoints(s3, digits_audit, inc
     # the previous generation's moments are gone; only the current one is kept
     gens = {k.split("/")[3] for k, *_ in snapshot(s3) if k.startswith(f"{inc.out}/_incremental/gen-")}
     assert gens == {inc.states[-1]["moments_url"].rstrip("/").split("/")[-2]}
-    # generation 1's late window ("1:" of 2 checkpoints) holds ONE checkpoint: the population std
-    # over one value is exactly 0
+    # generation 1's late window ("1:" of 3 checkpoints) holds two: a real spread, which
+    # generation 2 extends by the 4th
     first = Scores.of_run(inc.results[0].run_url, digits_audit.storage)
-    for t in first.tables.values():
-        for k in ("late_logit", "late_softmax"):
-            np.testing.assert_array_equal(col(t, f"vog_{k}"), np.zeros(t.num_rows))
-        assert np.all(col(t, "vog_all_logit") > 0)
+    last = Scores.of_run(inc.results[-1].run_url, digits_audit.storage)
+    for split, t in first.tables.items():
+        for k in ("late_logit", "all_logit"):
+            assert np.all(col(t, f"vog_{k}") > 0)
+            assert not np.allclose(col(t, f"vog_{k}"), col(last.tables[split], f"vog_{k}"))
+        np.testing.assert_array_equal(col(t, "vog_early_logit"), col(last.tables[split], "vog_early_logit"))
 
 
 def test_last_generation_equals_the_full_audit_beyond_the_mode_tolerance(digits_audit, inc):
@@ -154,6 +159,23 @@ def test_scheduled_audit_job_entrypoint_up_to_date(s3, inc, tmp_path):
 
 
 # --------------------------------------------------------------------------- refused configs
+def test_too_few_checkpoints_waits_and_a_window_of_one_is_refused(s3, digits_audit, tmp_path, capsys):
+    """One checkpoint listed: the CLI says it waits, exits 0 and writes nothing; a window that no
+    number of checkpoints fills (first:1) is a config error (exit 2) naming the key."""
+    from vog_ray.cli import main
+
+    publish_checkpoint(s3, digits_audit.ckpt_keys[0], "wait/ckpt", 1)
+    before = snapshot(s3)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config_dict(digits_audit, "wait/out", "wait/ckpt")))
+    assert main(["audit", "--incremental", str(cfg)]) == 0
+    assert "waiting: 1 checkpoint(s) so far" in capsys.readouterr().out
+    cfg.write_text(yaml.safe_dump(config_dict(digits_audit, "wait/out", "wait/ckpt", windows={"one": "first:1"})))
+    assert main(["audit", "--incremental", str(cfg)]) == 2
+    assert "vog.windows: window 'one' = 'first:1' covers 1 checkpoint" in capsys.readouterr().err
+    assert snapshot(s3) == before
+
+
 @pytest.mark.parametrize("vog, message", [
     ({"label": "predicted"}, "incremental audits require vog.label: true"),
     ({"windows": {"all": "all", "late": "last:2"}}, "late = 'last:2' moves with the newest checkpoint"),
@@ -180,7 +202,8 @@ def test_two_concurrent_runs_one_publishes(s3, digits_audit, shared_ray):
     from vog_ray.runs import list_runs
 
     live, out = "race/ckpt", "race/inc"
-    publish_checkpoint(s3, digits_audit.ckpt_keys[0], live, 1)
+    for epoch in (1, 2):  # two: a window needs at least two checkpoints
+        publish_checkpoint(s3, digits_audit.ckpt_keys[epoch - 1], live, epoch)
     barrier = threading.Barrier(2)
     outcome: dict[int, Any] = {}
 
@@ -207,7 +230,7 @@ def test_two_concurrent_runs_one_publishes(s3, digits_audit, shared_ray):
         assert f"pid {os.getpid()}" in str(other) and socket.gethostname() in str(other)
 
     state = read_state(s3.url(f"{out}/_incremental"), s3.storage)
-    assert state["generation"] == 1 and len(state["checkpoints"]) == 1
+    assert state["generation"] == 1 and len(state["checkpoints"]) == 2
     assert list_runs(s3.url(out), s3.storage) == [published[0].run_id]
     assert [k for k, *_ in snapshot(s3) if k.endswith("/_incremental/lock")] == []  # released
     assert run_incremental(make_cfg(digits_audit, out, live, windows=RACE_WINDOWS)) is None  # and a rerun is up to date

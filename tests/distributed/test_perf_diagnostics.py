@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -26,11 +27,14 @@ def bench_module():
     return mod
 
 
-def batch(n: int, seed: int) -> dict:
+def batch(n: int, seed: int) -> pa.Table:
+    """A decoded batch as the scorer receives it (Arrow, ``x`` a tensor column)."""
+    from ray.data.extensions import ArrowTensorArray
+
     rng = np.random.default_rng(seed)
-    return {"id": np.array([f"x{i}" for i in range(n)], object), "split": np.array(["train"] * n, object),
-            "label": rng.integers(0, 10, n), "status": np.array(["ok"] * n, object),
-            "x": rng.normal(size=(n, 1, 28, 28)).astype(np.float32)}
+    return pa.table({"id": [f"x{i}" for i in range(n)], "split": ["train"] * n,
+                     "label": pa.array(rng.integers(0, 10, n), pa.int64()), "status": ["ok"] * n,
+                     "x": ArrowTensorArray.from_numpy(rng.normal(size=(n, 1, 28, 28)).astype(np.float32))})
 
 
 def test_scorer_actor_writes_one_trace_line_per_batch(tmp_path, monkeypatch, save_checkpoints):

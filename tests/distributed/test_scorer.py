@@ -1,67 +1,67 @@
-"""The scorer actor takes ``compute.stack_checkpoints`` from the config to the engine: an audit
-with ``on`` runs every batch on the stacked (vmapped) path — the actors' trace says so — and gives
-the numbers of an audit with ``off`` (one checkpoint after the other) within 1e-6."""
+"""The scorer actor (called directly, no Ray) keeps carried columns exactly: Arrow in, Arrow out —
+a nullable int64 above 2**53 keeps its type and every value, with nulls anywhere (also only in
+the last rows of a batch, which a numpy batch turned into "Integer value … not in range"), in
+scored and in rejected rows alike; a row whose VoG is not finite is rejected with its reason."""
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
+import torch
 
-from tests.rayenv import start_test_ray
+from vog_ray.distributed.scorer import ScorerActor
+from vog_ray.models import build_model
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-N_ROWS = 160
-
-
-def _trace_lines(trace_dir) -> list[dict]:
-    lines = [json.loads(line) for p in sorted(trace_dir.glob("scorer-*.jsonl")) for line in p.read_text().splitlines()]
-    for p in trace_dir.glob("scorer-*.jsonl"):
-        p.unlink()
-    return lines
+BIG = 2 ** 53 + 1
 
 
-def test_stack_checkpoints_reaches_the_engine_and_changes_no_number(tiny_digits, tmp_path):
-    import ray
+def _batch(n: int, carried: dict[str, pa.Array]) -> pa.Table:
+    from ray.data.extensions import ArrowTensorArray
 
-    from vog_ray.config import validate
-    from vog_ray.distributed.audit import run_audit
-    from vog_ray.runs import open_run
-    from vog_ray.testing.writers import write_parquet_split
+    rng = np.random.default_rng(0)
+    status = ["ok"] * n
+    status[2] = "decode_error: broken"  # a rejected row carries its values too
+    return pa.table({"id": [f"r{i}" for i in range(n)], "split": ["train"] * n,
+                     "label": pa.array(rng.integers(0, 10, n), pa.int64()), **carried, "status": status,
+                     "x": ArrowTensorArray.from_numpy(rng.random((n, 1, 28, 28)).astype(np.float32))})
 
-    trace = tmp_path / "trace"
-    trace.mkdir()
-    write_parquet_split(str(tmp_path / "data"), tiny_digits.imgs[:N_ROWS], tiny_digits.labels[:N_ROWS],
-                        rows_per_file=80)
-    start_test_ray({"VOG_RAY_TRACE_DIR": str(trace)})
-    try:
-        tables, traces = {}, {}
-        for mode in ("off", "on"):
-            cfg = validate(tiny_digits.config({"train": {"format": "parquet", "url": str(tmp_path / "data")}},
-                                              str(tmp_path / f"out-{mode}"),
-                                              vog={"windows": {"all": "all", "late": "last:2"},
-                                                   "targets": ["logit", "softmax"]},
-                                              compute={"device": "cpu", "batch_size": 40, "stack_checkpoints": mode,
-                                                       "actors": {"min": 1, "max": 1}, "cpus_per_actor": 0.5}))
-            res = run_audit(cfg)
-            tables[mode] = open_run(res.run_url).scores().sort_by("id")
-            traces[mode] = _trace_lines(trace)
-    finally:
-        ray.shutdown()
-    assert traces["off"] and {t["stacked"] for t in traces["off"]} == {False}
-    assert traces["on"] and {t["stacked"] for t in traces["on"]} == {True}
-    assert sum(t["rows"] for t in traces["on"]) == N_ROWS
-    off, on = tables["off"], tables["on"]
-    assert off["id"].equals(on["id"]) and off.num_rows == N_ROWS
-    worst = 0.0
-    for c in off.column_names:
-        a, b = off[c].to_numpy(zero_copy_only=False), on[c].to_numpy(zero_copy_only=False)
-        if c.startswith("vog_"):   # raw VoG > 0: relative
-            np.testing.assert_allclose(b, a, rtol=1e-6, atol=0, err_msg=c)
-            worst = max(worst, float(np.max(np.abs(b - a) / a)))
-        elif c.startswith("z_") or c == "score":   # z crosses 0: within 1e-6 of the largest |z|
-            np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max(), err_msg=c)
-    assert off["pred"].equals(on["pred"]) and off["target_label"].equals(on["target_label"])
-    print(f"stack_checkpoints on vs off: max relative difference of raw VoG {worst:.2e}")
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    urls = []
+    for i in range(3):
+        torch.save(build_model("lenet").state_dict(), d / f"c_{i}.pt")
+        urls.append(str(d / f"c_{i}.pt"))
+    return ScorerActor(model="lenet", checkpoints=urls, indices=[0, 1, 2], num_checkpoints=3,
+                       vog={"windows": {"all": "all"}, "targets": ["logit"]}, device="cpu", storage={}, threads=1)
+
+
+@pytest.mark.parametrize("nulls", ["every 3rd", "last rows only", "none", "all"])
+def test_carried_int64_above_2_53_round_trips_exactly(scorer, nulls):
+    n = 9
+    null = {"every 3rd": lambda i: i % 3 == 0, "last rows only": lambda i: i >= n - 2,
+            "none": lambda i: False, "all": lambda i: True}[nulls]
+    big = pa.array([None if null(i) else BIG + 2 * i for i in range(n)], pa.int64())
+    lst = pa.array([[i, BIG] if i % 2 else None for i in range(n)], pa.list_(pa.int64()))
+    out = scorer(_batch(n, {"big": big, "lst": lst}))
+    assert out.schema.field("big").type == pa.int64() and out.schema.field("lst").type == pa.list_(pa.int64())
+    got = dict(zip(out["id"].to_pylist(), out["big"].to_pylist()))
+    assert got == {f"r{i}": v for i, v in enumerate(big.to_pylist())}
+    assert dict(zip(out["id"].to_pylist(), out["lst"].to_pylist())) == \
+        {f"r{i}": v for i, v in enumerate(lst.to_pylist())}
+    status = dict(zip(out["id"].to_pylist(), out["status"].to_pylist()))
+    assert status["r2"] == "decode_error: broken" and sum(s == "ok" for s in status.values()) == n - 1
+
+
+def test_non_finite_vog_becomes_a_rejected_row():
+    from vog_ray.core.table import non_finite_status
+
+    vog = {"all_logit": np.array([0.1, np.nan, np.inf, 0.2]), "all_softmax": np.array([0.1, 0.1, 0.1, -np.inf])}
+    status = ["ok", "ok", "decode_error: x", "ok"]
+    assert non_finite_status(status, vog, ["all_logit", "all_softmax"]) == [
+        "ok", "non_finite_vog: all_logit", "decode_error: x", "non_finite_vog: all_softmax"]

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 from .moments import NORMALIZATIONS
 
-__all__ = ["VogOptions", "TARGETS", "LABEL_MODES", "SIGNALS", "NORMALIZATIONS", "ACCUM_DTYPES"]
+__all__ = ["VogOptions", "TARGETS", "LABEL_MODES", "SIGNALS", "NORMALIZATIONS", "ACCUM_DTYPES", "WRITTEN_COLUMNS",
+           "WRITTEN_PREFIXES", "written_column"]
 
 TARGETS = ("logit", "softmax")
 LABEL_MODES = ("true", "predicted")
@@ -18,6 +19,18 @@ ACCUM_DTYPES = ("float32", "float64")
 # el2n = ||softmax - one_hot(p)||_2 (Paul et al., 2021), entropy = -sum softmax * log softmax
 SIGNALS = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",
            "max_logit", "energy", "el2n", "entropy")
+
+# the columns an audit writes into its tables (raw, score and rejected rows): a carried
+# (``keep_columns``) column of one of these names would overwrite a computed value or be
+# mistaken for one (the merges of partial moments select columns by these prefixes)
+WRITTEN_COLUMNS = ("id", "split", "label", "target_label", "pred", "correct", "status", "group", "score", "rank",
+                   "class_rank", "percentile", "decile", "reason", "x", "image", "flagged")
+WRITTEN_PREFIXES = ("vog_", "z_", "sig_", "mn_", "mmean_", "mm2_")
+
+
+def written_column(name: str) -> bool:
+    """Whether ``name`` is (or may be) a column the audit writes itself."""
+    return name in WRITTEN_COLUMNS or name.startswith(WRITTEN_PREFIXES)
 
 
 @dataclass

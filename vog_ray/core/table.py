@@ -13,7 +13,7 @@ from .options import SIGNALS
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import BatchResult
 
-__all__ = ["keep_array", "vog_col", "z_col", "result_to_table", "dictionary_columns"]
+__all__ = ["keep_array", "vog_col", "z_col", "result_to_table", "non_finite_status", "dictionary_columns"]
 
 # score-table columns whose values are (nearly) all distinct besides the floating-point ones
 DISTINCT_COLUMNS = ("id", "rank", "class_rank")
@@ -51,23 +51,43 @@ def keep_array(values: Any) -> pa.Array:
     return pa.array(v)
 
 
-def result_to_table(res: "BatchResult", *, ids: Sequence[str], split: Sequence[str] | str,
+def _strings(values: Any) -> pa.Array:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        arr = values.cast(pa.string())
+        return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    return pa.array([str(v) for v in values], pa.string())
+
+
+def non_finite_status(status: Sequence[Any], vog: dict[str, np.ndarray], keys: Sequence[str]) -> list[str]:
+    """``status`` with every ``ok`` row whose raw VoG is not finite under some key (NaN or inf
+    gradients) turned into ``non_finite_vog: <key>``: such a row cannot be normalised or ranked."""
+    out = [str(s) for s in status]
+    for k in keys:
+        bad = ~np.isfinite(np.asarray(vog[k], np.float64))
+        for i in np.flatnonzero(bad):
+            if out[i] == "ok":
+                out[i] = f"non_finite_vog: {k}"
+    return out
+
+
+def result_to_table(res: "BatchResult", *, ids: Any, split: Any,
                     labels: np.ndarray | None, keys: Sequence[str],
                     extra: dict[str, Any] | None = None) -> pa.Table:
-    """One batch's engine output as score-table rows (before normalisation and ranks)."""
+    """One batch's engine output as score-table rows (before normalisation and ranks). ``ids`` and
+    ``split`` (a sequence, an Arrow array, or one split name) become strings; a row whose VoG is
+    not finite gets the status ``non_finite_vog: <key>`` (a rejected row, never a z of 0)."""
     N = len(ids)
     labels = np.full(N, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
-    splits = [split] * N if isinstance(split, str) else list(split)
     pred = res.pred if res.pred is not None else np.full(N, -1, np.int64)
     correct = pa.array(np.where(labels >= 0, pred == labels, False), mask=labels < 0)
     cols: dict[str, Any] = {
-        "id": pa.array([str(i) for i in ids], pa.string()),
-        "split": pa.array(splits, pa.string()),
+        "id": _strings(ids),
+        "split": pa.array([split] * N, pa.string()) if isinstance(split, str) else _strings(split),
         "label": pa.array(labels, pa.int64()),
         "target_label": pa.array(res.target_label, pa.int64()),
         "pred": pa.array(pred, pa.int64()),
         "correct": correct,
-        "status": pa.array(list(res.status), pa.string()),
+        "status": pa.array(non_finite_status(res.status, res.vog, keys), pa.string()),
     }
     for k in keys:
         cols[vog_col(k)] = pa.array(res.vog[k], pa.float64())

@@ -13,9 +13,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Window", "parse_window", "check_window_spec", "resolve_windows", "DEFAULT_WINDOWS"]
+__all__ = ["Window", "parse_window", "check_window_spec", "resolve_windows", "DEFAULT_WINDOWS",
+           "MIN_CHECKPOINTS_PER_WINDOW"]
 
 DEFAULT_WINDOWS: dict[str, Any] = {"all": "all"}
+# VoG is a standard deviation across a window's checkpoints: over one checkpoint it is 0 for every
+# example by definition (every z 0, ranks in id order), so a window needs at least two
+MIN_CHECKPOINTS_PER_WINDOW = 2
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 _COUNT = re.compile(r"(first|last|early|late):(\d+)")
 _SLICE = re.compile(r"(-?\d*):(-?\d*)")
@@ -68,6 +72,10 @@ class Window:
             idx = sorted({i % K for i in self.indices})
         if not idx:
             raise ValueError(f"window {name!r} = {s!r} selects no checkpoint of the {K}")
+        if len(idx) < MIN_CHECKPOINTS_PER_WINDOW:
+            raise ValueError(f"window {name!r} = {s!r} covers {len(idx)} checkpoint (index {idx[0]}) of the {K}: "
+                             f"VoG over one checkpoint is 0 for every example; a window needs at least "
+                             f"{MIN_CHECKPOINTS_PER_WINDOW} distinct checkpoints")
         return idx
 
 

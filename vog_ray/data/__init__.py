@@ -19,7 +19,8 @@ Ids (what :func:`~vog_ray.data.fetch.fetch_images` reads back):
 
 * ``parquet`` — the ``id_column`` when given, else ``"<file>:<row>"``: the file's path relative to
   the split's base directory and the row index within that file (``"part-00000.parquet:17"``);
-* ``image_folder`` — the image's path relative to the root (``"cat/0001.png"``);
+* ``image_folder`` — the image's path relative to the root (``"cat/0001.png"``; a symlink inside
+  the root keeps its own path as id, and is read as its target);
 * ``cifar`` — ``"<batch file>:<row>"`` (``"data_batch_1:123"``), or the ``id_column`` (e.g. ``filenames``);
 * ``npz`` — ``"<file>:<row>"`` (``"ood.npz:5"``), or the ``id_column`` array.
 
@@ -49,6 +50,7 @@ _EXPORTS = {
     "read_split": "dataset", "dataset_from_config": "dataset",
     "decode_batch": "decode",
     "count_rows": "metadata", "count_split_rows": "metadata", "infer_input_shape": "metadata",
+    "scan_splits": "metadata", "check_output_apart": "metadata",
     "fetch_images": "fetch",
 }
 

@@ -46,10 +46,12 @@ def read_split(name: str, spec: "SplitSpec", storage: StorageOptions | None = No
 
 def dataset_from_config(cfg: "AuditConfig", storage: StorageOptions | None = None, *,
                         override_num_blocks: int | None = None,
-                        splits: Sequence[str] | None = None) -> "ray.data.Dataset":
+                        splits: Sequence[str] | None = None,
+                        carried_types: dict[str, pa.DataType] | None = None) -> "ray.data.Dataset":
     """The union of the config's splits (or of ``splits``), in config order.
 
-    Splits whose keep columns differ union fine: a column a split lacks is null in its rows.
+    Splits whose keep columns differ union fine: a column a split lacks is null in its rows, of
+    the column's type in ``carried_types`` (``metadata.scan_splits``) when known.
     """
     storage = storage or cfg.storage.options()
     blocks = override_num_blocks or cfg.compute.read_blocks
@@ -64,14 +66,15 @@ def dataset_from_config(cfg: "AuditConfig", storage: StorageOptions | None = Non
         ds = read_split(s, spec, storage, override_num_blocks=blocks, class_names=cfg.data.class_names)
         missing = [k for k in all_keep if k not in spec.keep_columns]
         if missing:
+            types = {k: (carried_types or {}).get(k, pa.null()) for k in missing}
             ds = ds.map_batches(_add_null_columns, batch_format="pyarrow", batch_size=None,
-                                zero_copy_batch=True, fn_kwargs={"columns": missing})
+                                zero_copy_batch=True, fn_kwargs={"columns": types})
         dss.append(ds)
     return dss[0] if len(dss) == 1 else dss[0].union(*dss[1:])
 
 
-def _add_null_columns(batch: pa.Table, *, columns: Sequence[str]) -> pa.Table:
-    """A batch with all-null ``columns`` appended (keep columns its split lacks)."""
-    for c in columns:
-        batch = batch.append_column(c, pa.nulls(batch.num_rows))
+def _add_null_columns(batch: pa.Table, *, columns: dict[str, pa.DataType]) -> pa.Table:
+    """A batch with all-null ``columns`` (name → type) appended (keep columns its split lacks)."""
+    for c, t in columns.items():
+        batch = batch.append_column(c, pa.nulls(batch.num_rows, t))
     return batch

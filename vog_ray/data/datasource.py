@@ -1,4 +1,4 @@
-"""The Ray ``Datasource`` of a parquet, CIFAR or npz split: its files (parquet files split by
+"""The Ray ``Datasource`` of a parquet, CIFAR, npz or image-folder split: its files (parquet files split by
 row groups when there are fewer files than blocks) in contiguous groups of similar size, one
 read task per group. Imports ``ray.data``: only the dataset code imports this module."""
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from . import cifar, npz, parquet
+from . import cifar, image_folder, npz, parquet
 from .listing import SourceFile
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,9 +51,11 @@ def balanced_groups(pieces: list[Piece], k: int, weight: Callable[[Piece], float
 class SplitDatasource(Datasource):
     """The rows of one split (``name``) read from ``files`` on ``fs``."""
 
-    def __init__(self, name: str, spec: "SplitSpec", fs, files: list[SourceFile]):
+    def __init__(self, name: str, spec: "SplitSpec", fs, files: list[SourceFile], *,
+                 class_to_idx: dict[str, int] | None = None):
         super().__init__()
         self._name, self._spec, self._fs, self._files = name, spec, fs, files
+        self._class_to_idx = class_to_idx  # image folders: the label of each class folder
 
     def get_name(self) -> str:
         return f"Read{self._spec.format.capitalize()}"
@@ -84,9 +86,12 @@ class SplitDatasource(Datasource):
                        data_context=None) -> list:
         parallelism = max(1, int(parallelism)) if parallelism and parallelism > 0 else len(self._files)
         groups = balanced_groups(self._pieces(parallelism), parallelism, lambda p: p.file.size)
-        fs_, spec_, name_ = self._fs, self._spec, self._name
+        fs_, spec_, name_, classes_ = self._fs, self._spec, self._name, self._class_to_idx
 
         def read_fn(group: list[Piece]) -> Iterable[pa.Table]:
+            if spec_.format == "image_folder":
+                yield from image_folder.read_images(fs_, [p.file for p in group], name_, spec_, classes_ or {})
+                return
             for p in group:
                 if spec_.format == "parquet":
                     yield from parquet.read_piece(fs_, p, name_, spec_)

@@ -1,58 +1,64 @@
-"""Image-folder splits (ImageNet layout, one sub-folder per class): the Ray read (Ray's binary
-file reader, then :func:`folder_rows` maps paths to ids and labels), the first payloads, and
-image files by id for reports. Imports Ray only inside :func:`read_image_folder`."""
+"""Image-folder splits (ImageNet layout, one sub-folder per class): the Ray read (the split's
+datasource over the files of :func:`~.listing.folder_sources` — the same listing the row count
+uses — read by :func:`read_images`), the first payloads, and image files by id for reports.
+Imports Ray only inside :func:`read_image_folder`."""
 
 from __future__ import annotations
 
 import posixpath
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 
 from ..storage import StorageOptions
-from .listing import IMAGE_EXTENSIONS, folder_files, folder_root, list_classes
+from .listing import SourceFile, folder_files, folder_root, folder_sources, list_classes
+from .rows import rows_per_block
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
     from ..config import SplitSpec
 
-__all__ = ["folder_rows", "read_image_folder", "peek_payloads", "fetch_files"]
+__all__ = ["read_images", "class_indices", "read_image_folder", "peek_payloads", "fetch_files"]
 
 
-def folder_rows(batch: pa.Table, *, root: str, class_to_idx: dict[str, int], split: str,
-                keep: Sequence[str]) -> pa.Table:
-    """Rows of Ray's binary-file batch (``path``, ``bytes``): id = path under the root, label =
-    the class folder's index; ``class_name`` and ``path`` are the keep columns there are."""
-    paths = batch.column("path").to_pylist()
-    prefix = root.rstrip("/") + "/"
-    ids, labels, classes = [], [], []
-    for p in paths:
-        p2 = p.split("://", 1)[-1] if "://" in p else p
-        if not p2.startswith(prefix):
-            i = p2.find(prefix.lstrip("/"))
-            if i < 0:
-                raise ValueError(f"image path {p!r} is not under the image_folder root {root!r}")
-            rel = p2[i + len(prefix.lstrip("/")):]
-        else:
-            rel = p2[len(prefix):]
-        cls = rel.split("/", 1)[0]
-        ids.append(rel)
-        classes.append(cls)
-        labels.append(class_to_idx.get(cls, -1))
-    n = len(paths)
-    cols = {
-        "id": pa.array(ids, pa.string()),
-        "split": pa.array([split] * n, pa.string()),
-        "label": pa.array(labels, pa.int64()),
-        "image": batch.column("bytes").cast(pa.binary()),
-    }
-    for k in keep:
-        if k == "class_name":
-            cols[k] = pa.array(classes, pa.string())
-        elif k == "path":
-            cols[k] = pa.array(ids, pa.string())
-    return pa.table(cols)
+def read_images(fs, files: Sequence[SourceFile], name: str, spec: "SplitSpec",
+                class_to_idx: dict[str, int]) -> Iterator[pa.Table]:
+    """Blocks of rows of image files (inside a Ray read task): id = the path under the root,
+    label = the class folder's index; ``class_name`` and ``path`` are the keep columns there are.
+    A file is opened through its path, so a symlink inside the root is read as its target."""
+    files = list(files)
+    step = rows_per_block(sum(f.size for f in files) / max(1, len(files)))
+    for a in range(0, len(files), step):
+        chunk = files[a:a + step]
+        data = []
+        for f in chunk:
+            with fs.open(f.path, "rb") as fh:
+                data.append(fh.read())
+        ids = [f.rel for f in chunk]
+        classes = [r.split("/", 1)[0] for r in ids]
+        cols = {
+            "id": pa.array(ids, pa.string()),
+            "split": pa.array([name] * len(chunk), pa.string()),
+            "label": pa.array([class_to_idx.get(c, -1) for c in classes], pa.int64()),
+            "image": pa.array(data, pa.binary()),
+        }
+        for k in spec.keep_columns:
+            cols[k] = pa.array(classes if k == "class_name" else ids, pa.string())
+        yield pa.table(cols)
+
+
+def class_indices(name: str, spec: "SplitSpec", storage: StorageOptions,
+                  class_names: Sequence[str] | None = None) -> dict[str, int]:
+    """Label of each class folder: its index in ``class_names`` when given (a folder not in it is
+    an error), else in the sorted folder names."""
+    folders = list_classes(spec, storage)
+    if class_names is None:
+        return {c: i for i, c in enumerate(folders)}
+    unknown = [c for c in folders if c not in class_names]
+    if unknown:
+        raise ValueError(f"split {name!r}: class folder(s) {unknown[:5]} are not in data.class_names")
+    return {c: list(class_names).index(c) for c in folders}
 
 
 def read_image_folder(name: str, spec: "SplitSpec", storage: StorageOptions, *,
@@ -61,27 +67,12 @@ def read_image_folder(name: str, spec: "SplitSpec", storage: StorageOptions, *,
     """The Ray Dataset of an image-folder split (see :func:`vog_ray.data.dataset.read_split`)."""
     import ray.data
 
-    bad = [k for k in spec.keep_columns if k not in ("class_name", "path")]
-    if bad:
-        raise ValueError(f"split {name!r}: an image_folder split can keep only 'class_name' and 'path', "
-                         f"not {bad}")
-    if spec.id_column:
-        raise ValueError(f"split {name!r}: an image_folder split takes its ids from the paths (no id_column)")
-    fs, root = folder_root(spec, storage)
-    folders = list_classes(spec, storage)
-    if class_names is not None:
-        unknown = [c for c in folders if c not in class_names]
-        if unknown:
-            raise ValueError(f"split {name!r}: class folder(s) {unknown[:5]} are not in data.class_names")
-        class_to_idx = {c: list(class_names).index(c) for c in folders}
-    else:
-        class_to_idx = {c: i for i, c in enumerate(folders)}
-    ds = ray.data.read_binary_files(
-        [posixpath.join(root, c) for c in folders], filesystem=fs, include_paths=True,
-        file_extensions=list(IMAGE_EXTENSIONS), override_num_blocks=override_num_blocks)
-    return ds.map_batches(folder_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                          fn_kwargs=dict(root=root, class_to_idx=class_to_idx, split=name,
-                                         keep=list(spec.keep_columns)))
+    from .datasource import SplitDatasource
+
+    class_to_idx = class_indices(name, spec, storage, class_names)
+    fs, _, files = folder_sources(spec, storage)
+    return ray.data.read_datasource(SplitDatasource(name, spec, fs, files, class_to_idx=class_to_idx),
+                                    override_num_blocks=override_num_blocks)
 
 
 def peek_payloads(spec: "SplitSpec", storage: StorageOptions | None, n: int) -> list[Any]:

@@ -4,18 +4,20 @@ skips hidden and temporary files. Imports neither Ray nor torch."""
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..storage import StorageOptions, natural_key, resolve
+from ..config import ConfigError
+from ..storage import StorageOptions, is_local, natural_key, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import SplitSpec
 
 __all__ = ["SourceFile", "list_split_files", "split_files", "folder_root", "list_classes", "folder_files",
-           "IMAGE_EXTENSIONS", "PARQUET_EXTENSIONS"]
+           "folder_sources", "split_bases", "IMAGE_EXTENSIONS", "PARQUET_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "pbm")
 PARQUET_EXTENSIONS = (".parquet", ".pq", ".parq")
@@ -152,17 +154,54 @@ def list_classes(spec: "SplitSpec", storage: StorageOptions | None = None) -> li
     return names
 
 
-def folder_files(spec: "SplitSpec", storage: StorageOptions | None) -> tuple[Any, str, list[str]]:
-    """``(fs, root, rel paths)`` of the images ``read_split`` reads from an image folder — the
-    same filter as Ray's directory listing (no ``.``/``_`` prefix inside a class folder) and
-    the image extensions, case-insensitive."""
+def folder_sources(spec: "SplitSpec", storage: StorageOptions | None) -> tuple[Any, str, list[SourceFile]]:
+    """``(fs, root, files)``: the images of an image-folder split — in a class folder, no
+    ``.``/``_`` prefix inside it, an image extension (case-insensitive) — naturally sorted by
+    their path under the root (``rel``, the id). The one listing that both the row count and the
+    read use. Symlinks (local folders): a file link whose target stays inside the root is read
+    through the link; a link whose target leaves the root, or that leads nowhere, is refused
+    (:class:`~vog_ray.config.ConfigError` naming it); a directory link inside the root is not
+    followed (as ``find`` does)."""
     fs, root = folder_root(spec, storage)
     classes = set(list_classes(spec, storage))
     exts = tuple("." + e for e in IMAGE_EXTENSIONS)
+    local = is_local(fs)
+    real_root = os.path.realpath(root) if local else root
     out = []
-    for path in fs.find(root):
+    for path, info in fs.find(root, detail=True).items():
         rel = path[len(root):].lstrip("/") if path.startswith(root) else path
         cls, _, inner = rel.partition("/")
-        if cls in classes and inner and not inner.startswith((".", "_")) and inner.lower().endswith(exts):
-            out.append(rel)
-    return fs, root, sorted(out, key=natural_key)
+        is_image = cls in classes and inner and not inner.startswith((".", "_")) and inner.lower().endswith(exts)
+        if local and info.get("islink") and (is_image or (not inner and os.path.isdir(path))):
+            _check_link(spec, path, rel, real_root)
+        if is_image:
+            out.append(SourceFile(path, rel, int(info.get("size") or 0)))
+    return fs, root, sorted(out, key=lambda f: natural_key(f.rel))
+
+
+def _check_link(spec: "SplitSpec", path: str, rel: str, real_root: str) -> None:
+    target = os.path.realpath(path)
+    where = f"image_folder {spec.url!r}: {rel!r} is a symlink to {target!r}"
+    if not os.path.exists(target):
+        raise ConfigError(f"{where}, which does not exist (a broken link or a loop)")
+    if os.path.commonpath([real_root, target]) != real_root:
+        raise ConfigError(f"{where}, outside the split's root {real_root!r}: links that leave the root are "
+                          "refused (copy the file into the root, or point url at a directory that holds both)")
+
+
+def folder_files(spec: "SplitSpec", storage: StorageOptions | None) -> tuple[Any, str, list[str]]:
+    """``(fs, root, rel paths)`` of :func:`folder_sources`."""
+    fs, root, files = folder_sources(spec, storage)
+    return fs, root, [f.rel for f in files]
+
+
+def split_bases(spec: "SplitSpec", storage: StorageOptions | None) -> list[tuple[str, str]]:
+    """``(protocol, path)`` of every URL of a split: the file or directory it names, the fixed
+    prefix of a glob (for checking that an output URL lies apart from the inputs)."""
+    out = []
+    for u in _urls(spec):
+        fs, p = resolve(u, storage)
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        p = p.rstrip("/") or p
+        out.append((proto, _glob_base(p) if _has_magic(p) else p))
+    return out

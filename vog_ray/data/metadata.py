@@ -1,23 +1,28 @@
 """What the pipeline learns about the splits before any Ray job: rows per split (``rows_in``,
-from metadata where the format has it) and the model input shape, from decoding the first rows
-of each split. Imports neither Ray nor torch."""
+from metadata where the format has it), what the Parquet footers say about the columns an audit
+reads (:func:`scan_splits`: present in every file, one type per column, labels numeric), that the
+output lies apart from the inputs, and the model input shape, from decoding the first rows of
+each split. Imports neither Ray nor torch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
 
-from ..storage import StorageOptions
+from ..config import ConfigError
+from ..storage import StorageOptions, resolve
 from . import cifar, image_folder, npz, parquet
 from .decode import Reject, decode_row
-from .listing import SourceFile, folder_files, split_files
+from .listing import SourceFile, folder_files, split_bases, split_files
 from .rows import npy_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AuditConfig, SplitSpec
 
-__all__ = ["count_split_rows", "count_rows", "infer_input_shape"]
+__all__ = ["count_split_rows", "count_rows", "infer_input_shape", "SplitScan", "scan_splits", "check_output_apart"]
 
 
 def _map_threads(fn: Callable[[Any], Any], items: Sequence[Any], max_workers: int = 16) -> list[Any]:
@@ -52,6 +57,129 @@ def count_rows(cfg: "AuditConfig", storage: StorageOptions | None = None) -> dic
     """Rows per split (``rows_in``), without running a Ray job."""
     storage = storage or cfg.storage.options()
     return {name: count_split_rows(spec, storage) for name, spec in cfg.data.splits.items()}
+
+
+@dataclass
+class SplitScan:
+    """What planning learns from the splits' metadata."""
+
+    rows_in: dict[str, int]
+    # the Arrow type of each carried column, where the source fixes it (Parquet footers; the
+    # image-folder columns are strings); the published table keeps exactly these types
+    carried_types: dict[str, pa.DataType] = field(default_factory=dict)
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded type compares as its values' type (files may differ in index width)."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _numeric_or_null(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)
+
+
+def _read_columns(spec: "SplitSpec") -> dict[str, str]:
+    """The columns an audit reads from a Parquet split → the config key that names each."""
+    cols = {spec.image_column: "image_column"}
+    if spec.label_column:
+        cols[spec.label_column] = "label_column"
+    if spec.id_column:
+        cols[spec.id_column] = "id_column"
+    for k in spec.keep_columns:
+        cols.setdefault(k, "keep_columns")
+    return cols
+
+
+def _parquet_types(cfg: "AuditConfig", name: str, spec: "SplitSpec", files: list[SourceFile],
+                   footers: list[tuple[int, pa.Schema]]) -> dict[str, pa.DataType]:
+    """Check a Parquet split's footers: every read column in every file, one type per column
+    across the files (null, an all-null column, agrees with any), labels numeric. Returns the
+    type of each read column (null when every file holds only nulls)."""
+    wanted = _read_columns(spec)
+    seen: dict[str, tuple[pa.DataType, str, str]] = {}  # column -> (type, file, its full path)
+    for f, (_, schema) in zip(files, footers):
+        for col, key in wanted.items():
+            i = schema.get_field_index(col)
+            if i < 0:
+                hint = " (set label_column: null for an unlabelled split)" if key == "label_column" else ""
+                raise cfg.error(f"data.splits.{name}.{key}", f"{f.rel} ({f.path}) has no column {col!r}{hint}; "
+                                f"its columns are {schema.names}")
+            t = schema.field(i).type
+            if pa.types.is_null(t):
+                continue
+            if col in seen and _plain(seen[col][0]) != _plain(t):
+                raise cfg.error(f"data.splits.{name}.{key}",
+                                f"column {col!r} is {seen[col][0]} in {seen[col][1]} but {t} in {f.rel}: the files of "
+                                "a split must agree on the type of every column the audit reads")
+            seen.setdefault(col, (t, f.rel, f.path))
+    for col, key in wanted.items():
+        t, rel, path = seen.get(col, (pa.null(), "", ""))
+        where = f"{rel} ({path})" if path else rel
+        problem = None
+        if key == "label_column" and not _numeric_or_null(_plain(t)):
+            problem = "labels must be integers (class indices)"
+        elif key == "image_column" and not pa.types.is_null(t) and (
+                _numeric_or_null(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
+            problem = "images must be encoded bytes (PNG/JPEG/…) or arrays"
+        elif key == "id_column" and (pa.types.is_nested(t) or pa.types.is_floating(t)):
+            problem = "ids must be strings or integers"
+        if problem:
+            raise cfg.error(f"data.splits.{name}.{key}", f"column {col!r} is {t} in {where}: {problem}")
+    return {col: seen.get(col, (pa.null(), "", ""))[0] for col in wanted}
+
+
+def scan_splits(cfg: "AuditConfig", storage: StorageOptions | None = None) -> SplitScan:
+    """Rows per split and the carried columns' types, from metadata (no Ray job); a split that
+    cannot be read as configured is a :class:`~vog_ray.config.ConfigError` naming the file and key."""
+    storage = storage or cfg.storage.options()
+    rows: dict[str, int] = {}
+    types: dict[str, tuple[pa.DataType, str]] = {}
+    for name, spec in cfg.data.splits.items():
+        split_types: dict[str, pa.DataType] = {}
+        try:
+            if spec.format == "parquet":
+                fs, _, files = split_files(spec, storage)
+                footers = _map_threads(lambda f: parquet.footer(fs, f), files)
+                rows[name] = int(sum(n for n, _ in footers))
+                read = _parquet_types(cfg, name, spec, files, footers)
+                split_types = {k: read[k] for k in spec.keep_columns}
+            else:
+                rows[name] = count_split_rows(spec, storage)
+                if spec.format == "image_folder":
+                    split_types = {k: pa.string() for k in spec.keep_columns}
+        except ConfigError as e:
+            if str(e).startswith("invalid config"):
+                raise
+            raise cfg.error(f"data.splits.{name}.url", str(e)) from None
+        for col, t in split_types.items():
+            if pa.types.is_null(t):
+                continue
+            if col in types and _plain(types[col][0]) != _plain(t):
+                raise cfg.error(f"data.splits.{name}.keep_columns",
+                                f"carried column {col!r} is {t} here but {types[col][0]} in split {types[col][1]!r}: "
+                                "splits must agree on the type of a column they carry")
+            types.setdefault(col, (t, name))
+    return SplitScan(rows, {c: t for c, (t, _) in types.items()})
+
+
+def check_output_apart(cfg: "AuditConfig", storage: StorageOptions | None = None) -> None:
+    """The output URL may not lie inside an input URL, nor an input inside the output: a rerun
+    would read the published Parquet as input (or a split's listing would change under it)."""
+    storage = storage or cfg.storage.options()
+    ofs, out = resolve(cfg.output.url, storage)
+    oproto = ofs.protocol if isinstance(ofs.protocol, str) else ofs.protocol[0]
+    out = out.rstrip("/") or out
+    for name, spec in cfg.data.splits.items():
+        for proto, base in split_bases(spec, storage):
+            if proto != oproto:
+                continue
+            if out == base or out.startswith(base.rstrip("/") + "/"):
+                raise cfg.error("output.url", f"{cfg.output.url!r} lies inside the input of split {name!r} ({base}): "
+                                "the published tables would be read as input by the next audit; write the "
+                                "output elsewhere")
+            if base.startswith(out.rstrip("/") + "/"):
+                raise cfg.error("output.url", f"{cfg.output.url!r} holds the input of split {name!r} ({base}): "
+                                "write the output apart from the data")
 
 
 def _peek_payloads(spec: "SplitSpec", storage: StorageOptions | None, n: int = 16) -> list[Any]:

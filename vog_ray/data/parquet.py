@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
+from ..config import InputError
 from ..core.table import keep_array
 from ..storage import StorageOptions
 from .listing import SourceFile, list_split_files
@@ -19,7 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import SplitSpec
     from .datasource import Piece
 
-__all__ = ["read_piece", "check_columns", "num_row_groups", "num_rows", "peek_payloads", "fetch_rows", "fetch_by_id_column"]
+__all__ = ["read_piece", "check_columns", "num_row_groups", "num_rows", "footer", "peek_payloads", "fetch_rows",
+           "fetch_by_id_column"]
 
 Found = Callable[[str, Any], None]   # called with (id, image payload) for each row fetched
 
@@ -54,17 +56,17 @@ def read_piece(fs, piece: "Piece", name: str, spec: "SplitSpec") -> Iterator[pa.
 
 def check_columns(schema: pa.Schema, spec: "SplitSpec", f: SourceFile) -> list[str]:
     """The columns a split reads from a file (image, label, id, keep), checked against the file's
-    schema: a missing one is a ``KeyError``, a label column that cannot hold labels a
-    ``TypeError``, each naming the file and the column."""
+    schema: a missing one, or a label column that cannot hold labels, is an ``InputError``
+    naming the file and the column."""
     names = schema.names
     wanted = [spec.image_column] + ([spec.label_column] if spec.label_column else []) \
         + ([spec.id_column] if spec.id_column else []) + list(spec.keep_columns)
     missing = [c for c in wanted if c not in names]
     if missing:
         hint = " (set label_column: null for an unlabelled split)" if spec.label_column in missing else ""
-        raise KeyError(f"{f.rel} ({f.path}): no column {missing[0]!r}; columns are {names}{hint}")
+        raise InputError(f"{f.rel} ({f.path}): no column {missing[0]!r}; columns are {names}{hint}")
     if spec.label_column and not label_type_ok(schema.field(spec.label_column).type):
-        raise TypeError(f"{f.rel} ({f.path}): label column {spec.label_column!r} must be integer, "
+        raise InputError(f"{f.rel} ({f.path}): label column {spec.label_column!r} must be integer, "
                         f"got {schema.field(spec.label_column).type}")
     return list(dict.fromkeys(wanted))
 
@@ -81,14 +83,21 @@ def num_rows(fs, f: SourceFile, spec: Optional["SplitSpec"] = None) -> int:
     """The number of rows of a file (from its footer); a file that is not Parquet is an error, and
     so (given the split's ``spec``) is a file without the columns the split reads
     (:func:`check_columns`)."""
+    n, schema = footer(fs, f)
+    if spec is not None:
+        check_columns(schema, spec, f)
+    return n
+
+
+def footer(fs, f: SourceFile) -> tuple[int, pa.Schema]:
+    """The number of rows and the Arrow schema of a file, from its footer; a file that is not
+    Parquet is an error naming it."""
     import pyarrow.parquet as pq
 
     try:
         with fs.open(f.path, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            if spec is not None:
-                check_columns(pf.schema_arrow, spec, f)
-            return pf.metadata.num_rows
+            return pf.metadata.num_rows, pf.schema_arrow
     except (pa.ArrowException, OSError) as e:  # truncated / corrupt / not Parquet at all
         if isinstance(e, FileNotFoundError):
             raise

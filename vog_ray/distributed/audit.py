@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from ..config import AuditConfig, redact
 from ..core.options import VogOptions
 from ..core.windows import resolve_windows
@@ -20,7 +22,7 @@ from .publish import check_writable, top_ids, versions, write_run
 from .reduce import reduce_raw
 from .stage import checkpoint_groups, run_stage, work_key
 
-__all__ = ["run_audit", "plan_audit", "reduce_and_publish", "Plan", "AuditResult", "Steps"]
+__all__ = ["run_audit", "plan_audit", "reduce_and_publish", "Plan", "AuditResult", "Steps", "ReportFailed"]
 
 log = logging.getLogger("vog_ray")
 
@@ -80,6 +82,7 @@ class Plan:
     primary: str
     out_url: str
     rows_in: dict[str, int]
+    carried_types: dict[str, Any] = field(default_factory=dict)  # keep column -> pa.DataType (scan_splits)
 
     @property
     def K(self) -> int:
@@ -87,26 +90,30 @@ class Plan:
 
 
 def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] | None = None) -> Plan:
-    """List, hash and validate the checkpoints, resolve windows, count the input rows (checking
-    the columns each split reads), check the output is writable — then connect to Ray (a bad
-    checkpoint URL or a missing column fails without starting Ray)."""
-    from ..data.metadata import count_rows
-    from ..models.checkpoints import hash_checkpoints, list_checkpoints, load_checkpoints
+    """Everything that can be checked before any Ray work, refused with an error naming the file
+    and key (``ConfigError``, ``CheckpointError``): the output apart from the inputs, the
+    checkpoints listed, windows of at least two distinct checkpoints, the splits' footers (rows,
+    columns and their types), every checkpoint against the model and for non-finite tensors (one
+    in memory at a time), the output writable — then connect to Ray."""
+    from ..data.metadata import check_output_apart, scan_splits
+    from ..models.checkpoints import check_checkpoints, list_checkpoints
 
     storage = cfg.storage.options()
     opts = cfg.vog.options()
+    check_output_apart(cfg, storage)
     urls = urls if urls is not None else list_checkpoints(cfg.checkpoints, storage)
-    windows = resolve_windows(opts.windows, len(urls))
+    try:
+        windows = resolve_windows(opts.windows, len(urls))
+    except ValueError as e:
+        raise cfg.error("vog.windows", f"{e} ({len(urls)} checkpoints listed from {cfg.checkpoints!r})") from None
     keys = opts.keys(windows)
-    infos = hash_checkpoints(urls, storage)
-    # every checkpoint checked against the model once, here: clear errors before any actor starts
-    load_checkpoints(cfg.model, urls, storage)
-    rows_in = count_rows(cfg, storage)
+    scan = scan_splits(cfg, storage)
+    infos = check_checkpoints(cfg.model, urls, storage)
     check_writable(cfg.output.url, storage)
     ensure_ray(address)
     configure_data_context(cfg.compute)
     return Plan(cfg, storage, opts, urls, infos, windows, keys, opts.primary(windows),
-                cfg.output.url.rstrip("/"), rows_in)
+                cfg.output.url.rstrip("/"), scan.rows_in, scan.carried_types)
 
 
 def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | None = None,
@@ -125,8 +132,9 @@ def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | Non
 
 def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: float, score_wall: float,
                        extra: dict[str, Any], report: bool | None = None,
-                       scored_checkpoints: int | None = None) -> AuditResult:
-    """Stage 2: class moments → z → ranks → the published run (``_SUCCESS`` last), then the report."""
+                       scored_checkpoints: int | None = None, verify_source: bool = True) -> AuditResult:
+    """Stage 2: class moments → z → ranks → the run, checked by the run validator (the source
+    read again unless ``verify_source`` is False), published (``_SUCCESS`` last), then the report."""
     cfg, storage = plan.cfg, plan.storage
     run_id = run_id or new_run_id()
     run_url = join(plan.out_url, "runs", run_id)
@@ -137,15 +145,28 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
                      normalize_against=plan.opts.normalize_against)
     t_publish = time.perf_counter()
     manifest = _manifest(plan, red, run_id, score_wall, steps, extra, scored_checkpoints or plan.K)
-    write_run(red, run_url, plan.out_url, run_id, storage, manifest, t0=t0, flags=cfg.flags)
+    from .validate import publish_gate
+
+    carried = {c: plan.carried_types.get(c, pa.null())
+               for c in dict.fromkeys(k for s in cfg.data.splits.values() for k in s.keep_columns)}
+    write_run(red, run_url, plan.out_url, run_id, storage, manifest, t0=t0, flags=cfg.flags, carried=carried,
+              gate=publish_gate(plan, source=verify_source))
     log.info("publish: %.1f s", time.perf_counter() - t_publish)
     result = AuditResult(run_url=run_url, run_id=run_id, manifest=manifest,
                          top=top_ids(run_url, storage, list(cfg.data.splits)))
     if cfg.report.enabled if report is None else report:
         from ..report import build_report
 
-        build_report(run_url, storage=storage)
+        try:
+            build_report(run_url, storage=storage)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the run itself stands
+            raise ReportFailed(f"run {run_id} was published at {redact(run_url)}, but its report failed: "
+                               f"{str(e) or type(e).__name__} (once fixed: vog-ray report {redact(run_url)})") from e
     return result
+
+
+class ReportFailed(RuntimeError):
+    """The run was published (it passed its invariants); only its report could not be written."""
 
 
 def _manifest(plan: Plan, red: Any, run_id: str, score_wall: float, steps: Steps,

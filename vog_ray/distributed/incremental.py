@@ -7,7 +7,7 @@ State at ``<output>/_incremental/``::
     gen-<g>-<token>/moments/*.parquet   per example: (n, mean, M2) per window and target over the
                           checkpoints folded so far, and the per-checkpoint signals (generation 1
                           keeps them under ``gen-…/parts/``, the scorer's output, without a copy)
-    lock                  held (exclusive create) while a run folds checkpoints in
+    lock                  held (exclusive create, :mod:`.lock`) while a run folds checkpoints in
 
 A run lists the checkpoint prefix, compares it with ``state.json``, computes gradient maps for
 the **new checkpoints only**, merges them into the persisted moments (Chan), publishes a new
@@ -23,6 +23,8 @@ Rules, enforced with clear errors:
   and explicit index lists are fine; ``last:N`` (and negative slices) move as checkpoints
   arrive, so they cannot be folded incrementally — run a full audit for them.
 * Checkpoints only get appended: a folded checkpoint that changed or disappeared is an error.
+* Every window needs two checkpoints: with fewer listed, the run waits (:class:`TooFewCheckpoints`:
+  nothing written; the CLI exits 0); a window no number of checkpoints fills is a config error.
 * Two runs at once: the lock (exclusive create, also on S3 via conditional writes) lets one
   proceed; the other fails saying who holds it. The commit is also a compare-and-swap on the
   state's generation.
@@ -32,31 +34,56 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
-import socket
 import time
 from typing import Any
 
 
 from ..config import AuditConfig
-from ..core.windows import parse_window
+from ..core.windows import parse_window, resolve_windows
 from ..models.checkpoints import hash_checkpoints, list_checkpoints
 from ..storage import StorageOptions, join, resolve
 from .audit import AuditResult, Plan, plan_audit, reduce_and_publish
+from .lock import DirLock
+from .lock import LockHeld as DirLockHeld
 from .merge import merge_by_example, moments_to_table, set_group
 from .reduce import RAW_ROWS_PER_READ, filter_status, read_raw, rejected_of_group0
 from .sort import partitions_for
 from .stage import score_stage
 
-__all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config"]
+__all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config",
+           "TooFewCheckpoints", "check_window_counts"]
 
 
 class IncrementalError(RuntimeError):
     """The incremental state cannot be advanced (changed checkpoints, changed config, lost race)."""
 
 
-class LockHeld(IncrementalError):
+class TooFewCheckpoints(IncrementalError):
+    """The windows need more checkpoints than the training run has written so far: nothing to
+    publish yet (every window needs at least two)."""
+
+
+# "as many checkpoints as a training run will write": a window that no count of this size
+# satisfies (``first:1``, ``0:1``) is a config error, one that this count satisfies is waiting
+FUTURE_CHECKPOINTS = 10_000
+
+
+def check_window_counts(cfg: AuditConfig, num_checkpoints: int) -> None:
+    """Raise :class:`TooFewCheckpoints` when the windows need more checkpoints than are listed,
+    and a ``ConfigError`` when no number of checkpoints would do."""
+    try:
+        resolve_windows(cfg.vog.windows, num_checkpoints)
+    except ValueError as e:
+        try:
+            resolve_windows(cfg.vog.windows, max(num_checkpoints, FUTURE_CHECKPOINTS))
+        except ValueError as never:
+            raise cfg.error("vog.windows", str(never)) from None
+        raise TooFewCheckpoints(f"{num_checkpoints} checkpoint(s) so far, too few for the windows ({e}); "
+                                "nothing was written") from None
+
+
+class LockHeld(IncrementalError, DirLockHeld):
     """Another incremental audit holds the lock."""
 
 
@@ -87,52 +114,11 @@ def read_state(state_url: str, storage: StorageOptions | None) -> dict[str, Any]
         return json.load(f)
 
 
-class StateLock:
-    """An exclusive lock file (``open(..., "xb")``: O_EXCL locally, If-None-Match on S3)."""
+class StateLock(DirLock):
+    """The incremental state's lock (``<output>/_incremental/lock``)."""
 
-    def __init__(self, state_url: str, storage: StorageOptions | None):
-        self.fs, self.path = resolve(join(state_url, "lock"), storage)
-        self.token = secrets.token_hex(8)
-
-    def __enter__(self) -> "StateLock":
-        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
-        info = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        try:
-            with self.fs.open(self.path, "xb") as f:
-                f.write(json.dumps(info).encode())
-        except (FileExistsError, OSError) as e:
-            if not self.fs.exists(self.path):
-                raise
-            held = self._holder()
-            raise LockHeld(
-                f"another incremental audit holds the lock {self.path} (host {held.get('host')}, pid "
-                f"{held.get('pid')}, since {held.get('since')}); if that audit died, delete the lock file") from e
-        return self
-
-    def _holder(self) -> dict[str, Any]:
-        """Who holds the lock (best effort: a local lock file is created before it is written)."""
-        for _ in range(20):
-            try:
-                with self.fs.open(self.path, "rb") as f:
-                    held = json.loads(f.read().decode() or "{}")
-                if held:
-                    return held
-            except FileNotFoundError:
-                return {}
-            except Exception:  # noqa: BLE001 - half-written: try again
-                pass
-            time.sleep(0.05)
-        return {}
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            with self.fs.open(self.path, "rb") as f:
-                mine = json.loads(f.read().decode() or "{}").get("token") == self.token
-            if mine:
-                self.fs.rm_file(self.path)  # never a glob: an output URL may hold [ ] * ?
-        except FileNotFoundError:
-            pass
+    what = "another incremental audit"
+    error = LockHeld
 
 
 def _new_checkpoints(plan_urls: list[str], infos: list[Any], state: dict[str, Any] | None) -> list[int]:
@@ -150,13 +136,15 @@ def _new_checkpoints(plan_urls: list[str], infos: list[Any], state: dict[str, An
 
 def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: bool | None = None,
                     run_id: str | None = None) -> AuditResult | None:
-    """Fold new checkpoints into the persisted moments and publish a new run; ``None`` if up to date."""
+    """Fold new checkpoints into the persisted moments and publish a new run; ``None`` if up to
+    date; :class:`TooFewCheckpoints` while the windows need more checkpoints than are listed."""
     t0 = time.time()
     check_incremental_config(cfg)
     storage = cfg.storage.options()
     out_url = cfg.output.url.rstrip("/")
     state_url = join(out_url, "_incremental")
     urls = list_checkpoints(cfg.checkpoints, storage)
+    check_window_counts(cfg, len(urls))
     state = read_state(state_url, storage)
     if state and state.get("config_key") != _config_key(cfg):
         raise IncrementalError(

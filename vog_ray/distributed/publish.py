@@ -10,9 +10,10 @@ import os
 import platform
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 
 from .. import __version__
 from ..config import FlagsSpec, redact
@@ -20,7 +21,7 @@ from ..core.flags import flag_block, flagged_rows
 from ..core.table import dictionary_columns
 from ..runs import SUCCESS, publish, write_json, write_table
 from ..storage import StorageOptions, join, list_files, resolve
-from .reduce import Reduced, rejected_columns
+from .reduce import Reduced, cast_carried, rejected_columns
 
 __all__ = ["write_run", "write_flagged", "publish_failed", "top_ids", "versions", "check_writable"]
 
@@ -51,14 +52,15 @@ def check_writable(url: str, storage: StorageOptions) -> None:
 
 
 def write_flagged(red: Reduced, flags: FlagsSpec, run_url: str, storage: StorageOptions,
-                  fs_out: Any) -> tuple[Any, dict[str, Any]]:
-    """Write ``flagged.parquet`` (the flagged rows, one file). Returns the ranked rows with the
-    ``flagged`` column (lazy: computed again per block as the scores are written) and the rules
-    and counts for the manifest."""
+                  fs_out: Any, ranked: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Write ``flagged.parquet`` (the flagged rows of ``ranked``, default ``red.ranked``, one file).
+    Returns the ranked rows with the ``flagged`` column (lazy: computed again per block as the
+    scores are written) and the rules and counts for the manifest."""
+    ranked = red.ranked if ranked is None else ranked
     rules = flags.rules(sorted(red.scored_by_split))
     kw = {"fn_kwargs": {"rules": rules, "sizes": dict(red.scored_by_split)}, "batch_format": "pyarrow",
           "batch_size": None}
-    only = red.ranked.map_batches(flagged_rows, **kw).materialize()
+    only = ranked.map_batches(flagged_rows, **kw).materialize()
     url = join(run_url, "flagged.parquet")
     counts: dict[str, int] = {}
     for b in only.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -68,36 +70,47 @@ def write_flagged(red: Reduced, flags: FlagsSpec, run_url: str, storage: Storage
     if counts:
         only.repartition(1).write_parquet(url, filesystem=fs_out, mode="overwrite")
     else:  # an empty write on S3 fails: one empty file with the columns of the scores
-        first = next(iter(red.ranked.iter_batches(batch_format="pyarrow", batch_size=1)))
+        first = next(iter(ranked.iter_batches(batch_format="pyarrow", batch_size=1)))
         write_table(join(url, "empty.parquet"), flag_block(first.slice(0, 0), rules, red.scored_by_split), storage)
     summary = {"rules": rules, "flagged_by_split": {s: counts.get(s, 0) for s in rules},
                "ground_truth": flags.ground_truth}
-    return red.ranked.map_batches(flag_block, **kw), summary
+    return ranked.map_batches(flag_block, **kw), summary
 
 
 def write_run(red: Reduced, run_url: str, out_url: str, run_id: str, storage: StorageOptions,
-              manifest: dict[str, Any], *, t0: float, flags: FlagsSpec | None = None) -> None:
+              manifest: dict[str, Any], *, t0: float, flags: FlagsSpec | None = None,
+              carried: dict[str, Any] | None = None, gate: Callable[[str], None] | None = None) -> None:
     """Write the run's tables and ``manifest`` (completed with ``wall_time_s`` since ``t0``, the
-    tables' write time in ``timings_s`` and, with ``flags``, the flag rules and counts), then
-    publish it. Any failure removes what was written and raises :func:`publish_failed`'s error."""
+    tables' write time in ``timings_s`` and, with ``flags``, the flag rules and counts), check it
+    with ``gate(run_url)`` (the run validator, which raises when an invariant breaks), then publish
+    it. ``carried``: the carried columns and their source types (null when unknown), kept in both
+    tables. Any failure removes what was written and raises :func:`publish_failed`'s error."""
     fs_out, _ = resolve(out_url, storage)
     t = time.perf_counter()
+    carried = dict(carried or {})
+    typed = {c: typ for c, typ in carried.items() if not pa.types.is_null(typ)}
     try:
-        ranked = red.ranked
-        dictionary = dictionary_columns(ranked.schema().base_schema)
+        ranked = red.ranked.map_batches(cast_carried, fn_kwargs={"types": typed}, batch_format="pyarrow") \
+            if typed else red.ranked
+        dictionary = dictionary_columns(red.ranked.schema().base_schema)
         if flags is not None:
-            ranked, manifest["flags"] = write_flagged(red, flags, run_url, storage, fs_out)
+            ranked, manifest["flags"] = write_flagged(red, flags, run_url, storage, fs_out, ranked)
             dictionary.append("flagged")
         ranked.write_parquet(join(run_url, "scores"), filesystem=fs_out, mode="overwrite", use_dictionary=dictionary)
         if red.rows_rejected:  # an empty write on S3 fails: Ray then deletes a prefix that never existed
-            red.rejected.map_batches(rejected_columns, batch_format="pyarrow").repartition(1).write_parquet(
-                join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")
+            red.rejected.map_batches(rejected_columns, fn_kwargs={"carried": carried}, batch_format="pyarrow") \
+                .repartition(1).write_parquet(join(run_url, "rejected.parquet"), filesystem=fs_out, mode="overwrite")
         else:
-            write_table(join(run_url, "rejected.parquet", "empty.parquet"), rejected_columns(None), storage)
+            write_table(join(run_url, "rejected.parquet", "empty.parquet"), rejected_columns(None, carried), storage)
         write_table(join(run_url, "classes.parquet"), red.classes, storage)
         manifest["wall_time_s"] = time.time() - t0
         manifest.setdefault("timings_s", {})["publish (tables)"] = round(time.perf_counter() - t, 3)
         write_json(join(run_url, "manifest.json"), manifest, storage)
+        if gate is not None:
+            t_gate = time.perf_counter()
+            gate(run_url)
+            manifest["timings_s"]["validate"] = round(time.perf_counter() - t_gate, 3)
+            write_json(join(run_url, "manifest.json"), manifest, storage)
         publish(run_url, out_url, run_id, storage)
     except Exception as e:  # noqa: BLE001 - any failure to write the run is reported the same way
         raise publish_failed(run_url, run_id, storage, e) from None

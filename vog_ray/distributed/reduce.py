@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core.classes import class_lookup, exact_class_means, exact_class_sums, exact_class_table
+from ..core.options import written_column
 from ..core.ranking import SORT_KEYS, add_counts, assign_ranks, block_counts, check_reference, normalize, \
     rank_offsets, unreferenced
 from ..storage import StorageOptions, list_files, redact_url, resolve
@@ -28,7 +29,7 @@ from .cluster import remote_task
 from .sort import Prepare, adjacent_duplicates, block_refs, cut_blocks, merge_sorted, partitions_for, sample_sort
 
 __all__ = ["Reduced", "reduce_raw", "read_raw", "check_unique_ids", "filter_status", "filter_splits",
-           "rejected_of_group0", "rejected_columns", "sigs_to_lists", "status_counts", "rank_dataset",
+           "rejected_of_group0", "rejected_columns", "cast_carried", "sigs_to_lists", "status_counts", "rank_dataset",
            "class_table_exact", "normalize_block", "RAW_ROWS_PER_READ"]
 
 RAW_ROWS_PER_READ = 50_000   # rows of the raw table per read task
@@ -74,11 +75,31 @@ def sigs_to_lists(t: pa.Table) -> pa.Table:
     return t
 
 
-def rejected_columns(t: pa.Table | None) -> pa.Table:
-    schema = pa.schema([("id", pa.string()), ("split", pa.string()), ("label", pa.int64()), ("reason", pa.string())])
+def cast_carried(t: pa.Table, types: dict[str, pa.DataType]) -> pa.Table:
+    """The carried columns of a block in their source types (``types``; a block of rows whose
+    split lacks a column holds it as all-null of another type). A column missing from the block
+    is added as nulls."""
+    for c, typ in types.items():
+        i = t.schema.get_field_index(c)
+        if i < 0:
+            t = t.append_column(c, pa.nulls(t.num_rows, typ))
+        elif t.schema.field(i).type != typ and not pa.types.is_null(typ):
+            t = t.set_column(i, c, t.column(i).cast(typ))
+    return t
+
+
+def rejected_columns(t: pa.Table | None, carried: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """Rejected rows as published: ``id``, ``split``, ``label``, ``reason`` and the carried columns
+    (``carried``: name → type, null when unknown; a block's own carried columns otherwise)."""
+    base = [("id", pa.string()), ("split", pa.string()), ("label", pa.int64()), ("reason", pa.string())]
     if t is None:
-        return schema.empty_table()
-    return pa.table({"id": t["id"], "split": t["split"], "label": t["label"], "reason": t["status"]}, schema=schema)
+        return pa.schema(base + list((carried or {}).items())).empty_table()
+    cols = {"id": t["id"], "split": t["split"], "label": t["label"], "reason": t["status"]}
+    out = pa.table(cols, schema=pa.schema(base))
+    keep = list(carried) if carried is not None else [c for c in t.column_names if not written_column(c)]
+    for c in keep:
+        out = out.append_column(c, t[c] if c in t.column_names else pa.nulls(t.num_rows))
+    return cast_carried(out, carried or {})
 
 
 def normalize_block(t: pa.Table, lookup, keys, method, primary, reference=None) -> pa.Table:

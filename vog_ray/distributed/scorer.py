@@ -58,7 +58,7 @@ class ScorerActor:
         self.keys = self.engine.keys()
         self.windows = self.engine.windows
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         if self._trace is None:
             return self._score(batch)
         t0 = time.time()
@@ -69,11 +69,14 @@ class ScorerActor:
                                       "stacked": self.engine.uses_stacked}) + "\n")
         return out
 
-    def _score(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        n = len(batch["id"])
-        status = np.asarray(batch["status"]).astype(object)
-        labels = np.asarray(batch["label"]).astype(np.int64)
-        x = np.asarray(batch["x"])
+    def _score(self, batch: pa.Table) -> pa.Table:
+        """An Arrow batch of decoded rows: only ``x``, ``label`` and ``status`` become numpy; ids,
+        splits and the carried columns stay Arrow, so their values and types pass unchanged."""
+        n = batch.num_rows
+        status = batch.column("status").to_numpy(zero_copy_only=False).astype(object)
+        labels = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+        xcol = batch.column("x")
+        x = (xcol.combine_chunks() if xcol.num_chunks != 1 else xcol.chunk(0)).to_numpy()
         ok = status == "ok"
         if ok.any():
             reasons = label_problems(labels, self.engine.num_classes_for(x[ok]),
@@ -81,37 +84,34 @@ class ScorerActor:
             bad = ok & (reasons != None)  # noqa: E711
             status[bad] = reasons[bad]
             ok = status == "ok"
-        keep = [c for c in batch if c not in ROW_META]
+        keep = [c for c in batch.column_names if c not in ROW_META]
         parts = []
         if ok.any():
             t = time.perf_counter()
             res = self.engine.run(x[ok], labels[ok], emit="vog" if self.emit == "vog" else "moments")
             self._engine_s = time.perf_counter() - t
-            parts.append(self._table(res, batch, ok, keep))
+            parts.append(self._table(res, batch.filter(pa.array(ok)), labels[ok], keep))
         if (~ok).any():
-            parts.append(self._rejected(batch, ~ok, status, keep))
+            parts.append(self._rejected(batch.filter(pa.array(~ok)), labels[~ok], status[~ok], keep))
         out = pa.concat_tables(parts, promote_options="default") if len(parts) > 1 else parts[0]
         assert out.num_rows == n
         return out
 
-    def _table(self, res: Any, batch: dict[str, np.ndarray], ok: np.ndarray, keep: list[str]) -> pa.Table:
-        ids = np.asarray(batch["id"])[ok]
-        splits = np.asarray(batch["split"])[ok]
-        labels = np.asarray(batch["label"]).astype(np.int64)[ok]
-        extra = {c: np.asarray(batch[c])[ok] for c in keep}
+    def _table(self, res: Any, rows: pa.Table, labels: np.ndarray, keep: list[str]) -> pa.Table:
+        extra = {c: rows.column(c) for c in keep}
         if self.emit == "vog":
-            return result_to_table(res, ids=list(ids), split=list(splits), labels=labels, keys=self.keys,
-                                   extra=extra)
-        return self._moment_rows(res, ids, splits, labels, extra)
+            return result_to_table(res, ids=rows.column("id"), split=rows.column("split"), labels=labels,
+                                   keys=self.keys, extra=extra)
+        return self._moment_rows(res, rows.column("id"), rows.column("split"), labels, extra)
 
-    def _moment_rows(self, res: Any, ids: np.ndarray, splits: np.ndarray, labels: np.ndarray,
-                     extra: dict[str, np.ndarray]) -> pa.Table:
+    def _moment_rows(self, res: Any, ids: pa.ChunkedArray, splits: pa.ChunkedArray, labels: np.ndarray,
+                     extra: dict[str, pa.ChunkedArray]) -> pa.Table:
         """Checkpoint-sharded / incremental: partial pixel moments per example (``mn_``, ``mmean_``,
         ``mm2_`` per key; a key whose window has no checkpoint in this group has n = 0)."""
         n = len(ids)
         cols: dict[str, Any] = {
-            "id": pa.array([str(i) for i in ids], pa.string()),
-            "split": pa.array([str(s) for s in splits], pa.string()),
+            "id": ids.cast(pa.string()).combine_chunks(),
+            "split": splits.cast(pa.string()).combine_chunks(),
             "label": pa.array(labels, pa.int64()),
             "status": pa.array(list(res.status), pa.string()),
             "group": pa.array(np.full(n, self.group, np.int64)),
@@ -139,15 +139,15 @@ class ScorerActor:
             cols[c] = keep_array(v)
         return pa.table(cols)
 
-    def _rejected(self, batch: dict[str, np.ndarray], mask: np.ndarray, status: np.ndarray, keep: list[str]) -> pa.Table:
+    def _rejected(self, rows: pa.Table, labels: np.ndarray, status: np.ndarray, keep: list[str]) -> pa.Table:
         cols: dict[str, Any] = {
-            "id": pa.array([str(i) for i in np.asarray(batch["id"])[mask]], pa.string()),
-            "split": pa.array([str(s) for s in np.asarray(batch["split"])[mask]], pa.string()),
-            "label": pa.array(np.asarray(batch["label"]).astype(np.int64)[mask], pa.int64()),
-            "status": pa.array([str(s) for s in status[mask]], pa.string()),
+            "id": rows.column("id").cast(pa.string()).combine_chunks(),
+            "split": rows.column("split").cast(pa.string()).combine_chunks(),
+            "label": pa.array(labels, pa.int64()),
+            "status": pa.array([str(s) for s in status], pa.string()),
         }
         if self.emit != "vog":
-            cols["group"] = pa.array(np.full(int(mask.sum()), self.group, np.int64))
+            cols["group"] = pa.array(np.full(rows.num_rows, self.group, np.int64))
         for c in keep:
-            cols[c] = keep_array(np.asarray(batch[c])[mask])
+            cols[c] = keep_array(rows.column(c))
         return pa.table(cols)

@@ -14,12 +14,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..storage import resolve
 from .cluster import check_cpus_left, cpu_layout_hint, scorer_gpus
+from .lock import DirLock
 from .merge import merge_by_example, moments_to_table
 from .reduce import RAW_ROWS_PER_READ, filter_status, read_raw, rejected_of_group0
 from .scorer import ScorerActor
@@ -30,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.checkpoints import CheckpointInfo
     from .audit import Plan
 
-__all__ = ["score_stage", "merge_sharded", "checkpoint_groups", "work_key"]
+__all__ = ["score_stage", "merge_sharded", "checkpoint_groups", "work_key", "run_stage", "WorkLock"]
 
 log = logging.getLogger("vog_ray")
 
@@ -78,7 +80,7 @@ def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, 
     storage_kwargs = dataclasses.asdict(plan.storage)  # the actors open checkpoints as the driver does
     parts = []
     for gi, idx in enumerate(groups):
-        ds = dataset_from_config(cfg, plan.storage)
+        ds = dataset_from_config(cfg, plan.storage, carried_types=plan.carried_types)
         if done is not None:
             from .resume import skip_done
 
@@ -91,7 +93,8 @@ def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, 
         if gpus:
             remote_args["num_gpus"] = gpus
         parts.append(ds.map_batches(
-            ScorerActor, compute=pool, batch_size=cfg.compute.batch_size, batch_format="numpy",
+            ScorerActor, compute=pool, batch_size=cfg.compute.batch_size, batch_format="pyarrow",
+            zero_copy_batch=True,
             fn_constructor_kwargs=dict(model=cfg.model, checkpoints=plan.urls, indices=idx,
                                        num_checkpoints=plan.K, vog=plan.opts.as_kwargs(), device=cfg.compute.device,
                                        storage=storage_kwargs, emit=emit, group=gi,
@@ -117,12 +120,24 @@ def merge_sharded(plan: "Plan", parts_url: str, raw_url: str, num_groups: int) -
 
 
 
+class WorkLock(DirLock):
+    """An audit's work directory (``<output>/_work/<key>/lock``): one audit of a config at a time."""
+
+    what = "another audit of the same config"
+    advice = ("wait for it to finish and rerun (the rerun reuses its work), or delete the lock file if that "
+              "audit died")
+
+
 def run_stage(plan: "Plan", groups: list[list[int]], work_url: str) -> tuple[dict[str, Any], bool]:
     """Stage 1 into ``<work_url>/raw`` unless a finished one is there (its ``_SUCCESS``), keeping
-    the finished blocks of an interrupted run (fused mode; :mod:`.resume`). Returns the stage's
-    record (wall time, rows, what resume kept) and whether it was reused whole."""
-    import time
+    the finished blocks of an interrupted run (fused mode; :mod:`.resume`), under the work
+    directory's lock (a second audit of the same config fails at once, touching nothing). Returns
+    the stage's record (wall time, rows, what resume kept) and whether it was reused whole."""
+    with WorkLock(work_url, plan.storage):
+        return _run_stage(plan, groups, work_url)
 
+
+def _run_stage(plan: "Plan", groups: list[list[int]], work_url: str) -> tuple[dict[str, Any], bool]:
     from ..runs import SUCCESS
     from ..storage import join
     from .resume import PartialRaw, count_new_rows, scan_partial_raw
@@ -152,6 +167,11 @@ def run_stage(plan: "Plan", groups: list[list[int]], work_url: str) -> tuple[dic
         score_stage(plan, groups, "vog", raw_url, done=partial.done,
                     mode="append" if partial.files else "overwrite")
     now = count_new_rows(fs_raw, raw_path, partial.files)
+    rows_in = sum(plan.rows_in.values())
+    if partial.rows + now != rows_in:  # never mark a raw table done that a rerun could not use
+        fs_raw.rm(raw_path, recursive=True)
+        raise RuntimeError(f"stage 1 wrote {partial.rows + now} rows for {rows_in} input rows (did the input change "
+                           "while it was read?); its work directory was cleared: rerun the audit")
     stage1 = {"wall_time_s": time.time() - t_score, "rows": partial.rows + now,
               "resume": {"rows_scored_now": now, "rows_from_earlier": partial.rows,
                          "files_removed": len(partial.removed)}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -19,7 +20,8 @@ from ..storage import StorageOptions, expand, resolve
 from .registry import build_model
 
 __all__ = ["CheckpointInfo", "list_checkpoints", "read_bytes", "load_state_dict", "load_into",
-           "checkpoint_info", "CheckpointError", "LoadedCheckpoints", "load_checkpoints", "hash_checkpoints"]
+           "checkpoint_info", "CheckpointError", "LoadedCheckpoints", "load_checkpoints", "hash_checkpoints",
+           "check_finite", "check_checkpoints"]
 
 
 class CheckpointError(ValueError):
@@ -110,14 +112,50 @@ def load_state_dict(url: str, storage: StorageOptions | None = None, *, data: by
         except Exception as e:  # noqa: BLE001 - safetensors raises several types
             raise CheckpointError(f"checkpoint {url!r} is not a valid safetensors file: {e}") from e
     else:
+        if not data:
+            raise CheckpointError(f"checkpoint {url!r} is empty (0 bytes)")
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(
-                f"checkpoint {url!r} cannot be loaded with weights_only=True "
-                f"(a checkpoint must hold only tensors and plain containers): {e}") from e
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+            raise CheckpointError(_load_error(url, e)) from None
         sd = _unwrap(obj, url)
     return _strip_prefixes(sd, model)
+
+
+def _load_error(url: str, e: BaseException) -> str:
+    """What is wrong with a checkpoint ``torch.load`` refused, naming the file — without torch's
+    advice on loading untrusted pickles, which vog-ray never does."""
+    import pickle
+
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError):
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"a pickled object ({m.group(1)})" if m else "a pickled object"
+        return (f"checkpoint {url!r} cannot be loaded with weights_only=True: it holds {what}, not only tensors "
+                "and plain containers (save model.state_dict(), not the model or other objects)")
+    # a cut-off zip: torch reports it as EOF, a stream-reader or zip error, or a seek before the
+    # start of the file (the central directory's offsets point past what is there)
+    if isinstance(e, EOFError) or "PytorchStreamReader" in text or "zip archive" in text or \
+            (isinstance(e, ValueError) and "negative seek" in text):
+        first = text.split(". ", 1)[0].strip()
+        return (f"checkpoint {url!r} is truncated or corrupt (not a complete torch.save file"
+                + (f": {first}" if first else "") + ")")
+    return f"checkpoint {url!r} is not a readable torch.save file ({type(e).__name__}: {text.splitlines()[0] if text else ''})"
+
+
+def check_finite(sd: dict[str, torch.Tensor], url: str) -> None:
+    """Every floating tensor of a state dict finite: one NaN weight makes every gradient NaN (and
+    every VoG of the audit NaN); the error names the file and the tensor."""
+    for k, v in sd.items():
+        if v.is_floating_point() or v.is_complex():
+            bad = ~torch.isfinite(v)
+            if bool(bad.any()):
+                n = int(bad.sum())
+                vals = v[bad].flatten()
+                kinds = [name for name, hit in (("NaN", torch.isnan(vals).any()), ("+inf", (vals == float("inf")).any()),
+                                                ("-inf", (vals == float("-inf")).any())) if bool(hit)]
+                raise CheckpointError(f"checkpoint {url!r}: tensor {k!r} holds {n} non-finite value(s) "
+                                      f"({', '.join(kinds)}); VoG of such weights is not a number")
 
 
 def load_into(model: nn.Module, sd: dict[str, torch.Tensor], url: str) -> nn.Module:
@@ -167,6 +205,22 @@ def load_checkpoints(model_spec: Any, checkpoints: str | list[str], storage: Sto
         sds.append(sd)
         infos.append(checkpoint_info(urls[i], data))
     return LoadedCheckpoints(model, urls, sds, infos)
+
+
+def check_checkpoints(model_spec: Any, urls: list[str], storage: StorageOptions | None = None
+                      ) -> list[CheckpointInfo]:
+    """Every checkpoint read once, checked against the model (keys, shapes) and for non-finite
+    tensors, then dropped: one checkpoint in memory at a time. Returns their sizes and sha256."""
+    model = build_model(model_spec)
+    infos = []
+    for url in urls:
+        data = read_bytes(url, storage)
+        sd = load_state_dict(url, data=data, model=model)
+        load_into(model, sd, url)
+        check_finite(sd, url)
+        infos.append(checkpoint_info(url, data))
+        del data, sd
+    return infos
 
 
 HASH_CHUNK = 1 << 22  # bytes read at a time while hashing a checkpoint
