@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .core.options import VogOptions
 from .core.windows import check_window_spec
+from .models.factories import check_factory, is_factory_name
 from .storage import StorageOptions as _StorageOptions
 from .storage import redact_url
 
@@ -187,6 +188,15 @@ class AuditConfig(_Strict):
     output: OutputSpec
     report: ReportSpec = Field(default_factory=ReportSpec)
 
+    @field_validator("model")
+    @classmethod
+    def _trusted_factory(cls, v: Union[str, dict[str, Any]]) -> Union[str, dict[str, Any]]:
+        # a factory this process would refuse is an invalid config, caught before any work
+        name = v if isinstance(v, str) else v.get("name")
+        if isinstance(name, str) and is_factory_name(name):
+            check_factory(name)
+        return v
+
     @model_validator(mode="after")
     def _windows_parse(self) -> "AuditConfig":
         # syntax only here; counts are checked once the checkpoints are listed
@@ -246,7 +256,7 @@ def _format_errors(e: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's wrapper around our ValueErrors
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"  {loc}: {msg}")
