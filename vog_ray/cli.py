@@ -2,11 +2,11 @@
 
 ::
 
-    vog-ray audit CONFIG.yaml [--set compute.batch_size=128] [--address ray://…] [--no-report] [--incremental]
+    vog-ray audit CONFIG.yaml [--set compute.batch_size=128] [--address HOST:PORT] [--no-report] [--incremental]
     vog-ray report RUN_URL
     vog-ray compare RUN_A RUN_B [--out compare.json]
     vog-ray runs OUTPUT_URL
-    vog-ray validate CONFIG.yaml [--set …]
+    vog-ray validate CONFIG.yaml [--set …] [--check-io]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 from typing import Sequence
 
 from .config import ConfigError, load_config
+from .distributed.cluster import UnsupportedAddress, check_address
 from .storage import StorageOptions, redact_url
 
 __all__ = ["main"]
@@ -39,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("config")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set compute.batch_size=128 (repeatable)")
-    a.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else start Ray here)")
+    a.add_argument("--address", default=None,
+                   help="the Ray cluster's GCS address HOST:PORT, or 'local' (default: RAY_ADDRESS, else the cluster "
+                        "`ray start` runs on this machine, else a local Ray); ray:// is refused")
     a.add_argument("--no-report", action="store_true", help="skip the report")
     a.add_argument("--incremental", action="store_true",
                    help="fold only new checkpoints into the persisted moments (scheduled audits)")
@@ -47,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate a config and print it with defaults filled in")
     v.add_argument("config")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--check-io", action="store_true",
+                   help="also list the checkpoints and input files and check output.url is writable (no Ray)")
 
     for name, hlp in (("report", "write report.json / report.html for a published run"),):
         r = sub.add_parser(name, help=hlp)
@@ -75,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _redact_log_records()
     try:
         return _dispatch(args)
-    except ConfigError as e:
+    except (ConfigError, UnsupportedAddress) as e:
         print(f"error: {_redact(str(e))}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, RuntimeError, PermissionError, OSError) as e:
@@ -139,12 +144,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "validate":
         cfg = load_config(args.config, args.overrides)
         print(json.dumps(cfg.to_dict(), indent=2))
+        if args.check_io:
+            from .checkio import check_io
+
+            print("\n".join(check_io(cfg)))
         return 0
     if args.cmd == "audit":
+        check_address(args.address)  # refused before anything is read
         cfg = load_config(args.config, args.overrides)
         if args.incremental:
-            from .distributed.incremental import run_incremental
+            from .distributed.incremental import IncrementalConfigError, check_incremental_config, run_incremental
 
+            try:
+                check_incremental_config(cfg)
+            except IncrementalConfigError as e:
+                raise ConfigError(f"invalid config {args.config} for an incremental audit:\n  {e.key}: {e}") from None
             res = run_incremental(cfg, address=args.address, report=not args.no_report)
             if res is None:
                 print("up to date: no new checkpoint")

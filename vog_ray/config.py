@@ -160,6 +160,9 @@ class StorageSpec(_Strict):
 
 class OutputSpec(_Strict):
     url: str
+    keep_work: bool = Field(
+        default=False, description="keep <url>/_work/<key>/ (stage 1's raw table) after the run is published; a "
+        "rerun with the same config, checkpoints and input files then reuses it instead of scoring again")
 
 
 class OodSpec(_Strict):

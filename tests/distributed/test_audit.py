@@ -567,7 +567,8 @@ def test_rerun_makes_a_new_run_and_never_appends(env, audits):
     old_keys = env.s3.list(f"out/fused/runs/{first.run_id}/")
     second = run_audit(validate(_cfg_dict(env, "fused", **CONFIGS["fused"])))
     assert second.run_id != first.run_id and second.run_url != first.run_url
-    assert second.manifest["resumed_from_work"] is True     # stage 1 reused, stage 2 rewritten
+    assert second.manifest["resumed_from_work"] is False    # the first run's work was removed once published
+    assert not env.s3.list("out/fused/_work/")
     assert list_runs(out_url, env.storage) == sorted([first.run_id, second.run_id])
     assert open_run(out_url, env.storage).run_id == second.run_id   # LATEST
     assert env.s3.list(f"out/fused/runs/{first.run_id}/") == old_keys
