@@ -86,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError, PermissionError, OSError) as e:
         print(f"error: {_redact(_root_message(e))}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 - Ray's own errors (an actor that died in __init__ …)
+        if type(e).__module__.split(".")[0] != "ray":
+            raise
+        print(f"error: {_redact(_root_message(e))}", file=sys.stderr)
+        return 1
 
 
 # names of environment variables whose values are credentials (AWS_SECRET_ACCESS_KEY, *_TOKEN …)
@@ -133,11 +138,17 @@ def _root_message(e: BaseException) -> str:
     seen = e
     while getattr(seen, "cause", None) is not None or seen.__cause__ is not None:
         nxt = getattr(seen, "cause", None) or seen.__cause__
-        if nxt is seen:
+        if nxt is seen or not str(nxt):  # Ray Data's empty markers (``from SystemException()``)
             break
         seen = nxt
     msg = str(seen) if str(seen) else type(seen).__name__
-    return msg
+    # an error raised in a Ray worker (an actor's __init__ …) arrives as text with the worker's
+    # traceback: its last "SomeError: message" line is the user's error
+    raised = [m.group(1) for m in _RAISED.finditer(msg.split("\n", 1)[-1])] if "\n" in msg else []
+    return raised[-1] if raised else msg
+
+
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Refused|Held): (.+)$", re.M)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
