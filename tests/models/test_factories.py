@@ -111,3 +111,20 @@ def test_factory_names_must_be_plain_module_and_attribute_names(monkeypatch):
         with pytest.raises(FactoryRefused, match="must look like"):
             check_factory(name)
     assert check_factory("tests.helpers_factory:make") == ("tests.helpers_factory", "make")
+
+
+def test_the_scheduled_audit_manifests_allow_no_factory_and_their_config_needs_none(monkeypatch):
+    from vog_ray.config import load_config
+
+    cron = REPO / "cluster" / "kuberay"
+    spec = yaml.safe_load((cron / "raycronjob.yaml").read_text())["spec"]["jobTemplate"]
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"][ALLOWED_FACTORIES_ENV] == ""
+    container = yaml.safe_load((cron / "cronjob.yaml").read_text())["spec"]["jobTemplate"]["spec"]["template"][
+        "spec"]["containers"][0]
+    args = container["command"]
+    runtime_env = json.loads(args[args.index("--runtime-env-json") + 1])
+    assert runtime_env == {"env_vars": {ALLOWED_FACTORIES_ENV: ""}} and args.index("--runtime-env-json") < args.index("--")
+    # the config both submit loads under that setting (a built-in model, no factory)
+    monkeypatch.setenv(ALLOWED_FACTORIES_ENV, "")
+    assert load_config(REPO / spec["entrypoint"].split()[-1]).model == "resnet18_cifar"
+    assert load_config(REPO / args[-1]).model == "resnet18_cifar"
