@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_redact(str(e))}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, RuntimeError, PermissionError, OSError) as e:
-        print(f"error: {_redact(_root_message(e))}", file=sys.stderr)
+        print(f"error: {_redact(_root_message(e))}{_cwd_gone(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - Ray's own errors (an actor that died in __init__ …)
         if type(e).__module__.split(".")[0] != "ray":
@@ -131,6 +131,18 @@ def _redact_log_records() -> None:
 
     factory._vog_redacting = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(factory)
+
+
+def _cwd_gone(e: BaseException) -> str:
+    """A file error that names no file may come from this process's working directory having been
+    deleted under it (relative paths are resolved against it): say so."""
+    if not isinstance(e, FileNotFoundError) or e.filename is not None:
+        return ""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return " (this process's working directory was deleted while it ran)"
+    return ""
 
 
 def _root_message(e: BaseException) -> str:
