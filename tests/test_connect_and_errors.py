@@ -123,3 +123,40 @@ def test_validate_check_io_lists_inputs_and_checks_the_output_without_ray(projec
     p = check_io(project["write"]("noglob.yaml", checkpoints=str(project["root"] / "none-*.pt")))
     assert p.returncode == 1 and "error: checkpoints: no file matches" in p.stderr
     assert p.stdout.splitlines()[-1] == "ray imported: False"
+
+
+def test_where_an_audit_connects(monkeypatch, tmp_path, caplog):
+    """The connection forms of the README's table, down to the ``ray.init`` call each makes (the
+    README test runs them against a real two-node cluster)."""
+    import logging
+
+    import ray
+
+    from vog_ray.distributed import cluster
+
+    # the cluster `ray start` runs here is found where Ray's own ray.init() looks: its temp dir
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert cluster.running_local_cluster() is None
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.1.2.3:6379")
+    assert cluster.running_local_cluster() == "10.1.2.3:6379"
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with caplog.at_level(logging.INFO, logger="vog_ray"):
+        cluster.ensure_ray(None)                    # no address, a cluster here: joined, no resource numbers
+    assert calls[-1]["address"] is None and "num_cpus" not in calls[-1]
+    assert "using the Ray cluster that `ray start` runs on this machine (10.1.2.3:6379)" in caplog.text
+    cluster.ensure_ray("local")                     # always a fresh local Ray
+    assert calls[-1]["address"] == "local" and calls[-1]["num_cpus"] >= 2
+    cluster.ensure_ray("10.9.9.9:6379")             # --address HOST:PORT
+    assert calls[-1]["address"] == "10.9.9.9:6379" and "num_cpus" not in calls[-1]
+    monkeypatch.setenv("RAY_ADDRESS", "10.8.8.8:6379")
+    cluster.ensure_ray(None)                        # RAY_ADDRESS
+    assert calls[-1]["address"] == "10.8.8.8:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    (tmp_path / "ray" / "ray_current_cluster").unlink()
+    cluster.ensure_ray(None)                        # nothing running here: a local Ray
+    assert calls[-1]["address"] is None and calls[-1]["num_cpus"] >= 2

@@ -139,6 +139,7 @@ def test_three_incremental_runs_equal_one_full_audit(s3, three_runs):
         assert m["num_checkpoints"] == g and len(st["checkpoints"]) == g
         assert [c.rsplit("/", 1)[1] for c in m["new_checkpoints"]] == [f"epoch_{g}.pt"]  # only the new one
         assert m["throughput"]["checkpoints_scored"] == 1
+        assert f"incremental: 1 new checkpoint(s) folded in, {g} in all (generation {g})" in res.summary()
     # the previous generation's moments are gone; only the current one is kept
     gens = {k.split("/")[3] for k, *_ in snapshot(s3) if k.startswith(f"{three_runs['out']}/_incremental/gen-")}
     assert gens == {states[-1]["moments_url"].rstrip("/").split("/")[-2]}
@@ -234,8 +235,10 @@ def test_refused_configs(s3, digits, tmp_path, capsys, vog, message):
         run_incremental(make_cfg(s3, "refused/out", "refused/ckpt", **vog))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(config_dict(s3, "refused/out", "refused/ckpt", **vog)))
-    assert main(["audit", "--incremental", str(cfg)]) == 1
-    assert message in capsys.readouterr().err
+    assert main(["audit", "--incremental", str(cfg)]) == 2  # a config error: names the file and the key
+    err = capsys.readouterr().err
+    assert message in err and f"invalid config {cfg} for an incremental audit:" in err
+    assert ("\n  vog.label: " if "label" in vog else "\n  vog.windows: ") in err
     assert snapshot(s3) == before  # refused before anything is written
 
 

@@ -62,10 +62,10 @@ def running_local_cluster() -> str | None:
     """The GCS address of the cluster that ``ray start`` runs on this machine (what ``ray.init()``
     without an address connects to: Ray's ``ray_current_cluster`` file in its temp dir), or None."""
     try:
-        from ray._private.services import canonicalize_bootstrap_address
+        from ray._private.services import find_bootstrap_address
     except ImportError:  # pragma: no cover - Ray moved it: ray.init() itself then says what is wrong
         return None
-    return canonicalize_bootstrap_address(None)
+    return find_bootstrap_address(None) or None
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -20,7 +20,7 @@ ALLOWED_FACTORIES_ENV = "VOG_RAY_ALLOWED_FACTORIES"
 
 # vog-ray's own dependencies (pyproject.toml) and what they pull in: none of them defines the
 # user's model, and each holds a loader that unpickles, downloads or runs code when called with
-# the right arguments (torch.hub.load, torch.load(weights_only=False), numpy.load(allow_pickle=True)…)
+# the right arguments (torch.hub.load, torch.load told to unpickle, numpy.load with pickles allowed…)
 RUNTIME_PACKAGES = frozenset({
     "vog_ray", "torch", "torchvision", "ray", "numpy", "scipy", "pyarrow", "fsspec", "s3fs", "gcsfs",
     "pydantic", "pydantic_core", "yaml", "sklearn", "skimage", "matplotlib", "PIL", "safetensors",
