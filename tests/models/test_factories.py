@@ -107,7 +107,8 @@ def test_refused_modules_are_never_imported_and_allowed_factories_name_their_pac
 
 def test_factory_names_must_be_plain_module_and_attribute_names(monkeypatch):
     monkeypatch.delenv(ALLOWED_FACTORIES_ENV, raising=False)
-    for name in ("tests.helpers_factory:make.__globals__", ".relative:make", "tests/helpers:make", "tests.helpers_factory:"):
+    for name in ("tests.helpers_factory:make.__globals__", ".relative:make", "tests/helpers:make",
+                 "tests.helpers_factory:"):
         with pytest.raises(FactoryRefused, match="must look like"):
             check_factory(name)
     assert check_factory("tests.helpers_factory:make") == ("tests.helpers_factory", "make")
@@ -123,7 +124,8 @@ def test_the_scheduled_audit_manifests_allow_no_factory_and_their_config_needs_n
         "spec"]["containers"][0]
     args = container["command"]
     runtime_env = json.loads(args[args.index("--runtime-env-json") + 1])
-    assert runtime_env == {"env_vars": {ALLOWED_FACTORIES_ENV: ""}} and args.index("--runtime-env-json") < args.index("--")
+    assert runtime_env == {"env_vars": {ALLOWED_FACTORIES_ENV: ""}}
+    assert args.index("--runtime-env-json") < args.index("--")
     # the config both submit loads under that setting (a built-in model, no factory)
     monkeypatch.setenv(ALLOWED_FACTORIES_ENV, "")
     assert load_config(REPO / spec["entrypoint"].split()[-1]).model == "resnet18_cifar"

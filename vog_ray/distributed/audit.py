@@ -85,7 +85,8 @@ class AuditResult:
         if scorers:
             busy = [s for s in scorers if s["rows"]]
             on = ", ".join(f"{d} {n} rows" for d, n in m["devices"].items())
-            lines.append(f"scored on: {on} ({len(busy)} of {len(scorers)} actor(s) scored rows, on "
+            when = "scored by the earlier invocation on" if tp.get("examples_per_s") is None else "scored on"
+            lines.append(f"{when}: {on} ({len(busy)} of {len(scorers)} actor(s) scored rows, on "
                          f"{len({s['node_id'] for s in busy})} node(s))")
         lines += [f"warning: {w}" for w in m.get("warnings") or []]
         return lines

@@ -54,7 +54,8 @@ def check_address(address: str | None) -> str | None:
             f"the cluster. Use {SUPPORTED_ADDRESSES}")
     if address.startswith(("http://", "https://")):
         raise UnsupportedAddress(
-            f"{given} {address!r} is a dashboard address: give it to `ray job submit --address`. Use {SUPPORTED_ADDRESSES}")
+            f"{given} {address!r} is a dashboard address: give it to `ray job submit --address`. "
+            f"Use {SUPPORTED_ADDRESSES}")
     return address
 
 
