@@ -7,7 +7,8 @@
 2. A rerun that reuses finished work says so: nothing scored now, no throughput, the earlier
    rows' count; the published tables are those of the first run.
 3. Without ``keep_work`` the work directory is gone after publishing, and a rerun scores again.
-4. The manifest records every input file's size and version, and what each scorer actor ran on.
+4. The manifest records every input file's size and version, and what each scorer actor ran on;
+5. an incremental audit refuses to fold new checkpoints into moments of input files that changed.
 """
 
 from __future__ import annotations
@@ -111,3 +112,32 @@ def test_rewritten_inputs_are_scored_afresh_and_reused_work_says_so(ray_local, t
     # without keep_work a rerun scores again
     again = _audit(tiny_digits.config(splits, str(fresh_out)))
     assert again.manifest["resumed_from_work"] is False and again.manifest["throughput"]["rows_scored_now"] == N
+
+
+def test_incremental_refuses_to_fold_into_moments_of_changed_inputs(ray_local, tiny_digits, tmp_path):
+    import glob
+    import shutil
+
+    from vog_ray.config import validate
+    from vog_ray.distributed.incremental import IncrementalError, read_state, run_incremental
+    from vog_ray.testing.writers import write_parquet_split
+
+    data, ckpts = tmp_path / "data", tmp_path / "ckpts"
+    write_parquet_split(str(data), tiny_digits.imgs[:N], tiny_digits.labels[:N], rows_per_file=20)
+    ckpts.mkdir()
+    src = sorted(glob.glob(tiny_digits.ckpt_glob))
+    for p in src[:2]:
+        shutil.copy2(p, ckpts)
+    out = tmp_path / "out"
+    cfg = validate(tiny_digits.config({"train": {"format": "parquet", "url": str(data)}}, str(out),
+                                      checkpoints=str(ckpts / "epoch_*.pt")))
+    first = run_incremental(cfg, report=False)
+    assert first is not None and first.manifest["generation"] == 1
+    state = read_state(str(out / "_incremental"), None)
+    assert state["inputs"] == {"train": first.manifest["inputs"]["train"]["sha256"]}
+    # the data rewritten in place, then a new checkpoint: folding it in would mix old and new rows
+    write_parquet_split(str(data), tiny_digits.imgs[:N], (tiny_digits.labels[:N] + 1) % 10, rows_per_file=20)
+    shutil.copy2(src[2], ckpts)
+    with pytest.raises(IncrementalError, match=r"the input files of split\(s\) train changed since their moments"):
+        run_incremental(cfg, report=False)
+    assert read_state(str(out / "_incremental"), None)["generation"] == 1
