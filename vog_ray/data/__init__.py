@@ -49,6 +49,7 @@ _EXPORTS = {
     "read_split": "dataset", "dataset_from_config": "dataset",
     "decode_batch": "decode",
     "count_rows": "metadata", "count_split_rows": "metadata", "infer_input_shape": "metadata",
+    "split_inputs": "identity", "inputs_identity": "identity",
     "fetch_images": "fetch",
 }
 
