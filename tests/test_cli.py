@@ -323,7 +323,7 @@ def test_debug_prints_the_traceback_with_the_error_line(tmp_path, capsys):
                                     "output": {"url": str(tmp_path / "out")}}))
     assert main(["audit", str(path)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: no file matches") and "Traceback" not in err, err
+    assert err.startswith("error: checkpoints: no file matches") and "Traceback" not in err, err
     assert main(["--debug", "audit", str(path)]) == 1
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and "\nerror: no file matches" in err, err
+    assert "Traceback (most recent call last)" in err and "\nerror: checkpoints: no file matches" in err, err

@@ -118,6 +118,7 @@ def test_no_credentials_anywhere_and_the_report_escapes_class_names(tiny_digits,
                              report={"enabled": True, "bootstrap": 20},
                              compute={"device": "cpu", "batch_size": 32, "decode_batch_size": 32})
     cfg["data"]["class_names"] = CLASS_NAMES
+    cfg["output"]["keep_work"] = True  # the work files are searched for secrets too
     cfg_path = tmp_path / "audit.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}

@@ -2,12 +2,12 @@
 
 ::
 
-    vog-ray audit CONFIG.yaml [--set compute.batch_size=128] [--address ray://…] [--no-report] [--incremental]
+    vog-ray audit CONFIG.yaml [--set compute.batch_size=128] [--address HOST:PORT] [--no-report] [--incremental]
     vog-ray report RUN_URL
     vog-ray compare RUN_A RUN_B [--out compare.json]
     vog-ray runs OUTPUT_URL
     vog-ray verify RUN_URL [--no-source]
-    vog-ray validate CONFIG.yaml [--set …]
+    vog-ray validate CONFIG.yaml [--set …] [--check-io]
     vog-ray explore RUN_OR_OUTPUT_URL [--port 8765] [--host 127.0.0.1]
     vog-ray export RUN [--where SQL] [--flagged] [--split S] [--top N] --to csv|parquet|jsonl|labelstudio [--out FILE]
 
@@ -27,6 +27,7 @@ import traceback
 from typing import Sequence
 
 from .config import ConfigError, InputError, load_config
+from .distributed.cluster import UnsupportedAddress, check_address
 from .storage import StorageOptions, redact_url
 
 __all__ = ["main", "describe_error", "user_error"]
@@ -47,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("config")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set compute.batch_size=128 (repeatable)")
-    a.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else start Ray here)")
+    a.add_argument("--address", default=None,
+                   help="the Ray cluster's GCS address HOST:PORT, or 'local' (default: RAY_ADDRESS, else the cluster "
+                        "`ray start` runs on this machine, else a local Ray); ray:// is refused")
     a.add_argument("--no-report", action="store_true", help="skip the report")
     a.add_argument("--incremental", action="store_true",
                    help="fold only new checkpoints into the persisted moments (scheduled audits)")
@@ -55,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate a config and print it with defaults filled in")
     v.add_argument("config")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--check-io", action="store_true",
+                   help="also list the checkpoints and input files and check output.url is writable (no Ray)")
 
     for name, hlp in (("report", "write report.json / report.html for a published run"),):
         r = sub.add_parser(name, help=hlp)
@@ -197,24 +202,58 @@ def describe_error(e: BaseException) -> tuple[int, str]:
         msg = root.args[0]  # str(KeyError) quotes its message
     else:
         msg = str(root)
-    msg = msg.split("\nTraceback (most recent call last)", 1)[0].strip()
+    if _is_ray(root) and "\n" in msg:
+        # an error raised in a Ray worker (an actor's __init__ …) arrives as text with the worker's
+        # traceback: its last "SomeError: message" line is the user's error
+        raised = [m.group(1) for m in _RAISED.finditer(msg.split("\n", 1)[-1])]
+        if raised:
+            return 1, raised[-1]
+    msg = msg.split("\nTraceback (most recent call last)", 1)[0].strip() + _cwd_gone(root)
     if not msg or not (type(root).__module__.startswith("vog_ray") or type(root) in _PLAIN
                        or isinstance(root, (FileNotFoundError, PermissionError))):
         msg = f"{type(root).__name__}: {msg}" if msg else type(root).__name__
-    return (2 if isinstance(root, (ConfigError, CheckpointError)) else 1), msg
+    return (2 if isinstance(root, (ConfigError, CheckpointError, UnsupportedAddress)) else 1), msg
+
+
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Refused|Held): (.+)$", re.M)
+
+
+
+def _cwd_gone(e: BaseException) -> str:
+    """A file error that names no file may come from this process's working directory having been
+    deleted under it (relative paths are resolved against it): say so."""
+    if not isinstance(e, FileNotFoundError) or e.filename is not None:
+        return ""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return " (this process's working directory was deleted while it ran)"
+    return ""
+
+
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "validate":
         cfg = load_config(args.config, args.overrides)
         print(json.dumps(cfg.to_dict(), indent=2))
+        if args.check_io:
+            from .checkio import check_io
+
+            print("\n".join(check_io(cfg)))
         return 0
     if args.cmd == "audit":
+        check_address(args.address)  # refused before anything is read
         cfg = load_config(args.config, args.overrides)
         report = False if args.no_report else None  # None: as the config's report.enabled says
         if args.incremental:
-            from .distributed.incremental import TooFewCheckpoints, run_incremental
+            from .distributed.incremental import (IncrementalConfigError, TooFewCheckpoints, check_incremental_config,
+                                                  run_incremental)
 
+            try:
+                check_incremental_config(cfg)
+            except IncrementalConfigError as e:
+                raise ConfigError(f"invalid config {args.config} for an incremental audit:\n  {e.key}: {e}") from None
             try:
                 res = run_incremental(cfg, address=args.address, report=report)
             except TooFewCheckpoints as e:

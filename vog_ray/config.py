@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .core.options import WRITTEN_COLUMNS, WRITTEN_PREFIXES, VogOptions, written_column
 from .core.windows import check_window_spec
+from .models.factories import check_factory, is_factory_name
 from .storage import StorageOptions as _StorageOptions
 from .storage import redact_url
 
@@ -193,6 +194,9 @@ class StorageSpec(_Strict):
 
 class OutputSpec(_Strict):
     url: str
+    keep_work: bool = Field(
+        default=False, description="keep <url>/_work/<key>/ (stage 1's raw table) after the run is published; a "
+        "rerun with the same config, checkpoints and input files then reuses it instead of scoring again")
 
 
 class OodSpec(_Strict):
@@ -262,6 +266,15 @@ class AuditConfig(_Strict):
         if gt and not any(gt in sp.keep_columns for sp in self.data.splits.values()):
             raise ValueError(f"flags.ground_truth: {gt!r} is not a keep_columns entry of any split")
         return self
+
+    @field_validator("model")
+    @classmethod
+    def _trusted_factory(cls, v: Union[str, dict[str, Any]]) -> Union[str, dict[str, Any]]:
+        # a factory this process would refuse is an invalid config, caught before any work
+        name = v if isinstance(v, str) else v.get("name")
+        if isinstance(name, str) and is_factory_name(name):
+            check_factory(name)
+        return v
 
     @model_validator(mode="after")
     def _windows_parse(self) -> "AuditConfig":
@@ -372,7 +385,7 @@ def _format_errors(e: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's wrapper around our ValueErrors
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "value_error":

@@ -47,26 +47,22 @@ def _scores(digits_audit, result) -> Scores:
 
 
 def test_normalize_against_train_in_the_reduce(digits_audit):
-    """``vog.normalize_against: train`` changes only the reduce (the same stage-1 work key), so it is
-    reduced here from the fused audit's stage-1 output: train's own z is the fused run's bit for
-    bit; test's z is (raw − train class mean) / train class std from a naive float64 computation on
-    the published raw VoG; and the single-process ``vog_ray.score`` with the same setting agrees."""
-    import time
-
+    """``vog.normalize_against: train`` changes only the reduce: with ``output.keep_work``, the audit
+    of the same config with the setting reuses stage 1 (the same work key) and reduces again.
+    Train's own z is the plain run's bit for bit; test's z is (raw − train class mean) / train
+    class std from a naive float64 computation on the published raw VoG; and the single-process
+    ``vog_ray.score`` with the same setting agrees."""
     import vog_ray
     from vog_ray.config import validate
-    from vog_ray.distributed.audit import plan_audit, reduce_and_publish
-    from vog_ray.distributed.stage import work_key
-    from vog_ray.storage import join
+    from vog_ray.distributed.audit import run_audit
 
-    fused = digits_audit.audit("fused")
     digits_audit.ray.ensure()
-    cfg = validate(digits_audit.config("fused", vog={"normalize_against": "train"}))
-    plan = plan_audit(cfg)
-    assert join(digits_audit.s3.url("out/fused"), "_work", work_key(cfg, plan.infos)) == fused.manifest["work_url"]
-    plan.out_url = digits_audit.s3.url("out/fused_vs_train")
-    res = reduce_and_publish(plan, join(fused.manifest["work_url"], "raw"), run_id=None, t0=time.time(),
-                             score_wall=1.0, extra={}, report=False)
+    cfg = digits_audit.config("keep_work")
+    cfg["output"]["keep_work"] = True
+    fused = run_audit(validate(cfg))
+    cfg["vog"]["normalize_against"] = "train"
+    res = run_audit(validate(cfg))
+    assert res.manifest["resumed_from_work"] is True and res.manifest["work"] == fused.manifest["work"]
     m = res.manifest
     assert m["normalize_against"] == "train" and m["rows_without_reference"] == {}
     assert m["config"]["vog"]["normalize_against"] == "train"
@@ -305,7 +301,8 @@ def test_rerun_makes_a_new_run_and_never_appends(digits_audit):
     old_keys = s3.list(f"out/fused/runs/{first.run_id}/")
     second = run_audit(validate(digits_audit.config("fused")))
     assert second.run_id != first.run_id and second.run_url != first.run_url
-    assert second.manifest["resumed_from_work"] is True     # stage 1 reused, stage 2 rewritten
+    assert second.manifest["resumed_from_work"] is False    # the first run's work was removed once published
+    assert not s3.list("out/fused/_work/")
     assert list_runs(out_url, st) == sorted([first.run_id, second.run_id])
     assert open_run(out_url, st).run_id == second.run_id   # LATEST
     assert s3.list(f"out/fused/runs/{first.run_id}/") == old_keys

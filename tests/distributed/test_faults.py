@@ -295,7 +295,9 @@ def test_driver_killed_mid_run_resumes_without_rescoring(fx):
     want = baseline(fx)
     out = fx.root / "kill-driver"
     cfg_path = fx.root / "kill-driver.yaml"
-    cfg_path.write_text(yaml.safe_dump(fx.config(str(out), model=SLOW_MODEL)))
+    cfg = fx.config(str(out), model=SLOW_MODEL)
+    cfg["output"]["keep_work"] = True  # the killed run's raw files are compared after the resumed run published
+    cfg_path.write_text(yaml.safe_dump(cfg))
     marker = f"driver-kill-{os.getpid()}-{time.time_ns()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update({"VOG_TEST_RAY_MARKER": marker, "VOG_RAY_TORCH_THREADS": "1", "RAY_AUTH_MODE": "disabled",

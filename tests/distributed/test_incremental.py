@@ -77,6 +77,8 @@ def test_each_generation_folds_in_only_its_new_checkpoints(s3, digits_audit, inc
         assert m["num_checkpoints"] == stop and len(st["checkpoints"]) == stop
         assert [c.rsplit("/", 1)[1] for c in m["new_checkpoints"]] == [f"epoch_{i + 1}.pt" for i in range(start, stop)]
         assert m["throughput"]["checkpoints_scored"] == stop - start  # only the new ones
+        assert (f"incremental: {stop - start} new checkpoint(s) folded in, {stop} in all (generation {g})"
+                in res.summary())
     # the previous generation's moments are gone; only the current one is kept
     gens = {k.split("/")[3] for k, *_ in snapshot(s3) if k.startswith(f"{inc.out}/_incremental/gen-")}
     assert gens == {inc.states[-1]["moments_url"].rstrip("/").split("/")[-2]}
@@ -191,8 +193,10 @@ def test_refused_configs(s3, digits_audit, tmp_path, capsys, vog, message):
         run_incremental(make_cfg(digits_audit, "refused/out", "refused/ckpt", **vog))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(config_dict(digits_audit, "refused/out", "refused/ckpt", **vog)))
-    assert main(["audit", "--incremental", str(cfg)]) == 1
-    assert message in capsys.readouterr().err
+    assert main(["audit", "--incremental", str(cfg)]) == 2  # a config error: names the file and the key
+    err = capsys.readouterr().err
+    assert message in err and f"invalid config {cfg} for an incremental audit:" in err
+    assert ("\n  vog.label: " if "label" in vog else "\n  vog.windows: ") in err
     assert snapshot(s3) == before  # refused before anything is written
 
 

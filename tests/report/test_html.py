@@ -198,7 +198,7 @@ def test_every_string_is_escaped(tmp_path, monkeypatch):
     os.makedirs(root / "data")
     np.savez(root / "data" / "train.npz", image=images, id=np.array(ids), label=np.array(rows["train"]["label"]))
     url = rf.synthetic_run(str(root), rows, class_names=["<i>zero</i>", EVIL],
-                           split_specs={"train": {"id_column": "id"}},
+                           split_specs={"train": {"id_column": "id", "keep_columns": ["flag<u>"]}},
                            report={"flag_columns": ["flag<u>"], "classes_to_show": [1]})
     rep = build_report(url)
     with open(os.path.join(url, "report.html"), encoding="utf-8") as f:

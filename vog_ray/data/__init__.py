@@ -51,6 +51,7 @@ _EXPORTS = {
     "decode_batch": "decode",
     "count_rows": "metadata", "count_split_rows": "metadata", "infer_input_shape": "metadata",
     "scan_splits": "metadata", "check_output_apart": "metadata",
+    "split_inputs": "identity", "inputs_identity": "identity",
     "fetch_images": "fetch",
 }
 

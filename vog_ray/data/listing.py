@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import SplitSpec
 
 __all__ = ["SourceFile", "list_split_files", "split_files", "folder_root", "list_classes", "folder_files",
-           "folder_sources", "split_bases", "IMAGE_EXTENSIONS", "PARQUET_EXTENSIONS"]
+           "folder_sources", "split_bases", "file_version", "IMAGE_EXTENSIONS", "PARQUET_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "pbm")
 PARQUET_EXTENSIONS = (".parquet", ".pq", ".parq")
@@ -30,6 +30,27 @@ class SourceFile:
     path: str        # the filesystem path (no scheme)
     rel: str         # path relative to the split's base directory (the id prefix)
     size: int = 0
+    version: str = ""  # what changes when the file is rewritten (file_version), from the listing
+
+
+def file_version(info: dict[str, Any]) -> str:
+    """What changes when a listed file is rewritten, from its listing entry: the object store's
+    content tag (S3 ``ETag``; GCS ``md5Hash``/``crc32c``/``generation``), else the local file's
+    modification time (ns) and inode, else a modification timestamp. "" when the store gives none
+    (the size alone then)."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag={str(etag).strip(chr(34))}"
+    gcs = [f"{k}={info[k]}" for k in ("md5Hash", "crc32c", "generation") if info.get(k)]
+    if gcs:
+        return ",".join(gcs)
+    if info.get("mtime") is not None:
+        ino = f",ino={info['ino']}" if info.get("ino") is not None else ""
+        return f"mtime={int(round(float(info['mtime']) * 1e9))}{ino}"
+    for k in ("LastModified", "updated", "last_modified", "created"):
+        if info.get(k) is not None:
+            return f"{k}={info[k]}"
+    return ""
 
 
 def _has_magic(p: str) -> bool:
@@ -89,7 +110,7 @@ def split_files(spec: "SplitSpec", storage: StorageOptions | None,
     """``(fs, base, files)`` for a split (files naturally sorted by relative path)."""
     fs = _fs_for(spec, storage)
     bases: list[str] = []
-    found: list[tuple[str, int]] = []
+    found: list[tuple[str, int, str]] = []
     for u in _urls(spec):
         p = fs._strip_protocol(u) if "://" in u else resolve(u, storage)[1]
         p = p.rstrip("/") or p
@@ -100,12 +121,12 @@ def split_files(spec: "SplitSpec", storage: StorageOptions | None,
                 hits = {k: v for k, v in hits.items() if v.get("type") != "directory"}
                 if not hits:
                     raise FileNotFoundError(f"no file matches {u!r}")
-                found.extend((k, int(v.get("size") or 0)) for k, v in hits.items())
+                found.extend((k, int(v.get("size") or 0), file_version(v)) for k, v in hits.items())
         elif fs.isdir(p):
             bases.append(p)
             if list_files:
                 hits = fs.find(p, detail=True)
-                kept = [(k, int(v.get("size") or 0)) for k, v in hits.items()
+                kept = [(k, int(v.get("size") or 0), file_version(v)) for k, v in hits.items()
                         if _accept(spec.format, k[len(p):], spec.cifar_batches)]
                 if not kept:
                     what = f" ({spec.cifar_batches} batches)" if spec.format == "cifar" else ""
@@ -116,12 +137,13 @@ def split_files(spec: "SplitSpec", storage: StorageOptions | None,
                 raise FileNotFoundError(f"no such file: {u!r}")
             bases.append(posixpath.dirname(p))
             if list_files:
-                found.append((p, int(fs.info(p).get("size") or 0)))
+                info = fs.info(p)
+                found.append((p, int(info.get("size") or 0), file_version(info)))
     base = bases[0] if len(bases) == 1 else posixpath.commonpath(bases)
     files: dict[str, SourceFile] = {}
-    for path, size in found:
+    for path, size, version in found:
         rel = posixpath.relpath(path, base) if base not in ("", "/") else path.lstrip("/")
-        files.setdefault(rel, SourceFile(path, rel, size))
+        files.setdefault(rel, SourceFile(path, rel, size, version))
     out = sorted(files.values(), key=lambda f: natural_key(f.rel))
     return fs, base, out
 
@@ -175,7 +197,7 @@ def folder_sources(spec: "SplitSpec", storage: StorageOptions | None) -> tuple[A
         if local and info.get("islink") and (is_image or (not inner and os.path.isdir(path))):
             _check_link(spec, path, rel, real_root)
         if is_image:
-            out.append(SourceFile(path, rel, int(info.get("size") or 0)))
+            out.append(SourceFile(path, rel, int(info.get("size") or 0), file_version(info)))
     return fs, root, sorted(out, key=lambda f: natural_key(f.rel))
 
 

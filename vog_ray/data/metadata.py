@@ -151,6 +151,8 @@ def scan_splits(cfg: "AuditConfig", storage: StorageOptions | None = None) -> Sp
             if str(e).startswith("invalid config"):
                 raise
             raise cfg.error(f"data.splits.{name}.url", str(e)) from None
+        except FileNotFoundError as e:  # a failure (exit 1), naming the key
+            raise FileNotFoundError(f"data.splits.{name}.url: {e}") from None
         for col, t in split_types.items():
             if pa.types.is_null(t):
                 continue

@@ -2,6 +2,7 @@
 
 * :mod:`.cluster` — connecting to / starting Ray, Ray Data's context, the CPU layout, the GPU wait;
 * :mod:`.scorer` — the scorer actor (checkpoints loaded once; the engine per batch);
+* :mod:`.devices` — what each scorer actor ran on (device, GPU, node, rows), for the manifest;
 * :mod:`.stage` — stage 1: read → decode → score → the raw table under ``_work/``, resumable
   (:mod:`.resume`); checkpoint-sharded partial moments merged by example (:mod:`.merge`);
 * :mod:`.sort` — the sample sort (Ray tasks) that ranks, checks ids and merges by example;

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 from ..config import AuditConfig, ComputeSpec
 
-__all__ = ["ensure_ray", "configure_data_context", "remote_task", "scorer_gpus", "wait_for_gpus",
+__all__ = ["ensure_ray", "check_address", "running_local_cluster", "UnsupportedAddress", "SUPPORTED_ADDRESSES",
+           "configure_data_context", "remote_task", "scorer_gpus", "wait_for_gpus",
            "cpu_layout", "cpu_layout_hint", "check_cpus_left", "TRANSIENT_S3_ERRORS"]
 
 log = logging.getLogger("vog_ray")
@@ -26,20 +27,82 @@ TRANSIENT_S3_ERRORS = ("SlowDown", "[Rr]educe your request rate", "Service ?Unav
                        "RequestTimeout")
 
 
+class UnsupportedAddress(ValueError):
+    """A Ray address form the audit cannot use (refused before any work)."""
+
+
+SUPPORTED_ADDRESSES = (
+    "no address (start a local Ray, or use the cluster that `ray start` runs on this machine), "
+    "'local' (always a fresh local Ray), HOST:PORT (the head's GCS address, as `ray start --address` "
+    "takes it; from a machine of the cluster), or `ray job submit … -- python jobs/audit.py CONFIG` "
+    "from anywhere that reaches the dashboard")
+
+
+def check_address(address: str | None) -> str | None:
+    """The address an audit connects to (``address``, else ``RAY_ADDRESS``, else None), refusing
+    forms it cannot use with :class:`UnsupportedAddress`: Ray Client (``ray://``) — Ray Data
+    2.60's executor needs the driver's core worker, which a Ray Client process does not have
+    (``'Worker' object has no attribute 'core_worker'`` in the first dataset) — and the
+    dashboard's ``http(s)://`` address, which is for ``ray job submit``."""
+    given = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        return None
+    if address.startswith("ray://"):
+        raise UnsupportedAddress(
+            f"{given} {address!r}: Ray Client (ray://) cannot run an audit — Ray Data needs a driver that is part of "
+            f"the cluster. Use {SUPPORTED_ADDRESSES}")
+    if address.startswith(("http://", "https://")):
+        raise UnsupportedAddress(
+            f"{given} {address!r} is a dashboard address: give it to `ray job submit --address`. "
+            f"Use {SUPPORTED_ADDRESSES}")
+    return address
+
+
+def running_local_cluster() -> str | None:
+    """The GCS address of the cluster that ``ray start`` runs on this machine (what ``ray.init()``
+    without an address connects to: Ray's ``ray_current_cluster`` file in its temp dir), or None."""
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:  # pragma: no cover - Ray moved it: ray.init() itself then says what is wrong
+        return None
+    return find_bootstrap_address(None) or None
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster (``address`` / ``RAY_ADDRESS``) or start a local Ray."""
+    """Connect to a cluster (``address`` / ``RAY_ADDRESS``), to the cluster ``ray start`` runs on
+    this machine (saying so), or start a local Ray (``address="local"`` always starts one)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = check_address(address)
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # at least 2 logical CPUs: the scorer actors hold theirs for the whole stage and the read
-        # tasks need one more (on a 1-core machine they share the core)
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 1), include_dashboard=False, **kwargs)
+    if address in (None, "local"):
+        running = running_local_cluster() if address is None else None
+        if running:
+            # Ray refuses resource numbers for an existing cluster: it has its own
+            log.info("using the Ray cluster that `ray start` runs on this machine (%s); --address local starts "
+                     "a separate Ray for this audit", running)
+            _init(ray, running, address=None, **kwargs)
+        else:
+            # at least 2 logical CPUs: the scorer actors hold theirs for the whole stage and the read
+            # tasks need one more (on a 1-core machine they share the core)
+            ray.init(address=address, num_cpus=num_cpus or max(2, os.cpu_count() or 1), include_dashboard=False,
+                     **kwargs)
+        return
+    _init(ray, address, address=address, **kwargs)
+
+
+def _init(ray: Any, where: str, **kwargs: Any) -> None:
+    """``ray.init`` of an existing cluster; a refused connection says what to check."""
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as e:
+        auth = "" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else (
+            "; if the cluster uses token authentication (Ray's default when a token exists), export "
+            "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+        raise ConnectionError(f"cannot connect to the Ray cluster at {where}: {e}{auth}") from None
 
 
 def configure_data_context(c: ComputeSpec) -> None:

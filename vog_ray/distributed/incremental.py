@@ -41,9 +41,10 @@ from typing import Any
 
 from ..config import AuditConfig
 from ..core.windows import parse_window, resolve_windows
-from ..models.checkpoints import hash_checkpoints, list_checkpoints
+from ..models.checkpoints import hash_checkpoints
 from ..storage import StorageOptions, join, resolve
-from .audit import AuditResult, Plan, plan_audit, reduce_and_publish
+from .audit import AuditResult, Plan, list_config_checkpoints, plan_audit, reduce_and_publish
+from .cluster import check_address
 from .lock import DirLock
 from .lock import LockHeld as DirLockHeld
 from .merge import merge_by_example, moments_to_table, set_group
@@ -51,8 +52,8 @@ from .reduce import RAW_ROWS_PER_READ, filter_status, read_raw, rejected_of_grou
 from .sort import partitions_for
 from .stage import score_stage
 
-__all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config",
-           "TooFewCheckpoints", "check_window_counts"]
+__all__ = ["run_incremental", "IncrementalError", "IncrementalConfigError", "StateLock", "LockHeld", "read_state",
+           "check_incremental_config", "TooFewCheckpoints", "check_window_counts"]
 
 
 class IncrementalError(RuntimeError):
@@ -87,15 +88,23 @@ class LockHeld(IncrementalError, DirLockHeld):
     """Another incremental audit holds the lock."""
 
 
+class IncrementalConfigError(IncrementalError):
+    """The config breaks a rule of incremental audits; ``key`` names the config key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 def check_incremental_config(cfg: AuditConfig) -> None:
     if cfg.vog.label != "true":
-        raise IncrementalError(
-            "incremental audits require vog.label: true — with predicted labels the target index "
+        raise IncrementalConfigError(
+            "vog.label", "incremental audits require vog.label: true — with predicted labels the target index "
             "comes from the last checkpoint, which changes as checkpoints arrive (run a full audit instead)")
     bad = [f"{n} = {s!r}" for n, s in cfg.vog.windows.items() if parse_window(n, s).slides]
     if bad:
-        raise IncrementalError(
-            f"incremental audits need windows that do not slide as checkpoints arrive; {', '.join(bad)} "
+        raise IncrementalConfigError(
+            "vog.windows", f"incremental audits need windows that do not slide as checkpoints arrive; {', '.join(bad)} "
             "moves with the newest checkpoint (use 'all', 'first:N', 'a:' or explicit indices, or run a full audit)")
 
 
@@ -139,11 +148,12 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
     """Fold new checkpoints into the persisted moments and publish a new run; ``None`` if up to
     date; :class:`TooFewCheckpoints` while the windows need more checkpoints than are listed."""
     t0 = time.time()
+    check_address(address)
     check_incremental_config(cfg)
     storage = cfg.storage.options()
     out_url = cfg.output.url.rstrip("/")
     state_url = join(out_url, "_incremental")
-    urls = list_checkpoints(cfg.checkpoints, storage)
+    urls = list_config_checkpoints(cfg, storage)
     check_window_counts(cfg, len(urls))
     state = read_state(state_url, storage)
     if state and state.get("config_key") != _config_key(cfg):
@@ -159,6 +169,13 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
         generation = state["generation"] if state else 0
         plan = plan_audit(cfg, address, urls=urls)
         new_idx = _new_checkpoints(plan.urls, plan.infos, state)
+        digests = {name: v["sha256"] for name, v in plan.inputs.items()}
+        if state and state.get("inputs", digests) != digests:
+            changed = sorted(n for n in digests if state["inputs"].get(n) != digests[n])
+            raise IncrementalError(
+                f"the input files of split(s) {', '.join(changed)} changed since their moments were persisted; "
+                f"folding new checkpoints into them would mix old and new data: use a new output URL (or delete "
+                f"{state_url} to start over)")
         if not new_idx:
             return None
         t_score = time.time()
@@ -166,7 +183,7 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
         committed = False
         try:
             parts_url = join(gen_url, "parts")
-            score_stage(plan, [new_idx], "moments", parts_url)
+            devices = score_stage(plan, [new_idx], "moments", parts_url)
             if state is None:  # the first generation: the new checkpoints' moments ARE the state
                 moments_url = parts_url
             else:
@@ -179,13 +196,13 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
                 plan, raw_url, run_id=run_id, t0=t0, score_wall=score_wall, report=report,
                 scored_checkpoints=len(new_idx),
                 extra={"mode": "incremental", "generation": generation + 1,
-                       "new_checkpoints": [plan.urls[i] for i in new_idx], "state_url": state_url})
+                       "new_checkpoints": [plan.urls[i] for i in new_idx], "state_url": state_url, **devices})
             # commit: compare-and-swap on the generation, then drop what the old generation held
             current = read_state(state_url, storage)
             if (current["generation"] if current else 0) != generation:
                 raise IncrementalError("the incremental state advanced while this run was folding (lost a race); "
                                        "the published run stands, the state was not overwritten")
-            new_state = {"generation": generation + 1, "config_key": _config_key(cfg),
+            new_state = {"generation": generation + 1, "config_key": _config_key(cfg), "inputs": digests,
                          "checkpoints": [i.as_dict() for i in plan.infos], "moments_url": moments_url,
                          "windows": plan.windows, "keys": plan.keys, "last_run": result.run_id,
                          "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -1,6 +1,7 @@
 """The scorer actor: a stateful Ray Data UDF that loads its checkpoints once (``__init__``, from
 their URLs) and scores batches with the engine — raw VoG and signals per example (fused), or
-partial pixel moments (checkpoint-sharded and incremental audits)."""
+partial pixel moments (checkpoint-sharded and incremental audits). It reports the device it runs
+on and the rows it scores to the stage's ledger (:mod:`.devices`)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,17 @@ class ScorerActor:
 
     def __init__(self, *, model: Any, checkpoints: list[str], indices: list[int], num_checkpoints: int,
                  vog: dict[str, Any], device: str, storage: dict[str, Any], emit: str = "vog",
-                 group: int = 0, threads: int | None = None, stacked: bool | str = False):
+                 group: int = 0, threads: int | None = None, stacked: bool | str = False,
+                 ledger: str | None = None):
         import torch
 
         from ..core.engine import make_engine
         from ..models.checkpoints import load_checkpoints
+        from .devices import actor_device, connect_ledger
+
+        # auto: CUDA when torch here has it (Ray may reserve "GPUs" torch cannot use: then the CPU,
+        # recorded and warned about); cuda without CUDA: an error, before any checkpoint is read
+        dev, record = actor_device(device, group)
 
         threads = threads or int(os.environ.get("VOG_RAY_TORCH_THREADS", "0"))  # else Ray's OMP_NUM_THREADS
         torch.set_num_threads(max(1, threads or torch.get_num_threads()))
@@ -50,23 +57,29 @@ class ScorerActor:
         predict_sd = None
         if self.opts.label_mode == "predicted" and (num_checkpoints - 1) not in indices:
             predict_sd = load_checkpoints(model, checkpoints, self.storage, indices=[num_checkpoints - 1]).state_dicts[0]
-        dev = device
-        if device in ("auto", "cuda"):
-            dev = "cuda" if torch.cuda.is_available() else "cpu"  # fake GPUs: schedule, run on CPU
+        self._ledger = connect_ledger(ledger)
+        self._tag = f"{record['actor_id']}-{record['pid']}"
+        if self._ledger is not None:
+            import ray
+
+            ray.get(self._ledger.register.remote(self._tag, record))
         self.engine = make_engine(loaded.model, loaded.state_dicts, self.opts, dev, indices=indices,
                                   num_checkpoints=num_checkpoints, predict_state_dict=predict_sd, stacked=stacked)
         self.keys = self.engine.keys()
         self.windows = self.engine.windows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self._trace is None:
-            return self._score(batch)
         t0 = time.time()
         self._engine_s = 0.0
         out = self._score(batch)
-        self._trace.write(json.dumps({"start": t0, "end": time.time(), "rows": out.num_rows,
-                                      "engine_s": self._engine_s, "group": self.group,
-                                      "stacked": self.engine.uses_stacked}) + "\n")
+        if self._ledger is not None:  # synchronous: counted before the batch leaves this actor
+            import ray
+
+            ray.get(self._ledger.add.remote(self._tag, out.num_rows))
+        if self._trace is not None:
+            self._trace.write(json.dumps({"start": t0, "end": time.time(), "rows": out.num_rows,
+                                          "engine_s": self._engine_s, "group": self.group,
+                                          "stacked": self.engine.uses_stacked}) + "\n")
         return out
 
     def _score(self, batch: pa.Table) -> pa.Table:

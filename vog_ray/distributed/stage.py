@@ -21,6 +21,7 @@ import numpy as np
 
 from ..storage import resolve
 from .cluster import check_cpus_left, cpu_layout_hint, scorer_gpus
+from .devices import collect_ledger, device_report, start_ledger
 from .lock import DirLock
 from .merge import merge_by_example, moments_to_table
 from .reduce import RAW_ROWS_PER_READ, filter_status, read_raw, rejected_of_group0
@@ -37,15 +38,18 @@ __all__ = ["score_stage", "merge_sharded", "checkpoint_groups", "work_key", "run
 log = logging.getLogger("vog_ray")
 
 
-def work_key(cfg: "AuditConfig", ckpts: list["CheckpointInfo"]) -> str:
-    """Identity of an audit's stage-1 work: same config + same checkpoints ⇒ resumable."""
+def work_key(cfg: "AuditConfig", ckpts: list["CheckpointInfo"], inputs: dict[str, Any]) -> str:
+    """Identity of an audit's stage-1 work: same config, same checkpoints (sha256) and same input
+    files (per split the digest of every file's path, size and version: ``data.identity``) ⇒
+    resumable. Rewriting a split in place changes the key, so its rows are scored afresh."""
     d = cfg.to_dict()
     d.pop("output", None)
     d.pop("report", None)
     d.pop("flags", None)   # flags are applied when the run is published: stage 1 does not change
     d["vog"].pop("normalize_against", None)  # the reduce's choice: stage 1 computes the same rows
     d["compute"] = {"checkpoint_groups": cfg.compute.checkpoint_groups}
-    payload = json.dumps({"cfg": d, "ck": [c.sha256 for c in ckpts]}, sort_keys=True)
+    payload = json.dumps({"cfg": d, "ck": [c.sha256 for c in ckpts],
+                          "inputs": {s: v["sha256"] for s, v in inputs.items()}}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -57,8 +61,9 @@ def checkpoint_groups(num_checkpoints: int, groups: int) -> list[list[int]]:
 
 
 def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, *, done: Any = None,
-                mode: str = "overwrite") -> None:
-    """Read → decode → scorer actors for each checkpoint group → Parquet at ``out_url``.
+                mode: str = "overwrite") -> dict[str, Any]:
+    """Read → decode → scorer actors for each checkpoint group → Parquet at ``out_url``. Returns
+    what the actors ran on (:func:`.devices.device_report`: ``scorers``, ``devices``, ``warnings``).
 
     ``done`` (resume, :mod:`.resume`): sorted ``split/id`` keys of rows already in ``out_url``;
     they are dropped right after the read and the new rows appended (``mode``).
@@ -78,6 +83,7 @@ def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, 
         if hint:
             log.warning(hint)
     storage_kwargs = dataclasses.asdict(plan.storage)  # the actors open checkpoints as the driver does
+    ledger_name, ledger = start_ledger()
     parts = []
     for gi, idx in enumerate(groups):
         ds = dataset_from_config(cfg, plan.storage, carried_types=plan.carried_types)
@@ -99,11 +105,16 @@ def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, 
                                        num_checkpoints=plan.K, vog=plan.opts.as_kwargs(), device=cfg.compute.device,
                                        storage=storage_kwargs, emit=emit, group=gi,
                                        threads=cfg.compute.threads_per_actor,
-                                       stacked=cfg.compute.stacked_option()),
+                                       stacked=cfg.compute.stacked_option(), ledger=ledger_name),
             **remote_args))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     fs, _ = resolve(out_url, plan.storage)
-    ds.write_parquet(out_url, filesystem=fs, mode=mode)
+    try:
+        ds.write_parquet(out_url, filesystem=fs, mode=mode)
+    except BaseException:
+        collect_ledger(ledger, quiet=True)  # the stage's own error is the one to report
+        raise
+    return device_report(collect_ledger(ledger), gpus)
 
 
 def merge_sharded(plan: "Plan", parts_url: str, raw_url: str, num_groups: int) -> None:
@@ -149,23 +160,27 @@ def _run_stage(plan: "Plan", groups: list[list[int]], work_url: str) -> tuple[di
     t_score = time.time()
     if fs_raw.exists(done_marker):
         with fs_raw.open(done_marker, "r") as f:
-            stage1 = json.load(f)
-        stage1["resume"] = {"rows_scored_now": 0, "rows_from_earlier": stage1.get("rows"), "files_removed": 0}
-        return stage1, True
+            earlier = json.load(f)
+        log.info("stage 1 reused: %s holds the finished raw table of an earlier invocation with the same config, "
+                 "checkpoints and input files (%s rows); nothing is scored now", raw_url, earlier.get("rows"))
+        # this invocation's wall time and nothing scored; the scorers are the earlier invocation's
+        return {**earlier, "wall_time_s": time.time() - t_score, "earlier_wall_time_s": earlier.get("wall_time_s"),
+                "resume": {"rows_scored_now": 0, "rows_from_earlier": earlier.get("rows"), "files_removed": 0}}, True
     partial = scan_partial_raw(fs_raw, raw_path) if not sharded else PartialRaw()
     if not partial.files and fs_raw.exists(raw_path):
         fs_raw.rm(raw_path, recursive=True)
+    devices: dict[str, Any] = {}
     if sharded:
         parts_url = join(work_url, "parts")
-        score_stage(plan, groups, "moments", parts_url)
+        devices = score_stage(plan, groups, "moments", parts_url)
         merge_sharded(plan, parts_url, raw_url, len(groups))
         fs_raw.rm(resolve(parts_url, plan.storage)[1], recursive=True)
     elif partial.rows < sum(plan.rows_in.values()):
         if partial.files:
             log.info("resuming stage 1: %d rows in %d files from an earlier run are kept (%d half-written "
                      "files removed)", partial.rows, len(partial.files), len(partial.removed))
-        score_stage(plan, groups, "vog", raw_url, done=partial.done,
-                    mode="append" if partial.files else "overwrite")
+        devices = score_stage(plan, groups, "vog", raw_url, done=partial.done,
+                              mode="append" if partial.files else "overwrite")
     now = count_new_rows(fs_raw, raw_path, partial.files)
     rows_in = sum(plan.rows_in.values())
     if partial.rows + now != rows_in:  # never mark a raw table done that a rerun could not use
@@ -174,7 +189,7 @@ def _run_stage(plan: "Plan", groups: list[list[int]], work_url: str) -> tuple[di
                            "while it was read?); its work directory was cleared: rerun the audit")
     stage1 = {"wall_time_s": time.time() - t_score, "rows": partial.rows + now,
               "resume": {"rows_scored_now": now, "rows_from_earlier": partial.rows,
-                         "files_removed": len(partial.removed)}}
+                         "files_removed": len(partial.removed)}, **devices}
     with fs_raw.open(done_marker, "w") as f:
         json.dump(stage1, f)
     return stage1, False

@@ -8,7 +8,9 @@ A model spec is a string or a dict::
     {"name": "mypkg.models:make_net", "width": 64}   # an explicitly named factory
 
 Nothing from a config is executed except a factory the spec names explicitly
-(``package.module:callable``); its module is imported only then.
+(``package.module:callable``); its module is imported only then, and only once
+:func:`.factories.check_factory` trusts it (never the standard library, ``builtins`` or the
+libraries vog-ray runs on; ``VOG_RAY_ALLOWED_FACTORIES`` narrows it to named packages).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .factories import check_factory
 
 __all__ = ["build_model", "register", "MODELS", "ModelSpec", "normalize_spec"]
 
@@ -172,7 +176,7 @@ def build_model(spec: Any) -> nn.Module:
         kwargs.setdefault("weights", None)
         return fn(**kwargs)
     if ":" in name:
-        mod_name, _, attr = name.partition(":")
+        mod_name, attr = check_factory(name)  # before anything is imported
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as e:
