@@ -45,7 +45,7 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
           batch_size: int = 256, device: str = "auto", ids: Sequence[Any] | None = None,
           split: str = "all", extra: dict[str, Any] | None = None,
           storage: StorageOptions | None = None, accum_dtype: str = "float32",
-          return_classes: bool = False) -> pa.Table | tuple[pa.Table, pa.Table]:
+          return_classes: bool = False, precision: str = "fp32", compile: bool = False) -> pa.Table | tuple[pa.Table, pa.Table]:
     """Audit a dataset in this process and return the ranked score table (pyarrow).
 
     ``data``: an array ``[N, C, H, W]`` / ``[N, D]`` (numpy or torch) with ``labels`` ``[N]``,
@@ -54,14 +54,15 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
     ``checkpoints``: URLs or a glob, in training order (natural sort for globs).
 
     Rows whose pixels are not finite are kept with ``status = "non_finite_input"`` and null
-    scores; they take no part in class statistics or ranks.
+    scores; they take no part in class statistics or ranks. ``precision`` (``fp32``, ``tf32``,
+    ``bf16``) and ``compile``: the engine's execution options (README, "GPU").
     """
     opts = VogOptions(windows=windows or {"all": "all"}, targets=targets, label_mode=label_mode,
                       normalization=normalization, rank_by=rank_by, accum_dtype=accum_dtype)
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     loaded = load_checkpoints(model, checkpoints, storage)
-    engine = make_engine(loaded.model, loaded.state_dicts, opts, device)
+    engine = make_engine(loaded.model, loaded.state_dicts, opts, device, precision=precision, compile=compile)
     keys = engine.keys()
     primary = opts.primary(engine.windows)
     parts: list[pa.Table] = []

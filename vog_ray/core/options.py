@@ -9,11 +9,14 @@ from typing import Any, Sequence
 
 from .moments import NORMALIZATIONS
 
-__all__ = ["VogOptions", "TARGETS", "LABEL_MODES", "SIGNALS", "NORMALIZATIONS", "ACCUM_DTYPES"]
+__all__ = ["VogOptions", "TARGETS", "LABEL_MODES", "SIGNALS", "NORMALIZATIONS", "ACCUM_DTYPES",
+           "PRECISIONS"]
 
 TARGETS = ("logit", "softmax")
 LABEL_MODES = ("true", "predicted")
 ACCUM_DTYPES = ("float32", "float64")
+# the engine's arithmetic for the forward and backward passes (vog_ray.core.precision)
+PRECISIONS = ("fp32", "tf32", "bf16")
 # per-checkpoint signals, all computed at the target index p unless the name says otherwise
 SIGNALS = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",
            "max_logit", "energy")

@@ -18,7 +18,7 @@ from ..storage import StorageOptions, join
 from .cluster import configure_data_context, ensure_ray
 from .publish import check_writable, top_ids, versions, write_run
 from .reduce import reduce_raw
-from .stage import checkpoint_groups, run_stage, work_key
+from .stage import PRECISION_CHECKS, checkpoint_groups, precision_record, run_stage, work_key
 
 __all__ = ["run_audit", "plan_audit", "reduce_and_publish", "Plan", "AuditResult", "Steps"]
 
@@ -116,7 +116,8 @@ def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | Non
     work_url = join(plan.out_url, "_work", work_key(cfg, plan.infos))
     stage1, resumed = run_stage(plan, groups, work_url)
     extra = {"mode": "checkpoint-sharded" if len(groups) > 1 else "fused", "checkpoint_groups": groups,
-             "resumed_from_work": resumed, "work_url": work_url, "resume": stage1.get("resume", {})}
+             "resumed_from_work": resumed, "work_url": work_url, "resume": stage1.get("resume", {}),
+             "precision": precision_record(cfg, join(work_url, PRECISION_CHECKS), plan.storage)}
     return reduce_and_publish(plan, join(work_url, "raw"), run_id=run_id, t0=t0,
                               score_wall=stage1["wall_time_s"], extra=extra, report=report)
 

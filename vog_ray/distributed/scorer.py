@@ -1,6 +1,8 @@
 """The scorer actor: a stateful Ray Data UDF that loads its checkpoints once (``__init__``, from
 their URLs) and scores batches with the engine — raw VoG and signals per example (fused), or
-partial pixel moments (checkpoint-sharded and incremental audits)."""
+partial pixel moments (checkpoint-sharded and incremental audits). On a GPU it may decode the
+JPEG rows itself (``transform.decode_on: gpu``), runs each call's engine batches with their copies
+overlapped, and in tf32/bf16 checks its first batch against fp32 (written beside the work)."""
 
 from __future__ import annotations
 
@@ -15,11 +17,20 @@ import pyarrow as pa
 from ..core.labels import label_problems
 from ..core.options import SIGNALS, VogOptions
 from ..core.table import keep_array, result_to_table
-from ..storage import StorageOptions
+from ..storage import StorageOptions, atomic_write, join
 
 __all__ = ["ScorerActor", "ROW_META"]
 
-ROW_META = ("x", "id", "split", "label", "status")  # decoded-row columns that are not carried columns
+ROW_META = ("x", "image", "id", "split", "label", "status")  # row columns that are not carried columns
+
+
+def _rows(x: Any, mask: np.ndarray) -> Any:
+    """The rows of ``x`` (numpy, or a torch tensor on any device) where ``mask`` holds."""
+    if isinstance(x, np.ndarray):
+        return x[mask]
+    import torch
+
+    return x[torch.from_numpy(mask).to(x.device)]
 
 
 class ScorerActor:
@@ -27,7 +38,13 @@ class ScorerActor:
 
     def __init__(self, *, model: Any, checkpoints: list[str], indices: list[int], num_checkpoints: int,
                  vog: dict[str, Any], device: str, storage: dict[str, Any], emit: str = "vog",
-                 group: int = 0, threads: int | None = None, stacked: bool | str = False):
+                 group: int = 0, threads: int | None = None, engine: dict[str, Any] | None = None,
+                 engine_batch: int | None = None, check_url: str | None = None,
+                 device_decode: dict[str, Any] | None = None):
+        """``engine``: the engine's execution options (``ComputeSpec.engine_options``); ``engine_batch``:
+        the engine's batch size when a call holds several (run with overlapped copies); ``check_url``:
+        where the first-batch precision check goes (tf32/bf16); ``device_decode``: ``{"transform",
+        "input_shape"}`` when the rows come encoded (``transform.decode_on: gpu``)."""
         import torch
 
         from ..core.engine import make_engine
@@ -52,10 +69,20 @@ class ScorerActor:
         dev = device
         if device in ("auto", "cuda"):
             dev = "cuda" if torch.cuda.is_available() else "cpu"  # fake GPUs: schedule, run on CPU
+        name = model if isinstance(model, str) else str(model.get("name", model))
         self.engine = make_engine(loaded.model, loaded.state_dicts, self.opts, dev, indices=indices,
-                                  num_checkpoints=num_checkpoints, predict_state_dict=predict_sd, stacked=stacked)
+                                  num_checkpoints=num_checkpoints, predict_state_dict=predict_sd, name=name,
+                                  **(engine or {}))
         self.keys = self.engine.keys()
         self.windows = self.engine.windows
+        self.engine_batch = engine_batch
+        self.check_url = check_url if self.engine.precision != "fp32" else None
+        self.device_decode = device_decode
+        if device_decode is not None:
+            from ..config import TransformSpec
+
+            self.device_decode = {"transform": TransformSpec(**device_decode["transform"]),
+                                  "input_shape": tuple(device_decode["input_shape"])}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self._trace is None:
@@ -67,14 +94,45 @@ class ScorerActor:
                                       "engine_s": self._engine_s, "group": self.group}) + "\n")
         return out
 
+    def _inputs(self, batch: dict[str, np.ndarray], status: np.ndarray) -> tuple[Any, np.ndarray]:
+        """The batch's model inputs: decoded by the decode stage (``x``), or here on the engine's
+        device from the encoded ``image`` column."""
+        if self.device_decode is None:
+            return np.asarray(batch["x"]), status
+        from ..data.device_decode import decode_on_device
+
+        return decode_on_device(batch["image"], status, self.device_decode["transform"],
+                                self.device_decode["input_shape"], self.engine.device)
+
+    def _run(self, x: Any, labels: np.ndarray) -> Any:
+        """The engine on the scored rows: in batches of ``engine_batch`` whose copies overlap."""
+        from ..core.engine import BatchResult
+
+        emit = "vog" if self.emit == "vog" else "moments"
+        b = self.engine_batch
+        if b and len(labels) > b:
+            parts = [(x[a:a + b], labels[a:a + b]) for a in range(0, len(labels), b)]
+            return BatchResult.concat(list(self.engine.run_batches(parts, emit=emit)))
+        return self.engine.run(x, labels, emit=emit)
+
+    def _check_precision(self, x: Any, labels: np.ndarray) -> None:
+        """tf32/bf16: the first batch also in fp32; raw VoG compared per key (``check_url``)."""
+        t = time.perf_counter()
+        check = self.engine.compare_to_fp32(x, labels)
+        rec = {"precision": self.engine.precision, "device": str(self.engine.device), "group": self.group,
+               "rows": max([f["n"] for f in check.values()], default=0), "seconds": time.perf_counter() - t, "keys": check}
+        atomic_write(join(self.check_url, f"actor-{os.getpid()}-{self.group}.json"),
+                     json.dumps(rec).encode(), self.storage)
+        self.check_url = None
+
     def _score(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])
         status = np.asarray(batch["status"]).astype(object)
         labels = np.asarray(batch["label"]).astype(np.int64)
-        x = np.asarray(batch["x"])
+        x, status = self._inputs(batch, status)
         ok = status == "ok"
         if ok.any():
-            reasons = label_problems(labels, self.engine.num_classes_for(x[ok]),
+            reasons = label_problems(labels, self.engine.num_classes_for(_rows(x, ok)),
                                      allow_missing=self.opts.label_mode != "true")
             bad = ok & (reasons != None)  # noqa: E711
             status[bad] = reasons[bad]
@@ -83,8 +141,11 @@ class ScorerActor:
         parts = []
         if ok.any():
             t = time.perf_counter()
-            res = self.engine.run(x[ok], labels[ok], emit="vog" if self.emit == "vog" else "moments")
+            xs = _rows(x, ok)
+            res = self._run(xs, labels[ok])
             self._engine_s = time.perf_counter() - t
+            if self.check_url is not None:
+                self._check_precision(xs, labels[ok])
             parts.append(self._table(res, batch, ok, keep))
         if (~ok).any():
             parts.append(self._rejected(batch, ~ok, status, keep))
