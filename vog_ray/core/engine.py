@@ -232,7 +232,21 @@ class GradientEngine:
                               default_channels_last(model, self.device, precision))
         # a default (not asked-for) channels_last is dropped if the model cannot run on it
         self._channels_last_unverified = channels_last is None and self.channels_last
-        base = model
+        self._load(model, state_dicts, predict_state_dict)
+        # which local models feed which window (global index -> local position)
+        self._local = {g: i for i, g in enumerate(self.ids)}
+        self.window_members = {w: [self._local[g] for g in idx if g in self._local]
+                               for w, idx in self.windows.items()}
+        self._num_classes: int | None = None
+        self.stager = Stager(self.device)
+        # the largest batch known to fit in device memory (set by an out-of-memory split)
+        self.max_rows: int | None = None
+        self._announce_fit = False
+        self._paths(stacked, compile)
+
+    def _load(self, base: nn.Module, state_dicts: Sequence[dict[str, torch.Tensor]],
+              predict_state_dict: dict[str, torch.Tensor] | None) -> None:
+        """One frozen copy of ``base`` per checkpoint on the device, and the predictor."""
         self.models: list[nn.Module] = []
         for sd in state_dicts:
             m = copy.deepcopy(base)
@@ -240,7 +254,7 @@ class GradientEngine:
             self.models.append(_freeze(m, self.device, self.channels_last))
         last_global = self.num_checkpoints - 1
         self.predictor: nn.Module | None = None
-        if label_mode == "predicted":
+        if self.label_mode == "predicted":
             if last_global in self.ids:
                 self.predictor = self.models[self.ids.index(last_global)]
             elif predict_state_dict is not None:
@@ -250,12 +264,10 @@ class GradientEngine:
             else:
                 raise ValueError("label_mode='predicted' needs the run's last checkpoint "
                                  "(pass predict_state_dict)")
-        # which local models feed which window (global index -> local position)
-        self._local = {g: i for i, g in enumerate(self.ids)}
-        self.window_members = {w: [self._local[g] for g in idx if g in self._local]
-                               for w, idx in self.windows.items()}
-        self._num_classes: int | None = None
-        # stacked path: None = not decided yet ("auto" before its first large batch)
+
+    def _paths(self, stacked: bool | str, compile: bool) -> None:
+        """The execution path: compiled forwards, or stacked checkpoints (decided now, or on the
+        first large batch for ``"auto"``), or one checkpoint after the other."""
         if stacked not in (True, False, "auto"):
             raise ValueError(f"stacked must be True, False or 'auto', not {stacked!r}")
         if compile:
@@ -265,10 +277,6 @@ class GradientEngine:
             for m in {id(m): m for m in self.models + [self.predictor] if m is not None}.values():
                 m.compile()  # in place: the module and its state_dict keys stay as they are
         self.compiled = bool(compile)
-        self.stager = Stager(self.device)
-        # the largest batch known to fit in device memory (set by an out-of-memory split)
-        self.max_rows: int | None = None
-        self._announce_fit = False
         self._stack: StackedCheckpoints | None = None
         self.stack_timing: tuple[float, float] | None = None   # (unstacked s, stacked s) of "auto"
         if stacked is True or (stacked == "auto" and len(self.models) > 1
@@ -278,6 +286,7 @@ class GradientEngine:
             except Exception:  # noqa: BLE001 - e.g. a model torch.func cannot stack
                 if stacked is True:
                     raise
+        # None = not decided yet ("auto" before its first large batch)
         self._use_stacked: bool | None = (None if stacked == "auto" and self._stack is not None
                                           else self._stack is not None)
 
