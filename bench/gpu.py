@@ -74,12 +74,12 @@ PEAK_TFLOPS = [
 ]
 MODELS = {"resnet18_cifar": ({"name": "resnet18_cifar", "num_classes": 10}, (3, 32, 32), 10),
           "resnet50": ("torchvision:resnet50", (3, 224, 224), 1000)}
-# per model: batch, checkpoints, seconds per timed window; quick CPU runs shrink all and time resnet50
-# at 64×64 (FLOPs are still counted at 224×224 too)
-SIZES = {"resnet18_cifar": dict(batch=512, k=3, shape=(3, 32, 32)),
-         "resnet50": dict(batch=128, k=3, shape=(3, 224, 224))}
-QUICK = {"resnet18_cifar": dict(batch=8, k=2, shape=(3, 32, 32)),
-         "resnet50": dict(batch=2, k=2, shape=(3, 64, 64))}
+# per model: batch, checkpoints, input shape, batches per timed pass; quick CPU runs shrink all and
+# time resnet50 at 32×32 (FLOPs are still counted at 224×224 too)
+SIZES = {"resnet18_cifar": dict(batch=512, k=3, shape=(3, 32, 32), batches=4),
+         "resnet50": dict(batch=128, k=3, shape=(3, 224, 224), batches=4)}
+QUICK = {"resnet18_cifar": dict(batch=4, k=2, shape=(3, 32, 32), batches=2),
+         "resnet50": dict(batch=2, k=2, shape=(3, 32, 32), batches=2)}
 
 
 def peaks_for(name: str, override: str | None) -> dict[str, float | None]:
@@ -190,9 +190,9 @@ def engine_for(name: str, sizes: dict, device: torch.device, precision: str, **k
                           targets=["logit"], device=device, precision=precision, name=name, **kw)
 
 
-def host_batches(name: str, sizes: dict, n_batches: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def host_batches(name: str, sizes: dict, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     _, _, classes = MODELS[name]
-    b, shape = sizes[name]["batch"], sizes[name]["shape"]
+    b, shape, n_batches = sizes[name]["batch"], sizes[name]["shape"], sizes[name]["batches"]
     rng = np.random.default_rng(seed)
     return [(rng.standard_normal((b, *shape), dtype=np.float32), rng.integers(0, classes, b))
             for _ in range(n_batches)]
@@ -212,7 +212,7 @@ def sec_flops(run: Run, a: Any) -> None:
 
 def sec_engine(run: Run, a: Any, name: str) -> None:
     dev, sizes, out = a.device, a.sizes, run.res.setdefault("engine", {}).setdefault(name, {})
-    host = host_batches(name, sizes, 4)
+    host = host_batches(name, sizes)
     on_dev = [(torch.as_tensor(x, device=dev), y) for x, y in host]
     gflop = run.res.get("flops", {}).get(name, {}).get("gflop_timed")
     k = sizes[name]["k"]
@@ -273,7 +273,7 @@ def sec_bare(run: Run, a: Any, name: str) -> None:
         m.requires_grad_(False)
         models.append(m)
     batches = [(torch.as_tensor(x, device=dev).contiguous(memory_format=torch.channels_last),
-                torch.as_tensor(y, device=dev)) for x, y in host_batches(name, sizes, 4)]
+                torch.as_tensor(y, device=dev)) for x, y in host_batches(name, sizes)]
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     r_bare = timed_rate(lambda: bare_loop(models, batches, dev), dev, a.seconds) * sizes[name]["k"]
@@ -291,7 +291,7 @@ def sec_bare(run: Run, a: Any, name: str) -> None:
 def sec_transfer(run: Run, a: Any, name: str) -> None:
     dev, k = a.device, a.sizes[name]["k"]
     eng = engine_for(name, a.sizes, dev, "bf16")
-    host = host_batches(name, a.sizes, 4)
+    host = host_batches(name, a.sizes)
     on_dev = [(torch.as_tensor(x, device=dev), y) for x, y in host]
     one = timed_rate(lambda: sum(len(eng.run(x, y).status) for x, y in host), dev, a.seconds) * k
     overlapped = timed_rate(lambda: sum(len(r.status) for r in eng.run_batches(host)), dev, a.seconds) * k
@@ -305,7 +305,7 @@ def sec_transfer(run: Run, a: Any, name: str) -> None:
 
 def sec_compile(run: Run, a: Any, name: str) -> None:
     dev, k = a.device, a.sizes[name]["k"]
-    on_dev = [(torch.as_tensor(x, device=dev), y) for x, y in host_batches(name, a.sizes, 2)]
+    on_dev = [(torch.as_tensor(x, device=dev), y) for x, y in host_batches(name, a.sizes)[:2]]
     eager = engine_for(name, a.sizes, dev, "bf16")
     comp = engine_for(name, a.sizes, dev, "bf16", compile=True)
     t = time.perf_counter()

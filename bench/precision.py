@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resnet-epochs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--only", choices=["demo", "resnet18_cifar"], default=None, help="measure one dataset only")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     a = ap.parse_args(argv)
     import torch
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         a.demo_limit, a.resnet_n, a.resnet_epochs = a.demo_limit or 300, min(a.resnet_n, 96), min(a.resnet_epochs, 4)
     t0 = time.perf_counter()
     res = run(modes, a.device, demo=a.demo, quick=a.quick, demo_limit=a.demo_limit, resnet_n=a.resnet_n,
-              resnet_epochs=a.resnet_epochs, batch_size=a.batch_size)
+              resnet_epochs=a.resnet_epochs, batch_size=a.batch_size,
+              which=(a.only,) if a.only else ("demo", "resnet18_cifar"))
     print(table(res, modes))
     out = {"device": a.device, "modes": modes, "quick": a.quick, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1), "results": res}

@@ -134,3 +134,9 @@ def test_compare_to_fp32_flags_bf16_on_nearly_equal_checkpoints(batch):
     assert check["early_logit"]["spearman"] > SAFE_SPEARMAN
     assert check["late_logit"]["spearman"] < SAFE_SPEARMAN
     assert bf.precision == "bf16"  # the check switched to fp32 only for its reference
+    # the scorer passes the batch's own result (raw VoG, or moments when checkpoint-sharded)
+    for emit in ("vog", "moments"):
+        again = bf.compare_to_fp32(x, y, got=bf.run(x, y, emit=emit))
+        for k, f in check.items():
+            assert again[k]["n"] == f["n"]
+            assert again[k]["spearman"] == pytest.approx(f["spearman"], abs=1e-6)

@@ -565,19 +565,24 @@ class GradientEngine:
             res.target_label[bad_rows] = -1
         return res
 
-    def compare_to_fp32(self, x: Any, y: Any = None, rows: int = PRECISION_CHECK_ROWS) -> dict[str, dict[str, Any]]:
+    def compare_to_fp32(self, x: Any, y: Any = None, rows: int = PRECISION_CHECK_ROWS, *,
+                        got: BatchResult | None = None) -> dict[str, dict[str, Any]]:
         """The first-batch precision check: this engine's raw VoG against fp32's on the first ``rows``
         examples of ``x``, per ``<window>_<target>`` key (:func:`~vog_ray.core.precision.fidelity`).
+        ``got``: this engine's result for ``x`` when it is at hand (then only the fp32 pass runs).
         Keys whose window holds fewer than 2 of this engine's checkpoints (VoG 0) are left out."""
         x = x[:rows]
         y = None if y is None else np.asarray(y)[:rows]
-        got = self.run(x, y)
+        if got is None:
+            got = self.run(x, y)
+        mode = {k: v[:rows] for k, v in got.vog.items()} or {
+            k: np.asarray(st.finalize(), np.float64)[:rows] for k, st in got.moments.items()}
         saved, self.precision = self.precision, "fp32"
         try:
             ref = self.run(x, y)
         finally:
             self.precision = saved
-        return {k: fidelity(ref.vog[k], got.vog[k]) for k in got.vog
+        return {k: fidelity(ref.vog[k], mode[k]) for k in ref.vog
                 if len(self.window_members[k.rsplit("_", 1)[0]]) > 1}
 
     @property

@@ -115,10 +115,11 @@ class ScorerActor:
             return BatchResult.concat(list(self.engine.run_batches(parts, emit=emit)))
         return self.engine.run(x, labels, emit=emit)
 
-    def _check_precision(self, x: Any, labels: np.ndarray) -> None:
-        """tf32/bf16: the first batch also in fp32; raw VoG compared per key (``check_url``)."""
+    def _check_precision(self, x: Any, labels: np.ndarray, res: Any) -> None:
+        """tf32/bf16: the first rows of the first batch again in fp32; raw VoG compared per key
+        with this batch's own (``res``), written to ``check_url``."""
         t = time.perf_counter()
-        check = self.engine.compare_to_fp32(x, labels)
+        check = self.engine.compare_to_fp32(x, labels, got=res)
         rec = {"precision": self.engine.precision, "device": str(self.engine.device), "group": self.group,
                "rows": max([f["n"] for f in check.values()], default=0), "seconds": time.perf_counter() - t, "keys": check}
         atomic_write(join(self.check_url, f"actor-{os.getpid()}-{self.group}.json"),
@@ -145,7 +146,7 @@ class ScorerActor:
             res = self._run(xs, labels[ok])
             self._engine_s = time.perf_counter() - t
             if self.check_url is not None:
-                self._check_precision(xs, labels[ok])
+                self._check_precision(xs, labels[ok], res)
             parts.append(self._table(res, batch, ok, keep))
         if (~ok).any():
             parts.append(self._rejected(batch, ~ok, status, keep))
