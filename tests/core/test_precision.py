@@ -140,3 +140,18 @@ def test_compare_to_fp32_flags_bf16_on_nearly_equal_checkpoints(batch):
         for k, f in check.items():
             assert again[k]["n"] == f["n"]
             assert again[k]["spearman"] == pytest.approx(f["spearman"], abs=1e-6)
+
+
+def test_cuda_flags_scope_sets_and_restores_the_tf32_flags():
+    """The flag logic needs no GPU: PyTorch keeps the flags on any build."""
+    from vog_ray.core.precision import cuda_flags
+
+    b = torch.backends
+    before = (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.benchmark)
+    cuda = torch.device("cuda")
+    for precision, want in (("tf32", "tf32"), ("fp32", "ieee"), ("bf16", "ieee")):
+        with cuda_flags(cuda, precision):
+            assert (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.benchmark) == (want, want, True)
+        assert (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.benchmark) == before
+    with cuda_flags(torch.device("cpu"), "tf32"):  # the CPU: untouched
+        assert (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.benchmark) == before

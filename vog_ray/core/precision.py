@@ -41,21 +41,23 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 @contextlib.contextmanager
 def cuda_flags(device: torch.device, precision: str, benchmark: bool = True) -> Iterator[None]:
-    """On CUDA: TF32 tensor-core matmuls and convolutions for ``tf32`` only (PyTorch's own default lets
-    cuDNN convolutions use TF32, so ``fp32`` switches that off too), and ``cudnn.benchmark`` (the
-    scorer's batches have one shape but the last). The flags are process-wide: set for the scope,
-    restored after it. On the CPU: nothing (TF32 is a CUDA tensor-core format)."""
+    """On CUDA: TF32 tensor-core matmuls and convolutions for ``tf32`` only, IEEE float32 otherwise
+    (PyTorch's own default lets cuDNN convolutions use TF32, so ``fp32`` switches that off too), and
+    ``cudnn.benchmark`` (the scorer's batches have one shape but the last). Set through PyTorch's
+    ``fp32_precision`` API (reading the legacy ``allow_tf32`` flags fails once anything used the new
+    one); the flags are process-wide: set for the scope, restored after it. On the CPU: nothing (TF32
+    is a CUDA tensor-core format)."""
     if device.type != "cuda":
         yield
         return
     b = torch.backends
-    saved = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark)
-    tf32 = precision == "tf32"
-    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = tf32, tf32, benchmark
+    saved = (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.benchmark)
+    mode = "tf32" if precision == "tf32" else "ieee"
+    b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.benchmark = mode, mode, benchmark
     try:
         yield
     finally:
-        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = saved
+        b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.benchmark = saved
 
 
 def precision_note(device: torch.device, precision: str) -> str:
