@@ -221,8 +221,8 @@ def sec_engine(run: Run, a: Any, name: str) -> None:
             out[p] = {"status": "skipped (budget)"}
             continue
         eng = engine_for(name, sizes, dev, p)
-        r_host = timed_rate(lambda: sum(len(r.status) for r in eng.run_batches(host)), dev, a.seconds) * k
-        r_dev = timed_rate(lambda: sum(len(eng.run(x, y).status) for x, y in on_dev), dev, a.seconds) * k
+        r_host = timed_rate(lambda: sum(len(r.status) for r in eng.run_batches(host)), dev, a.seconds, a.reps) * k
+        r_dev = timed_rate(lambda: sum(len(eng.run(x, y).status) for x, y in on_dev), dev, a.seconds, a.reps) * k
         rec = {"rate_host": r_host, "rate_device": r_dev, "channels_last": eng.channels_last}
         if gflop:
             rec["tflops"] = r_host * gflop / 1e3
@@ -231,12 +231,12 @@ def sec_engine(run: Run, a: Any, name: str) -> None:
             rec["share_of_peak"] = rec["tflops"] / peak if peak else None
         if p != "fp32" and dev.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in eng.models[0].modules()):
             other = engine_for(name, sizes, dev, p, channels_last=not eng.channels_last)
-            r_other = timed_rate(lambda: sum(len(other.run(x, y).status) for x, y in on_dev), dev, a.seconds) * k
+            r_other = timed_rate(lambda: sum(len(other.run(x, y).status) for x, y in on_dev), dev, a.seconds, a.reps) * k
             rec["channels_last_speedup"] = r_dev / r_other if eng.channels_last else r_other / r_dev
             del other
         out[p] = rec
-        print(f"  {name} {p}: {r_host:10.0f} example×checkpoints/s from host batches, {r_dev:10.0f} from device "
-              f"batches" + (f", {rec['tflops']:.1f} TFLOP/s" if gflop else "")
+        print(f"  {name} {p}: {r_host:10.1f} example×checkpoints/s from host batches, {r_dev:10.1f} from device "
+              f"batches" + (f", {rec['tflops']:.3g} TFLOP/s" if gflop else "")
               + (f" = {rec['share_of_peak']:.1%} of {rec['peak_tflops']:g}" if rec.get("share_of_peak") else "")
               + (f", channels_last x{rec['channels_last_speedup']:.2f}" if "channels_last_speedup" in rec else ""),
               flush=True)
@@ -276,14 +276,14 @@ def sec_bare(run: Run, a: Any, name: str) -> None:
                 torch.as_tensor(y, device=dev)) for x, y in host_batches(name, sizes)]
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    r_bare = timed_rate(lambda: bare_loop(models, batches, dev), dev, a.seconds) * sizes[name]["k"]
+    r_bare = timed_rate(lambda: bare_loop(models, batches, dev), dev, a.seconds, a.reps) * sizes[name]["k"]
     eng = run.res.get("engine", {}).get(name, {}).get("bf16", {})
     out = {"rate_bare_bf16_channels_last": r_bare}
     if "rate_device" in eng:
         out["engine_vs_bare_gpu"] = eng["rate_device"] / r_bare
         out["engine_host_vs_bare_gpu"] = eng["rate_host"] / r_bare
     run.res.setdefault("bare", {})[name] = out
-    print(f"  {name} bare bf16 channels_last loop: {r_bare:10.0f} example×checkpoints/s"
+    print(f"  {name} bare bf16 channels_last loop: {r_bare:10.1f} example×checkpoints/s"
           + (f"; engine/bare {out['engine_vs_bare_gpu']:.3f} (device batches), "
              f"{out['engine_host_vs_bare_gpu']:.3f} (host batches)" if "engine_vs_bare_gpu" in out else ""), flush=True)
 
@@ -293,13 +293,13 @@ def sec_transfer(run: Run, a: Any, name: str) -> None:
     eng = engine_for(name, a.sizes, dev, "bf16")
     host = host_batches(name, a.sizes)
     on_dev = [(torch.as_tensor(x, device=dev), y) for x, y in host]
-    one = timed_rate(lambda: sum(len(eng.run(x, y).status) for x, y in host), dev, a.seconds) * k
-    overlapped = timed_rate(lambda: sum(len(r.status) for r in eng.run_batches(host)), dev, a.seconds) * k
-    resident = timed_rate(lambda: sum(len(eng.run(x, y).status) for x, y in on_dev), dev, a.seconds) * k
+    one = timed_rate(lambda: sum(len(eng.run(x, y).status) for x, y in host), dev, a.seconds, a.reps) * k
+    overlapped = timed_rate(lambda: sum(len(r.status) for r in eng.run_batches(host)), dev, a.seconds, a.reps) * k
+    resident = timed_rate(lambda: sum(len(eng.run(x, y).status) for x, y in on_dev), dev, a.seconds, a.reps) * k
     run.res.setdefault("transfer", {})[name] = {
         "rate_one_at_a_time": one, "rate_overlapped": overlapped, "rate_device_resident": resident,
         "overlap_gain": overlapped / one, "copy_cost": 1 - overlapped / resident}
-    print(f"  {name} bf16: copy then compute {one:.0f}/s, overlapped {overlapped:.0f}/s, no copy {resident:.0f}/s",
+    print(f"  {name} bf16: copy then compute {one:.1f}/s, overlapped {overlapped:.1f}/s, no copy {resident:.1f}/s",
           flush=True)
 
 
@@ -312,8 +312,8 @@ def sec_compile(run: Run, a: Any, name: str) -> None:
     comp.run(*on_dev[0])
     sync(dev)
     compile_s = time.perf_counter() - t
-    r_eager = timed_rate(lambda: sum(len(eager.run(x, y).status) for x, y in on_dev), dev, a.seconds) * k
-    r_comp = timed_rate(lambda: sum(len(comp.run(x, y).status) for x, y in on_dev), dev, a.seconds) * k
+    r_eager = timed_rate(lambda: sum(len(eager.run(x, y).status) for x, y in on_dev), dev, a.seconds, a.reps) * k
+    r_comp = timed_rate(lambda: sum(len(comp.run(x, y).status) for x, y in on_dev), dev, a.seconds, a.reps) * k
     a_vog, b_vog = eager.run(*on_dev[0]).vog["all_logit"], comp.run(*on_dev[0]).vog["all_logit"]
     run.res.setdefault("compile", {})[name] = {
         "compile_s": compile_s, "rate_eager": r_eager, "rate_compiled": r_comp, "compile_speedup": r_comp / r_eager,
@@ -444,7 +444,7 @@ def sec_pipeline(run: Run, a: Any) -> None:
     eng = GradientEngine(build_model(spec), state_dicts(spec, k), windows={"all": list(range(k))}, device=dev,
                          precision="bf16")
     parts = [(dec[s:s + batch], ys[s:s + batch]) for s in range(0, m, batch)]
-    engine_rate = timed_rate(lambda: sum(len(r.status) for r in eng.run_batches(parts)), dev, a.seconds) * k
+    engine_rate = timed_rate(lambda: sum(len(r.status) for r in eng.run_batches(parts)), dev, a.seconds, a.reps) * k
     del eng
     trace = f"{tmp}/trace"
     os.makedirs(trace)
@@ -480,7 +480,7 @@ def sec_pipeline(run: Run, a: Any) -> None:
                                         "engine_share": ss["engine_share"], "window_s": ss["window_s"],
                                         "stage1_s": stage1, "end_to_end_rate": n * k / stage1, "audit_s": total,
                                         "precision_check": res.manifest.get("precision")}
-            print(f"  pipeline, {variant} decode: steady {ss['rate']:.0f}/s vs engine alone {engine_rate:.0f}/s "
+            print(f"  pipeline, {variant} decode: steady {ss['rate']:.1f}/s vs engine alone {engine_rate:.1f}/s "
                   f"(actor busy {ss['busy']:.0%}, {ss['engine_share']:.0%} of its time in the engine)", flush=True)
         out["pipeline_vs_engine_gpu"] = out["cpu_decode"]["steady_rate"] / engine_rate
         out["pipeline_vs_engine_gpu_decode"] = out["gpu_decode"]["steady_rate"] / engine_rate
@@ -531,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     a.device = torch.device(a.device)
     a.sizes = QUICK if a.quick else SIZES
     a.seconds = a.seconds or (0.05 if a.quick else 1.5)
+    a.reps = 1 if a.quick else 2  # timed windows per rate (the best one counts)
     a.per_engine_s = 1 if a.quick else 20
     budget = a.budget_s or (120 if a.quick else 420)
     skip = {s.strip() for s in (a.skip if a.skip is not None else "compile" if a.quick else "").split(",") if s.strip()}
