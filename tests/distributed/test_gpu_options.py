@@ -70,6 +70,7 @@ def test_precision_record_takes_the_worst_actor_and_warns_per_unsafe_key(tmp_pat
     with caplog.at_level(logging.WARNING, logger="vog_ray"):
         rec = precision_record(cfg(precision="bf16"), str(tmp_path), None)
     assert rec["mode"] == "bf16" and rec["devices"] == ["cuda"] and rec["checked_rows"] == 256
+    assert "CUDA autocast" in rec["effect"]["cuda"]
     assert rec["check"]["early_logit"]["spearman"] == 0.998 and rec["check"]["late_logit"]["spearman"] == 0.97
     assert rec["unsafe"] == ["late_logit"] and rec["check_seconds"] == 1.0
     warned = [r.getMessage() for r in caplog.records]
@@ -80,7 +81,7 @@ def test_precision_record_takes_the_worst_actor_and_warns_per_unsafe_key(tmp_pat
     cpu.mkdir()
     write_check(cpu, "actor-3-0.json", {"all_logit": f(1.0)}, device="cpu")
     rec = precision_record(cfg(precision="tf32"), str(cpu), None)
-    assert rec["unsafe"] == [] and "none" in rec["effect"]
+    assert rec["unsafe"] == [] and "no effect" in rec["effect"]["cpu"]
 
 
 @pytest.mark.slow

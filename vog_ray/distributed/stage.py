@@ -138,7 +138,9 @@ def precision_record(cfg: "AuditConfig", check_url: str, storage: Any) -> dict[s
     """The manifest's ``precision``: the mode, what it does where the actors ran, the first-batch
     checks against fp32 (the worst Spearman per key over the actors) and the keys it measured unsafe
     (Spearman < SAFE_SPEARMAN), each logged as a warning."""
-    from ..core.precision import SAFE_SPEARMAN, unsafe_keys
+    import torch
+
+    from ..core.precision import SAFE_SPEARMAN, precision_note, unsafe_keys
 
     mode = cfg.compute.precision
     rec: dict[str, Any] = {"mode": mode}
@@ -154,8 +156,7 @@ def precision_record(cfg: "AuditConfig", check_url: str, storage: Any) -> dict[s
     rec.update({"devices": devices, "checked_rows": sum(c["rows"] for c in checks),
                 "check_seconds": round(sum(c["seconds"] for c in checks), 3), "check": worst,
                 "unsafe": unsafe_keys(worst), "threshold_spearman": SAFE_SPEARMAN})
-    if mode == "tf32" and devices == ["cpu"]:
-        rec["effect"] = "none: TF32 is a CUDA tensor-core format; the scores were computed in float32"
+    rec["effect"] = {d: precision_note(torch.device(d), mode) for d in devices}
     if not checks:
         log.warning("compute.precision %s: no first-batch check against fp32 was recorded", mode)
     for k in rec["unsafe"]:
