@@ -40,6 +40,7 @@ The peak comes from ``PEAK_TFLOPS`` (dense, NVIDIA datasheets) by the card's nam
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import io
 import json
@@ -132,14 +133,21 @@ class Run:
 
 
 # ------------------------------------------------------------------ models, data, timing
-def state_dicts(spec: Any, k: int) -> list[dict[str, torch.Tensor]]:
+@functools.lru_cache(maxsize=8)
+def _state_dicts(spec_json: str, k: int) -> tuple[dict[str, torch.Tensor], ...]:
     from vog_ray.models import build_model
 
+    spec = json.loads(spec_json)
     out = []
     for i in range(k):
         torch.manual_seed(i)
         out.append({n: v.detach().clone() for n, v in build_model(spec).state_dict().items()})
-    return out
+    return tuple(out)
+
+
+def state_dicts(spec: Any, k: int) -> list[dict[str, torch.Tensor]]:
+    """``k`` random-init checkpoints of ``spec`` (made once per spec; the engines copy them)."""
+    return list(_state_dicts(json.dumps(spec, sort_keys=True), k))
 
 
 def sync(device: torch.device) -> None:
@@ -529,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no GPU (use --device cpu --quick for the CPU run)")
     a.device = torch.device(a.device)
+    if a.device.type == "cpu":  # as each scorer actor on the CPU: one torch thread (see README, CPU layout)
+        torch.set_num_threads(1)
     a.sizes = QUICK if a.quick else SIZES
     a.seconds = a.seconds or (0.05 if a.quick else 1.5)
     a.reps = 1 if a.quick else 2  # timed windows per rate (the best one counts)
