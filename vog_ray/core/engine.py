@@ -27,6 +27,7 @@ Nothing here imports Ray: the scorer actor wraps this class.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -352,26 +353,43 @@ class GradientEngine:
                 self._num_classes = int(self.forward(self.models[0], self.prepare(x[:1])).shape[1])
         return self._num_classes
 
+    def _compiled_ctx(self) -> Any:
+        """Compiled forwards with two targets: two backward passes through one graph (the first
+        retains it), which AOTAutograd's donated buffers forbid; they are off while such a forward
+        compiles and while its backward runs (AOTAutograd reads the flag at both moments)."""
+        if self.compiled and len(self.targets) > 1:
+            import torch._functorch.config as aot_config
+
+            return aot_config.patch(donated_buffer=False)
+        return contextlib.nullcontext()
+
     def _unstacked(self, x: torch.Tensor, p: torch.Tensor):
         """Per checkpoint, in order: ``(local index, logits [N, C], {target: map})``."""
         xg = x.detach().requires_grad_(True)
         pi = p.view(-1, 1)
         for i, model in enumerate(self.models):
-            with autocast(self.device, self.precision):
-                logits = self.forward(model, xg)
-            logits = logits.float()  # bf16 logits: targets and signals in float32 (fp32: the same tensor)
-            if i == 0:
-                self._check_targets(p, logits.shape[1])
-            grads: dict[str, torch.Tensor] = {}
-            for j, t in enumerate(self.targets):
-                if t == "logit":
-                    score = logits.gather(1, pi).sum()
-                else:
-                    score = torch.softmax(logits, dim=1).gather(1, pi).sum()
-                (g,) = torch.autograd.grad(score, xg, retain_graph=j < len(self.targets) - 1)
-                # channel-averaged map [N, H, W]; a vector input's map is the gradient itself
-                grads[t] = g if g.ndim == 2 else g.mean(dim=1)
-            yield i, logits.detach(), grads
+            with self._compiled_ctx():
+                logits, grads = self._checkpoint_maps(model, xg, p, pi, first=i == 0)
+            yield i, logits, grads
+
+    def _checkpoint_maps(self, model: nn.Module, xg: torch.Tensor, p: torch.Tensor, pi: torch.Tensor,
+                         first: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One checkpoint: logits ``[N, C]`` and the gradient map of each target."""
+        with autocast(self.device, self.precision):
+            logits = self.forward(model, xg)
+        logits = logits.float()  # bf16 logits: targets and signals in float32 (fp32: the same tensor)
+        if first:
+            self._check_targets(p, logits.shape[1])
+        grads: dict[str, torch.Tensor] = {}
+        for j, t in enumerate(self.targets):
+            if t == "logit":
+                score = logits.gather(1, pi).sum()
+            else:
+                score = torch.softmax(logits, dim=1).gather(1, pi).sum()
+            (g,) = torch.autograd.grad(score, xg, retain_graph=j < len(self.targets) - 1)
+            # channel-averaged map [N, H, W]; a vector input's map is the gradient itself
+            grads[t] = g if g.ndim == 2 else g.mean(dim=1)
+        return logits.detach(), grads
 
     def _stacked(self, x: torch.Tensor, p: torch.Tensor):
         """The same as :meth:`_unstacked`, all checkpoints computed in one vmapped call."""
