@@ -89,6 +89,10 @@ class TransformSpec(_Strict):
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     flatten: bool = Field(default=False, description="flatten images into vectors (MLP / tabular)")
+    decode_on: Literal["cpu", "gpu"] = Field(
+        default="cpu", description="where JPEG images are decoded: in the CPU decode tasks (cpu), or by nvJPEG "
+        "inside GPU scorer actors (gpu: the decode tasks pass the encoded bytes through; other formats and "
+        "CPU actors still decode on the CPU)")
 
 
 class DataSpec(_Strict):
@@ -151,6 +155,11 @@ class ActorPool(_Strict):
         return self
 
 
+# engine batches per scorer call on GPU actors: the copy of each batch overlaps the gradients of the
+# one before it, so a call of B batches hides all copies but the first (B = 4: 3/4 of them)
+GPU_BATCHES_PER_CALL = 4
+
+
 class ComputeSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=256, ge=1)
@@ -178,9 +187,44 @@ class ComputeSpec(_Strict):
     def _yaml_on_off(cls, v: Any) -> Any:
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as bools
 
+    # --- the GPU fast path (vog_ray.core.precision, vog_ray.core.transfer; README "GPU")
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        default="fp32", description="the forward/backward arithmetic: fp32, tf32 (CUDA tensor cores; no effect on "
+        "the CPU) or bf16 (autocast); pixel moments stay float32/64. The first batch of each actor is also "
+        "scored in fp32 and the audit warns for every window whose ranking moved (Spearman < 0.99)")
+    compile: bool = Field(default=False, description="torch.compile each checkpoint's forward (not with "
+                          "stack_checkpoints: on)")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        default="auto", description="NHWC convolutions: auto = on for convnets on the CPU and in tf32/bf16 on "
+        "CUDA, off otherwise")
+    batches_per_call: Optional[int] = Field(
+        default=None, ge=1, description="engine batches of batch_size per scorer call; on a GPU each batch's "
+        "host-to-device copy then overlaps the previous batch's gradients (default: 4 on GPU actors, 1 on CPUs)")
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _yaml_on_off_cl(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     def stacked_option(self) -> bool | str:
         """``stack_checkpoints`` as the engine's ``stacked`` argument."""
         return {"off": False, "on": True, "auto": "auto"}[self.stack_checkpoints]
+
+    def engine_options(self) -> dict[str, Any]:
+        """The engine's execution options (``make_engine`` keywords) from this section."""
+        return {"stacked": self.stacked_option(), "precision": self.precision, "compile": self.compile,
+                "channels_last": {"auto": None, "on": True, "off": False}[self.channels_last]}
+
+    def calls_of(self, gpus: float) -> int:
+        """Engine batches per scorer call (``batches_per_call``, or its default for GPU/CPU actors)."""
+        return self.batches_per_call or (GPU_BATCHES_PER_CALL if gpus else 1)
+
+    @model_validator(mode="after")
+    def _compile_stacked(self) -> "ComputeSpec":
+        if self.compile and self.stack_checkpoints == "on":
+            raise ValueError("compute.compile runs the checkpoints one after the other: it cannot be combined "
+                             "with compute.stack_checkpoints: on")
+        return self
 
 
 class StorageSpec(_Strict):

@@ -48,7 +48,7 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
           split: str | Sequence[str] = "all", extra: dict[str, Any] | None = None,
           storage: StorageOptions | None = None, accum_dtype: str = "float32",
           return_classes: bool = False, normalize_against: str | None = None,
-          flags: dict[str, Any] | None = None
+          flags: dict[str, Any] | None = None, precision: str = "fp32", compile: bool = False
           ) -> pa.Table | tuple[pa.Table, pa.Table]:
     """Audit a dataset in this process and return the ranked score table (pyarrow).
 
@@ -66,6 +66,8 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
     scores; they take no part in class statistics or ranks. ``flags`` (``{"top_percent": 5,
     "z_above": …, "label_mismatch": …}``, the audit config's ``flags`` rule) adds the boolean
     ``flagged`` column.
+    ``precision`` (``fp32``, ``tf32``, ``bf16``) and ``compile``: the engine's execution options
+    (README, "GPU").
     """
     opts = VogOptions(windows=windows or {"all": "all"}, targets=targets, label_mode=label_mode,
                       normalization=normalization, rank_by=rank_by, accum_dtype=accum_dtype,
@@ -78,7 +80,7 @@ def score(data: Any, labels: Any = None, *, model: Any, checkpoints: str | list[
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     loaded = load_checkpoints(model, checkpoints, storage)
-    engine = make_engine(loaded.model, loaded.state_dicts, opts, device)
+    engine = make_engine(loaded.model, loaded.state_dicts, opts, device, precision=precision, compile=compile)
     keys = engine.keys()
     primary = opts.primary(engine.windows)
     parts: list[pa.Table] = []

@@ -15,17 +15,25 @@ For a batch ``x`` and checkpoints ``θ_1..θ_K`` (DESIGN.md §1):
 * execution choices that change no result beyond float rounding: small models may run all
   checkpoints as one vmapped call (:mod:`vog_ray.core.stacked`; opt in with ``stacked=True`` or
   ``"auto"``, which times both paths on the first batch — off by default, since a per-actor timing
-  choice would make reruns differ in the last bits), and convnets on CPU run in ``channels_last`` (bench/engine.py measures both).
+  choice would make reruns differ in the last bits), convnets run in ``channels_last`` on the CPU
+  and in the tensor-core modes on CUDA (bench/engine.py, bench/gpu.py measure both), the forward
+  may be compiled (``compile=True``), and a batch that runs out of GPU memory is split in two
+  (per-example results do not depend on the batch: the same bits on the CPU);
+* a choice that changes results beyond the last bits, measured against fp32 per window
+  (:mod:`vog_ray.core.precision`): ``precision="tf32"`` (CUDA tensor cores) or ``"bf16"``
+  (forward under autocast); the gradient maps and pixel moments stay float32/float64.
 
 Nothing here imports Ray: the scorer actor wraps this class.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,10 +42,15 @@ from torch import nn
 from .labels import label_problems
 from .moments import PixelMoments, chan_merge
 from .options import LABEL_MODES, SIGNALS, TARGETS, VogOptions
+from .precision import autocast, check_precision, cuda_flags, fidelity
 from .stacked import StackedCheckpoints, param_bytes
+from .transfer import Stager
 from .windows import resolve_windows
 
-__all__ = ["GradientEngine", "BatchResult", "InputError", "make_engine", "pick_device"]
+__all__ = ["GradientEngine", "BatchResult", "InputError", "DeviceMemoryError", "make_engine", "pick_device",
+           "default_channels_last"]
+
+log = logging.getLogger("vog_ray")
 
 # stacked="auto": stack the checkpoints (vog_ray.core.stacked) only when all their parameters and
 # buffers together take at most this many bytes, and only if, timed on the first batch of at
@@ -45,10 +58,20 @@ __all__ = ["GradientEngine", "BatchResult", "InputError", "make_engine", "pick_d
 STACK_AUTO_MAX_BYTES = 64 << 20
 STACK_AUTO_MIN_BATCH = 32
 STACK_AUTO_MARGIN = 0.9
+# channels_last on CUDA by default in the tensor-core modes: cuDNN's tensor-core convolutions work in
+# NHWC and transpose NCHW tensors around each convolution otherwise (NVIDIA's deep-learning
+# performance guide); bench/gpu.py measures both layouts per model and precision
+CUDA_CHANNELS_LAST = ("tf32", "bf16")
+# the first-batch precision check (compare_to_fp32) compares at most this many examples
+PRECISION_CHECK_ROWS = 128
 
 
 class InputError(ValueError):
     """The batch does not fit the model or holds invalid labels."""
+
+
+class DeviceMemoryError(RuntimeError):
+    """A single example does not fit in the device's memory."""
 
 
 @dataclass
@@ -61,6 +84,30 @@ class BatchResult:
     vog: dict[str, np.ndarray] = field(default_factory=dict)          # "window_target" -> [N]
     moments: dict[str, PixelMoments] = field(default_factory=dict)    # "window_target" -> state
     signals: dict[str, np.ndarray] = field(default_factory=dict)      # name -> [N, K_local]
+
+    @staticmethod
+    def concat(parts: Sequence["BatchResult"]) -> "BatchResult":
+        """The results of consecutive parts of one batch, as the batch's result."""
+        if len(parts) == 1:
+            return parts[0]
+        cat = np.concatenate
+        first = parts[0]
+        return BatchResult(
+            status=cat([r.status for r in parts]), target_label=cat([r.target_label for r in parts]),
+            pred=None if first.pred is None else cat([r.pred for r in parts]),
+            vog={k: cat([r.vog[k] for r in parts]) for k in first.vog},
+            moments={k: PixelMoments(st.n, cat([r.moments[k].mean for r in parts]),
+                                     cat([r.moments[k].m2 for r in parts])) for k, st in first.moments.items()},
+            signals={s: cat([r.signals[s] for r in parts]) for s in first.signals})
+
+
+def default_channels_last(model: nn.Module, device: torch.device, precision: str) -> bool:
+    """Whether the engine runs ``model`` in channels_last unless told: convnets on the CPU (NHWC
+    convolutions: ~2x faster input gradients for LeNet-sized convnets, ~1.1x for ResNet-18,
+    bench/engine.py) and on CUDA in the tensor-core modes (``CUDA_CHANNELS_LAST``)."""
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and precision in CUDA_CHANNELS_LAST)
 
 
 def _freeze(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -139,12 +186,19 @@ class GradientEngine:
         dtype of the pixel moments on the device (``torch.float32`` default, or float64).
     channels_last:
         Run 4-D inputs and the models in ``torch.channels_last`` memory format. Default: on for
-        models with ``Conv2d`` layers on CPU, off otherwise.
+        models with ``Conv2d`` layers on CPU, and on CUDA in the modes of ``CUDA_CHANNELS_LAST``.
     stacked:
         ``True``: run all checkpoints as one vmapped call (:mod:`vog_ray.core.stacked`; ``K`` times
         the activation memory); ``False``: one checkpoint after the other; ``"auto"``
         (default): stacked for small models (see ``STACK_AUTO_MAX_BYTES``) when it is faster,
         timed on the first batch. Both give the same results up to float rounding.
+    precision:
+        ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (:mod:`vog_ray.core.precision`). The target
+        index of ``label_mode="predicted"`` always comes from an fp32 forward.
+    compile:
+        ``torch.compile`` each checkpoint's forward (not with ``stacked``).
+    name:
+        The model's name in error messages (default: its class name).
     """
 
     def __init__(self, model: nn.Module, state_dicts: Sequence[dict[str, torch.Tensor]], *,
@@ -153,7 +207,8 @@ class GradientEngine:
                  num_checkpoints: int | None = None,
                  predict_state_dict: dict[str, torch.Tensor] | None = None,
                  device: str | torch.device = "cpu", accum_dtype: torch.dtype = torch.float32,
-                 channels_last: bool | None = None, stacked: bool | str = False):
+                 channels_last: bool | None = None, stacked: bool | str = False,
+                 precision: str = "fp32", compile: bool = False, name: str | None = None):
         if not state_dicts:
             raise ValueError("zero checkpoints: the engine needs at least one")
         targets = [targets] if isinstance(targets, str) else list(targets)
@@ -165,6 +220,8 @@ class GradientEngine:
         if label_mode not in LABEL_MODES:
             raise ValueError(f"unknown label mode {label_mode!r}; expected one of {LABEL_MODES}")
         self.device = torch.device(device)
+        self.precision = check_precision(precision)
+        self.name = name or type(model).__name__
         self.targets = targets
         self.label_mode = label_mode
         self.accum_dtype = accum_dtype
@@ -177,14 +234,25 @@ class GradientEngine:
             bad = [i for i in idx if not 0 <= i < self.num_checkpoints]
             if bad:
                 raise ValueError(f"window {w!r} names checkpoints {bad} outside 0..{self.num_checkpoints - 1}")
-        # channels_last (NHWC) convolutions: ~2x faster input gradients for LeNet-sized convnets
-        # on CPU, ~1.1x for ResNet-18 (bench/engine.py); default on for convnets on CPU only
         self.channels_last = (bool(channels_last) if channels_last is not None else
-                              self.device.type == "cpu"
-                              and any(isinstance(m, nn.Conv2d) for m in model.modules()))
+                              default_channels_last(model, self.device, precision))
         # a default (not asked-for) channels_last is dropped if the model cannot run on it
         self._channels_last_unverified = channels_last is None and self.channels_last
-        base = model
+        self._load(model, state_dicts, predict_state_dict)
+        # which local models feed which window (global index -> local position)
+        self._local = {g: i for i, g in enumerate(self.ids)}
+        self.window_members = {w: [self._local[g] for g in idx if g in self._local]
+                               for w, idx in self.windows.items()}
+        self._num_classes: int | None = None
+        self.stager = Stager(self.device)
+        # the largest batch known to fit in device memory (set by an out-of-memory split)
+        self.max_rows: int | None = None
+        self._announce_fit = False
+        self._paths(stacked, compile)
+
+    def _load(self, base: nn.Module, state_dicts: Sequence[dict[str, torch.Tensor]],
+              predict_state_dict: dict[str, torch.Tensor] | None) -> None:
+        """One frozen copy of ``base`` per checkpoint on the device, and the predictor."""
         self.models: list[nn.Module] = []
         for sd in state_dicts:
             m = copy.deepcopy(base)
@@ -192,7 +260,7 @@ class GradientEngine:
             self.models.append(_freeze(m, self.device, self.channels_last))
         last_global = self.num_checkpoints - 1
         self.predictor: nn.Module | None = None
-        if label_mode == "predicted":
+        if self.label_mode == "predicted":
             if last_global in self.ids:
                 self.predictor = self.models[self.ids.index(last_global)]
             elif predict_state_dict is not None:
@@ -202,14 +270,19 @@ class GradientEngine:
             else:
                 raise ValueError("label_mode='predicted' needs the run's last checkpoint "
                                  "(pass predict_state_dict)")
-        # which local models feed which window (global index -> local position)
-        self._local = {g: i for i, g in enumerate(self.ids)}
-        self.window_members = {w: [self._local[g] for g in idx if g in self._local]
-                               for w, idx in self.windows.items()}
-        self._num_classes: int | None = None
-        # stacked path: None = not decided yet ("auto" before its first large batch)
+
+    def _paths(self, stacked: bool | str, compile: bool) -> None:
+        """The execution path: compiled forwards, or stacked checkpoints (decided now, or on the
+        first large batch for ``"auto"``), or one checkpoint after the other."""
         if stacked not in (True, False, "auto"):
             raise ValueError(f"stacked must be True, False or 'auto', not {stacked!r}")
+        if compile:
+            if stacked is True:
+                raise ValueError("compile=True runs the checkpoints one after the other: not with stacked=True")
+            stacked = False
+            for m in {id(m): m for m in self.models + [self.predictor] if m is not None}.values():
+                m.compile()  # in place: the module and its state_dict keys stay as they are
+        self.compiled = bool(compile)
         self._stack: StackedCheckpoints | None = None
         self.stack_timing: tuple[float, float] | None = None   # (unstacked s, stacked s) of "auto"
         if stacked is True or (stacked == "auto" and len(self.models) > 1
@@ -219,6 +292,7 @@ class GradientEngine:
             except Exception:  # noqa: BLE001 - e.g. a model torch.func cannot stack
                 if stacked is True:
                     raise
+        # None = not decided yet ("auto" before its first large batch)
         self._use_stacked: bool | None = (None if stacked == "auto" and self._stack is not None
                                           else self._stack is not None)
 
@@ -237,6 +311,8 @@ class GradientEngine:
         """``model(x)``; an input that does not fit the model is an :class:`InputError`."""
         try:
             out = model(x)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the batch is too large, not the input wrong: run() splits it
         except RuntimeError as e:
             raise InputError(
                 f"input of shape {tuple(x.shape[1:])} (per example) does not fit the model: {e}") from e
@@ -245,10 +321,11 @@ class GradientEngine:
         return out
 
     def prepare(self, x: Any) -> torch.Tensor:
-        """A batch as a float32 tensor on the engine's device (channels-last where the engine runs so)."""
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
-        x = x.to(self.device, dtype=torch.float32, non_blocking=True)
+        """A batch as a float32 tensor on the engine's device (channels-last where the engine runs so;
+        on CUDA copied from a pinned host buffer, :class:`~vog_ray.core.transfer.Stager`)."""
+        return self._layout(self.stager.stage(x).tensor())
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -259,6 +336,8 @@ class GradientEngine:
         try:
             with torch.no_grad():
                 self.models[0](x[:1])
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError:
             self.channels_last = False
             for m in self.models + ([self.predictor] if self.predictor is not None else []):
@@ -285,24 +364,43 @@ class GradientEngine:
                 self._num_classes = int(self.forward(self.models[0], self.prepare(x[:1])).shape[1])
         return self._num_classes
 
+    def _compiled_ctx(self) -> Any:
+        """Compiled forwards with two targets: two backward passes through one graph (the first
+        retains it), which AOTAutograd's donated buffers forbid; they are off while such a forward
+        compiles and while its backward runs (AOTAutograd reads the flag at both moments)."""
+        if self.compiled and len(self.targets) > 1:
+            import torch._functorch.config as aot_config
+
+            return aot_config.patch(donated_buffer=False)
+        return contextlib.nullcontext()
+
     def _unstacked(self, x: torch.Tensor, p: torch.Tensor):
         """Per checkpoint, in order: ``(local index, logits [N, C], {target: map})``."""
         xg = x.detach().requires_grad_(True)
         pi = p.view(-1, 1)
         for i, model in enumerate(self.models):
+            with self._compiled_ctx():
+                logits, grads = self._checkpoint_maps(model, xg, p, pi, first=i == 0)
+            yield i, logits, grads
+
+    def _checkpoint_maps(self, model: nn.Module, xg: torch.Tensor, p: torch.Tensor, pi: torch.Tensor,
+                         first: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One checkpoint: logits ``[N, C]`` and the gradient map of each target."""
+        with autocast(self.device, self.precision):
             logits = self.forward(model, xg)
-            if i == 0:
-                self._check_targets(p, logits.shape[1])
-            grads: dict[str, torch.Tensor] = {}
-            for j, t in enumerate(self.targets):
-                if t == "logit":
-                    score = logits.gather(1, pi).sum()
-                else:
-                    score = torch.softmax(logits, dim=1).gather(1, pi).sum()
-                (g,) = torch.autograd.grad(score, xg, retain_graph=j < len(self.targets) - 1)
-                # channel-averaged map [N, H, W]; a vector input's map is the gradient itself
-                grads[t] = g if g.ndim == 2 else g.mean(dim=1)
-            yield i, logits.detach(), grads
+        logits = logits.float()  # bf16 logits: targets and signals in float32 (fp32: the same tensor)
+        if first:
+            self._check_targets(p, logits.shape[1])
+        grads: dict[str, torch.Tensor] = {}
+        for j, t in enumerate(self.targets):
+            if t == "logit":
+                score = logits.gather(1, pi).sum()
+            else:
+                score = torch.softmax(logits, dim=1).gather(1, pi).sum()
+            (g,) = torch.autograd.grad(score, xg, retain_graph=j < len(self.targets) - 1)
+            # channel-averaged map [N, H, W]; a vector input's map is the gradient itself
+            grads[t] = g if g.ndim == 2 else g.mean(dim=1)
+        return logits.detach(), grads
 
     def _stacked(self, x: torch.Tensor, p: torch.Tensor):
         """The same as :meth:`_unstacked`, all checkpoints computed in one vmapped call."""
@@ -312,7 +410,9 @@ class GradientEngine:
                 self._num_classes = self.forward(self.models[0], x[:1]).shape[1]
         self._check_targets(p, self._num_classes)
         try:
-            lg, grads = self._stack.input_grads(x, p, self.targets)
+            lg, grads = self._stack.input_grads(x, p, self.targets, self.precision)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError as e:
             raise InputError(
                 f"input of shape {tuple(x.shape[1:])} (per example) does not fit the model: {e}") from e
@@ -375,7 +475,16 @@ class GradientEngine:
         raw VoG per window and target; ``emit="moments"`` returns the pixel-moment states
         (for checkpoint-sharded or incremental audits); ``"both"`` returns both.
         """
-        x = self.prepare(x)
+        return self._run_tensor(self.prepare(x), y, emit)
+
+    def run_batches(self, batches: Iterable[tuple[Any, Any]], *, emit: str = "vog") -> Iterator[BatchResult]:
+        """:meth:`run` over ``(x, y)`` batches in order; on CUDA each batch's copy to the device runs
+        (pinned buffer, side stream, background thread) while the batch before it computes."""
+        for staged, y in self.stager.prefetch(batches):
+            yield self._run_tensor(self._layout(staged.tensor()), y, emit)
+
+    def _run_tensor(self, x: torch.Tensor, y: Any, emit: str) -> BatchResult:
+        """Checks and the status of every row, then the result (:meth:`_fitting`)."""
         N = x.shape[0]
         if x.ndim < 2:
             raise InputError(f"a batch must have at least 2 dimensions [N, ...], got {tuple(x.shape)}")
@@ -393,31 +502,71 @@ class GradientEngine:
             bad = (~finite).cpu().numpy()
             status[bad] = "non_finite_input"
             x = torch.where(finite.view(-1, *([1] * (x.ndim - 1))), x, torch.zeros((), device=x.device))
+        if self.label_mode == "true" and (y_t < 0).any():
+            raise InputError("label_mode='true' needs a label for every example "
+                             "(found -1 / missing labels); use label_mode='predicted'")
+        return self._fitting(x, y_t, status, emit)
 
-        # target index p
+    def _fitting(self, x: torch.Tensor, y_t: torch.Tensor, status: np.ndarray, emit: str) -> BatchResult:
+        """The batch's result, computed in parts that fit in device memory: a batch that runs out of
+        it is split in two and retried, and the size that fits is kept for the batches after it.
+        Examples do not interact (``eval()`` mode), so the parts' results are the batch's."""
+        N = x.shape[0]
+        m = self.max_rows
+        if m is not None and N > m:
+            return BatchResult.concat([self._fitting(x[a:a + m], y_t[a:a + m], status[a:a + m], emit)
+                                      for a in range(0, N, m)])
+        try:
+            res = self._compute(x, y_t, status, emit)
+        except torch.cuda.OutOfMemoryError as e:
+            if N <= 1:
+                raise DeviceMemoryError(
+                    f"one example of shape {tuple(x.shape[1:])} does not fit in {self.device} memory with "
+                    f"model {self.name} and {len(self.models)} checkpoints (precision {self.precision}"
+                    f"{', stacked' if self._use_stacked else ''}): compute.batch_size cannot go below 1; "
+                    "split the checkpoints over actors (compute.checkpoint_groups), use compute.precision: "
+                    "bf16, or a device with more memory") from e
+            res = None
+        if res is None:  # outside the except block: the failed attempt's tensors are free now
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.max_rows = (N + 1) // 2
+            self._announce_fit = True
+            log.warning("%s: out of %s memory on a batch of %d examples: splitting it in two",
+                        self.name, self.device, N)
+            return self._fitting(x, y_t, status, emit)
+        if self._announce_fit:
+            self._announce_fit = False
+            log.warning("%s: batches of %d examples fit in %s memory: larger batches are split into parts "
+                        "of that size from now on (compute.batch_size: %d avoids the split)",
+                        self.name, self.max_rows, self.device, self.max_rows)
+        return res
+
+    def _compute(self, x: torch.Tensor, y_t: torch.Tensor, status: np.ndarray, emit: str) -> BatchResult:
+        """One batch on the device: target index, every checkpoint's maps folded into the windows,
+        signals, results as numpy."""
+        N = x.shape[0]
         if self.label_mode == "predicted":
-            with torch.no_grad():
+            with torch.no_grad(), cuda_flags(self.device, "fp32"):
                 p = self.forward(self.predictor, x).argmax(dim=1)
         else:
-            if (y_t < 0).any():
-                raise InputError("label_mode='true' needs a label for every example "
-                                 "(found -1 / missing labels); use label_mode='predicted'")
             p = y_t
         states: dict[str, PixelMoments] = {}
         all_logits: list[torch.Tensor] = []
-        for i, logits, grads in self._checkpoint_grads(x, p):
-            gid = self.ids[i]
-            for w, idx in self.windows.items():
-                if gid not in idx:
-                    continue
-                for t in self.targets:
-                    key = f"{w}_{t}"
-                    st = states.get(key)
-                    if st is None:
-                        states[key] = _first_moments(grads[t], self.accum_dtype)
-                    else:
-                        _fold(st, grads[t])
-            all_logits.append(logits)
+        with cuda_flags(self.device, self.precision):
+            for i, logits, grads in self._checkpoint_grads(x, p):
+                gid = self.ids[i]
+                for w, idx in self.windows.items():
+                    if gid not in idx:
+                        continue
+                    for t in self.targets:
+                        key = f"{w}_{t}"
+                        st = states.get(key)
+                        if st is None:
+                            states[key] = _first_moments(grads[t], self.accum_dtype)
+                        else:
+                            _fold(st, grads[t])
+                all_logits.append(logits)
         sig = _signals(torch.stack(all_logits), p, y_t)   # name -> [N, K_local]
         pred_last: torch.Tensor | None = None
         if self.num_checkpoints - 1 in self._local:
@@ -445,6 +594,26 @@ class GradientEngine:
             res.target_label[bad_rows] = -1
         return res
 
+    def compare_to_fp32(self, x: Any, y: Any = None, rows: int = PRECISION_CHECK_ROWS, *,
+                        got: BatchResult | None = None) -> dict[str, dict[str, Any]]:
+        """The first-batch precision check: this engine's raw VoG against fp32's on the first ``rows``
+        examples of ``x``, per ``<window>_<target>`` key (:func:`~vog_ray.core.precision.fidelity`).
+        ``got``: this engine's result for ``x`` when it is at hand (then only the fp32 pass runs).
+        Keys whose window holds fewer than 2 of this engine's checkpoints (VoG 0) are left out."""
+        x = x[:rows]
+        y = None if y is None else np.asarray(y)[:rows]
+        if got is None:
+            got = self.run(x, y)
+        mode = {k: v[:rows] for k, v in got.vog.items()} or {
+            k: np.asarray(st.finalize(), np.float64)[:rows] for k, st in got.moments.items()}
+        saved, self.precision = self.precision, "fp32"
+        try:
+            ref = self.run(x, y)
+        finally:
+            self.precision = saved
+        return {k: fidelity(ref.vog[k], mode[k]) for k in ref.vog
+                if len(self.window_members[k.rsplit("_", 1)[0]]) > 1}
+
     @property
     def num_classes(self) -> int | None:
         return self._num_classes
@@ -463,12 +632,15 @@ def make_engine(model: nn.Module, state_dicts: Sequence[dict[str, torch.Tensor]]
                 device: str = "auto", *, indices: Sequence[int] | None = None,
                 num_checkpoints: int | None = None,
                 predict_state_dict: dict[str, torch.Tensor] | None = None,
-                stacked: bool | str = False) -> GradientEngine:
+                stacked: bool | str = False, precision: str = "fp32", compile: bool = False,
+                channels_last: bool | None = None, name: str | None = None) -> GradientEngine:
     """An engine for the checkpoints ``state_dicts`` (global positions ``indices`` among
-    ``num_checkpoints``; default: all of them) computing what ``opts`` asks for."""
+    ``num_checkpoints``; default: all of them) computing what ``opts`` asks for, with the execution
+    options of :class:`GradientEngine`."""
     K = num_checkpoints or len(state_dicts)
     windows = resolve_windows(opts.windows, K)
     return GradientEngine(
         model, state_dicts, windows=windows, targets=opts.targets, label_mode=opts.label_mode,
         checkpoint_ids=indices, num_checkpoints=K, predict_state_dict=predict_state_dict,
-        device=pick_device(device), accum_dtype=opts.torch_dtype, stacked=stacked)
+        device=pick_device(device), accum_dtype=opts.torch_dtype, stacked=stacked, precision=precision,
+        compile=compile, channels_last=channels_last, name=name)

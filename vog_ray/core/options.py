@@ -9,12 +9,14 @@ from typing import Any, Sequence
 
 from .moments import NORMALIZATIONS
 
-__all__ = ["VogOptions", "TARGETS", "LABEL_MODES", "SIGNALS", "NORMALIZATIONS", "ACCUM_DTYPES", "WRITTEN_COLUMNS",
-           "WRITTEN_PREFIXES", "written_column"]
+__all__ = ["VogOptions", "TARGETS", "LABEL_MODES", "SIGNALS", "NORMALIZATIONS", "ACCUM_DTYPES", "PRECISIONS",
+           "WRITTEN_COLUMNS", "WRITTEN_PREFIXES", "written_column"]
 
 TARGETS = ("logit", "softmax")
 LABEL_MODES = ("true", "predicted")
 ACCUM_DTYPES = ("float32", "float64")
+# the engine's arithmetic for the forward and backward passes (vog_ray.core.precision)
+PRECISIONS = ("fp32", "tf32", "bf16")
 # per-checkpoint signals, all computed at the target index p unless the name says otherwise:
 # el2n = ||softmax - one_hot(p)||_2 (Paul et al., 2021), entropy = -sum softmax * log softmax
 SIGNALS = ("loss", "label_logit", "label_prob", "margin", "pred", "correct", "max_prob",

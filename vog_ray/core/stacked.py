@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vjp, vmap
 
+from .precision import autocast
+
 __all__ = ["StackedCheckpoints", "param_bytes"]
 
 
@@ -37,12 +39,15 @@ def param_bytes(models: Sequence[nn.Module]) -> int:
                for m in models for t in list(m.parameters()) + list(m.buffers()))
 
 
-def _per_checkpoint(base: nn.Module, targets: tuple[str, ...]) -> Callable:
-    """``(params, buffers, x, p) -> (logits, (grad_x per target))`` for one checkpoint."""
+def _per_checkpoint(base: nn.Module, targets: tuple[str, ...], precision: str) -> Callable:
+    """``(params, buffers, x, p) -> (logits, (grad_x per target))`` for one checkpoint; the forward
+    under the precision's autocast (:func:`vog_ray.core.precision.autocast`)."""
 
     def one(params, buffers, x, pi):
         def scores(xx):
-            lg = functional_call(base, (params, buffers), (xx,))
+            with autocast(xx.device, precision):
+                lg = functional_call(base, (params, buffers), (xx,))
+            lg = lg.float()  # bf16 logits: targets in float32 (fp32: the same tensor)
             out = []
             for t in targets:
                 s = lg if t == "logit" else torch.softmax(lg, dim=1)
@@ -76,18 +81,19 @@ class StackedCheckpoints:
         # the module whose forward is called; functional_call swaps the stacked slices in
         self.base = copy.deepcopy(models[0])
         self.num_checkpoints = len(models)
-        self._fns: dict[tuple[str, ...], Callable] = {}
+        self._fns: dict[tuple[tuple[str, ...], str], Callable] = {}
 
-    def input_grads(self, x: torch.Tensor, p: torch.Tensor,
-                    targets: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def input_grads(self, x: torch.Tensor, p: torch.Tensor, targets: Sequence[str],
+                    precision: str = "fp32") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits ``[K, N, classes]`` and, per target, ``∂ score / ∂ x`` of shape ``[K, *x.shape]``.
 
         ``p``: the target index per example ``[N]`` (already checked to lie in range).
         """
         key = tuple(targets)
-        fn = self._fns.get(key)
+        fn = self._fns.get((key, precision))
         if fn is None:
-            fn = self._fns[key] = vmap(_per_checkpoint(self.base, key), in_dims=(0, 0, None, None))
+            fn = self._fns[(key, precision)] = vmap(_per_checkpoint(self.base, key, precision),
+                                                    in_dims=(0, 0, None, None))
         x = x.detach()
         with warnings.catch_warnings():
             # ops without a batching rule (e.g. as_strided_ in adaptive_avg_pool2d's backward)

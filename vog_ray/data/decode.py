@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import AuditConfig, TransformSpec
 
 __all__ = ["Reject", "clean_error", "raw_to_hwc", "pil_to_hwc", "decode_payload", "decode_row", "decode_batch",
-           "decode"]
+           "decode", "is_jpeg", "resized_size", "crop_origin", "normalise", "fmt_shape"]
 
 
 class Reject(Exception):
@@ -40,8 +40,10 @@ def clean_error(e: BaseException) -> str:
     return f"decode_error: {type(e).__name__}: {msg}"[:240]
 
 
-def _fmt_shape(s: Sequence[int]) -> str:
+def fmt_shape(s: Sequence[int]) -> str:
+    """A shape as a status reason writes it: ``(3,32,32)``."""
     return "(" + ",".join(str(int(v)) for v in s) + ")"
+
 
 
 def raw_to_hwc(a: np.ndarray) -> np.ndarray:
@@ -59,11 +61,11 @@ def raw_to_hwc(a: np.ndarray) -> np.ndarray:
         if first:  # (C,H,W), also when both ends could be channels (image_shape says C,H,W)
             a = np.moveaxis(a, 0, -1)
         elif not last:
-            raise Reject(f"bad_shape: {_fmt_shape(a.shape)} has no channel axis of size 1 or 3")
+            raise Reject(f"bad_shape: {fmt_shape(a.shape)} has no channel axis of size 1 or 3")
         if a.shape[2] == 4:
             a = a[:, :, :3]
         return a
-    raise Reject(f"bad_shape: {_fmt_shape(a.shape)} is not an image")
+    raise Reject(f"bad_shape: {fmt_shape(a.shape)} is not an image")
 
 
 def pil_to_hwc(img, channels: int | None) -> np.ndarray:
@@ -89,6 +91,13 @@ def pil_to_hwc(img, channels: int | None) -> np.ndarray:
 
 _IMAGE_FORMAT = {b"\x89PNG": ("PNG",), b"\xff\xd8\xff\xe0": ("JPEG",), b"\xff\xd8\xff\xe1": ("JPEG",),
                  b"\xff\xd8\xff\xdb": ("JPEG",), b"\xff\xd8\xff\xee": ("JPEG",)}
+
+
+def is_jpeg(payload: Any) -> bool:
+    """Whether a payload is a JPEG file (by its first bytes, as the decoder picks its format)."""
+    if payload is None or (isinstance(payload, np.ndarray) and payload.dtype != object):
+        return False
+    return _IMAGE_FORMAT.get(bytes(payload[:4])) == ("JPEG",)
 
 
 def decode_payload(payload: Any) -> Any:
@@ -162,10 +171,7 @@ def _resize(a: np.ndarray, size: int) -> np.ndarray:
     h, w = a.shape[:2]
     if min(h, w) == size:
         return a
-    if h <= w:
-        nh, nw = size, int(size * w / h)
-    else:
-        nw, nh = size, int(size * h / w)
+    nh, nw = resized_size(h, w, size)
     if a.dtype == np.uint8:
         if a.shape[2] == 3:
             return np.asarray(Image.fromarray(a).resize((nw, nh), Image.BILINEAR))
@@ -175,15 +181,27 @@ def _resize(a: np.ndarray, size: int) -> np.ndarray:
     return np.stack(chans, axis=2)
 
 
+def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """``(height, width)`` with the shorter side ``size``, the aspect kept (torchvision's ``Resize(int)``)."""
+    if h <= w:
+        return size, int(size * w / h)
+    return int(size * h / w), size
+
+
+def crop_origin(h: int, w: int, size: int) -> tuple[tuple[int, int], tuple[int, int], int, int]:
+    """torchvision's ``CenterCrop`` as numbers: the zero padding ``(top, bottom), (left, right)`` of an
+    image smaller than ``size``, then the crop's top and left in the padded image."""
+    ph, pw = max(0, size - h), max(0, size - w)
+    pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+    h, w = h + ph, w + pw
+    return pad[0], pad[1], int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+
+
 def _center_crop(a: np.ndarray, size: int) -> np.ndarray:
     """torchvision's ``CenterCrop``: zero-pad when smaller, then crop the centre."""
-    h, w = a.shape[:2]
-    if h < size or w < size:
-        ph, pw = max(0, size - h), max(0, size - w)
-        a = np.pad(a, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-        h, w = a.shape[:2]
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
+    pad_h, pad_w, top, left = crop_origin(a.shape[0], a.shape[1], size)
+    if any(pad_h + pad_w):
+        a = np.pad(a, (pad_h, pad_w, (0, 0)))
     return a[top:top + size, left:left + size]
 
 
@@ -194,7 +212,7 @@ def decode_row(payload: Any, transform: "TransformSpec") -> np.ndarray:
         a = raw_to_hwc(obj)
         if a.ndim == 1:
             if transform.resize or transform.center_crop or transform.channels:
-                raise Reject(f"bad_shape: {_fmt_shape(a.shape)} is a vector; resize/center_crop/channels "
+                raise Reject(f"bad_shape: {fmt_shape(a.shape)} is a vector; resize/center_crop/channels "
                               "need images")
             return a.astype(np.float32, copy=False)
         a = _convert_channels(a, transform.channels)
@@ -207,8 +225,9 @@ def decode_row(payload: Any, transform: "TransformSpec") -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(a, -1, 0), dtype=np.float32)
 
 
-def _normalise(x: np.ndarray, transform: "TransformSpec") -> np.ndarray:
-    """``x * scale``, then ``(x - mean) / std`` per channel (axis 1), in place on float32."""
+def normalise(x: Any, transform: "TransformSpec") -> Any:
+    """``x * scale``, then ``(x - mean) / std`` per channel (axis 1), in place on float32 (numpy, or a
+    torch tensor on any device: the same float32 operations in the same order)."""
     if transform.scale != 1:
         x *= np.float32(transform.scale)
     if transform.mean is None and transform.std is None:
@@ -230,7 +249,12 @@ def _normalise(x: np.ndarray, transform: "TransformSpec") -> np.ndarray:
     std = vec(transform.std, "std", 1.0)
     if np.any(std == 0):
         raise ValueError("transform.std holds a zero")
-    x -= vec(transform.mean, "mean", 0.0)
+    mean = vec(transform.mean, "mean", 0.0)
+    if not isinstance(x, np.ndarray):  # a torch tensor: the same float32 vectors on its device
+        import torch
+
+        mean, std = torch.from_numpy(mean).to(x.device), torch.from_numpy(std).to(x.device)
+    x -= mean
     x /= std
     return x
 
@@ -274,7 +298,7 @@ def decode_batch(batch: dict[str, np.ndarray], transform: "TransformSpec",
     if exp is not None:
         for i, d in enumerate(decoded):
             if d is not None and not matches(tuple(d.shape)):
-                status[i] = f"bad_shape: {_fmt_shape(d.shape)} != {_fmt_shape(exp)}"
+                status[i] = f"bad_shape: {fmt_shape(d.shape)} != {fmt_shape(exp)}"
                 decoded[i] = None
     flat = transform.flatten or (exp is not None and len(exp) == 1)
     out_shape = ((int(np.prod(exp)),) if flat else exp) if exp is not None else (0,)
@@ -282,7 +306,7 @@ def decode_batch(batch: dict[str, np.ndarray], transform: "TransformSpec",
     good = [i for i, d in enumerate(decoded) if d is not None]
     if good:
         stacked = np.stack([decoded[i] for i in good]).astype(np.float32, copy=False)
-        stacked = _normalise(stacked, transform)  # per channel; per feature for [M, D] vectors
+        stacked = normalise(stacked, transform)  # per channel; per feature for [M, D] vectors
         stacked = stacked.reshape((len(good), *out_shape))
         finite = np.isfinite(stacked.reshape(len(good), -1)).all(axis=1)
         gi = np.asarray(good)
@@ -290,6 +314,17 @@ def decode_batch(batch: dict[str, np.ndarray], transform: "TransformSpec",
         for i in gi[~finite]:
             status[i] = "non_finite_pixels"
 
+    _check_labels(batch, status, num_classes, allow_unlabeled)
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out["x"] = x
+    out["status"] = status
+    return out
+
+
+def _check_labels(batch: dict[str, np.ndarray], status: np.ndarray, num_classes: int | None,
+                  allow_unlabeled: bool) -> None:
+    """``label_out_of_range`` reasons, in place, for rows still ok."""
+    n = len(status)
     labels = np.asarray(batch["label"], np.int64) if "label" in batch else np.full(n, -1, np.int64)
     if num_classes is not None:
         bad = (labels < 0) | (labels >= num_classes)
@@ -299,20 +334,19 @@ def decode_batch(batch: dict[str, np.ndarray], transform: "TransformSpec",
             if status[i] == OK:
                 status[i] = f"label_out_of_range: {int(labels[i])} not in [0, {int(num_classes)})"
 
-    out = {k: v for k, v in batch.items() if k != "image"}
-    out["x"] = x
-    out["status"] = status
-    return out
-
 
 def decode(ds: "ray.data.Dataset", cfg: "AuditConfig", *, input_shape: Sequence[int] | None = None,
-           storage: StorageOptions | None = None) -> "ray.data.Dataset":
+           storage: StorageOptions | None = None, pass_encoded: bool = False) -> "ray.data.Dataset":
     """The decode stage: ``decode_batch`` as CPU tasks over reader rows (a lazy Dataset).
 
     ``input_shape`` defaults to :func:`infer_input_shape`. Labels: ``-1`` passes (the scorer
     decides what an unlabelled row means for its label mode); with ``data.class_names`` a label
     outside ``[0, len(class_names))`` is rejected here, otherwise the scorer checks it against the
     model's output size.
+
+    ``pass_encoded`` (``transform.decode_on: gpu`` with GPU scorer actors): the images are not
+    decoded here; rows keep their encoded ``image`` and get a ``status`` from the label checks, and
+    the scorer decodes them on its device (:mod:`vog_ray.data.device_decode`).
     """
     from .metadata import infer_input_shape
 
@@ -320,9 +354,21 @@ def decode(ds: "ray.data.Dataset", cfg: "AuditConfig", *, input_shape: Sequence[
     num_classes = len(cfg.data.class_names) if cfg.data.class_names else None
     # Arrow in, Arrow out: carried columns pass through untouched (a numpy round trip would turn
     # an all-null string column into float NaN, and blocks of different splits would not unify)
+    if pass_encoded:
+        return ds.map_batches(_label_status_arrow, batch_format="pyarrow", batch_size=cfg.compute.decode_batch_size,
+                              fn_kwargs=dict(num_classes=num_classes, allow_unlabeled=True))
     return ds.map_batches(_decode_arrow, batch_format="pyarrow", batch_size=cfg.compute.decode_batch_size,
                           fn_kwargs=dict(transform=cfg.data.transform, input_shape=shape,
                                          num_classes=num_classes, allow_unlabeled=True))
+
+
+def _label_status_arrow(batch: pa.Table, num_classes: int | None, allow_unlabeled: bool) -> pa.Table:
+    """The pass-through stage: the rows as read, plus ``status`` from the label checks."""
+    status = np.full(batch.num_rows, OK, dtype=object)
+    if "label" in batch.column_names:
+        _check_labels({"label": batch.column("label").to_numpy(zero_copy_only=False)}, status, num_classes,
+                      allow_unlabeled)
+    return batch.append_column("status", pa.array([str(v) for v in status], pa.string()))
 
 
 def _decode_arrow(batch: pa.Table, **kwargs: Any) -> pa.Table:

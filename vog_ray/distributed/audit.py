@@ -20,7 +20,7 @@ from ..storage import StorageOptions, join, resolve
 from .cluster import check_address, configure_data_context, ensure_ray
 from .publish import check_writable, top_ids, versions, write_run
 from .reduce import reduce_raw
-from .stage import checkpoint_groups, run_stage, work_key
+from .stage import PRECISION_CHECKS, checkpoint_groups, precision_record, run_stage, work_key
 
 __all__ = ["run_audit", "plan_audit", "reduce_and_publish", "Plan", "AuditResult", "Steps", "ReportFailed",
            "remove_work", "write_report", "list_config_checkpoints", "count_config_rows"]
@@ -182,7 +182,8 @@ def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | Non
     extra = {"mode": "checkpoint-sharded" if len(groups) > 1 else "fused", "checkpoint_groups": groups,
              "resumed_from_work": reused, "work": {"url": work_url, "kept": cfg.output.keep_work},
              "resume": stage1.get("resume", {}),
-             **{k: stage1.get(k, d) for k, d in (("scorers", []), ("devices", {}), ("warnings", []))}}
+             **{k: stage1.get(k, d) for k, d in (("scorers", []), ("devices", {}), ("warnings", []))},
+             "precision": precision_record(cfg, join(work_url, PRECISION_CHECKS), plan.storage)}
     result = reduce_and_publish(plan, join(work_url, "raw"), run_id=run_id, t0=t0, score_wall=stage1["wall_time_s"],
                                 extra=extra, report=False, rows_scored_now=stage1["resume"]["rows_scored_now"])
     if not cfg.output.keep_work:

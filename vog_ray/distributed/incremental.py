@@ -50,7 +50,7 @@ from .lock import LockHeld as DirLockHeld
 from .merge import merge_by_example, moments_to_table, set_group
 from .reduce import RAW_ROWS_PER_READ, filter_status, read_raw, rejected_of_group0
 from .sort import partitions_for
-from .stage import score_stage
+from .stage import PRECISION_CHECKS, precision_record, score_stage
 
 __all__ = ["run_incremental", "IncrementalError", "IncrementalConfigError", "StateLock", "LockHeld", "read_state",
            "check_incremental_config", "TooFewCheckpoints", "check_window_counts"]
@@ -112,6 +112,8 @@ def _config_key(cfg: AuditConfig) -> str:
     d = cfg.to_dict()
     vog = {k: v for k, v in d["vog"].items() if k != "normalize_against"}  # the reduce's choice only
     keep = {"data": d["data"], "model": d["model"], "vog": vog}
+    if cfg.compute.precision != "fp32":  # moments of another arithmetic are not folded into these
+        keep["precision"] = cfg.compute.precision
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -183,7 +185,8 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
         committed = False
         try:
             parts_url = join(gen_url, "parts")
-            devices = score_stage(plan, [new_idx], "moments", parts_url)
+            check_url = join(gen_url, PRECISION_CHECKS)
+            devices = score_stage(plan, [new_idx], "moments", parts_url, check_url=check_url)
             if state is None:  # the first generation: the new checkpoints' moments ARE the state
                 moments_url = parts_url
             else:
@@ -196,7 +199,8 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
                 plan, raw_url, run_id=run_id, t0=t0, score_wall=score_wall, report=report,
                 scored_checkpoints=len(new_idx),
                 extra={"mode": "incremental", "generation": generation + 1,
-                       "new_checkpoints": [plan.urls[i] for i in new_idx], "state_url": state_url, **devices})
+                       "new_checkpoints": [plan.urls[i] for i in new_idx], "state_url": state_url, **devices,
+                       "precision": precision_record(cfg, check_url, storage)})
             # commit: compare-and-swap on the generation, then drop what the old generation held
             current = read_state(state_url, storage)
             if (current["generation"] if current else 0) != generation:

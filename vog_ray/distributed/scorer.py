@@ -1,7 +1,9 @@
 """The scorer actor: a stateful Ray Data UDF that loads its checkpoints once (``__init__``, from
 their URLs) and scores batches with the engine — raw VoG and signals per example (fused), or
 partial pixel moments (checkpoint-sharded and incremental audits). It reports the device it runs
-on and the rows it scores to the stage's ledger (:mod:`.devices`)."""
+on and the rows it scores to the stage's ledger (:mod:`.devices`). On a GPU it may decode the
+JPEG rows itself (``transform.decode_on: gpu``), runs each call's engine batches with their copies
+overlapped, and in tf32/bf16 checks its first batch against fp32 (written beside the work)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,20 @@ import pyarrow as pa
 from ..core.labels import label_problems
 from ..core.options import SIGNALS, VogOptions
 from ..core.table import keep_array, result_to_table
-from ..storage import StorageOptions
+from ..storage import StorageOptions, atomic_write, join
 
 __all__ = ["ScorerActor", "ROW_META"]
 
-ROW_META = ("x", "id", "split", "label", "status")  # decoded-row columns that are not carried columns
+ROW_META = ("x", "image", "id", "split", "label", "status")  # row columns that are not carried columns
+
+
+def _rows(x: Any, mask: np.ndarray) -> Any:
+    """The rows of ``x`` (numpy, or a torch tensor on any device) where ``mask`` holds."""
+    if isinstance(x, np.ndarray):
+        return x[mask]
+    import torch
+
+    return x[torch.from_numpy(mask).to(x.device)]
 
 
 class ScorerActor:
@@ -28,8 +39,14 @@ class ScorerActor:
 
     def __init__(self, *, model: Any, checkpoints: list[str], indices: list[int], num_checkpoints: int,
                  vog: dict[str, Any], device: str, storage: dict[str, Any], emit: str = "vog",
-                 group: int = 0, threads: int | None = None, stacked: bool | str = False,
-                 ledger: str | None = None):
+                 group: int = 0, threads: int | None = None, engine: dict[str, Any] | None = None,
+                 engine_batch: int | None = None, check_url: str | None = None,
+                 device_decode: dict[str, Any] | None = None, ledger: str | None = None):
+        """``engine``: the engine's execution options (``ComputeSpec.engine_options``); ``engine_batch``:
+        the engine's batch size when a call holds several (run with overlapped copies); ``check_url``:
+        where the first-batch precision check goes (tf32/bf16); ``device_decode``: ``{"transform",
+        "input_shape"}`` when the rows come encoded (``transform.decode_on: gpu``); ``ledger``: the
+        name of the stage's device ledger (:mod:`.devices`)."""
         import torch
 
         from ..core.engine import make_engine
@@ -63,10 +80,20 @@ class ScorerActor:
             import ray
 
             ray.get(self._ledger.register.remote(self._tag, record))
+        name = model if isinstance(model, str) else str(model.get("name", model))
         self.engine = make_engine(loaded.model, loaded.state_dicts, self.opts, dev, indices=indices,
-                                  num_checkpoints=num_checkpoints, predict_state_dict=predict_sd, stacked=stacked)
+                                  num_checkpoints=num_checkpoints, predict_state_dict=predict_sd, name=name,
+                                  **(engine or {}))
         self.keys = self.engine.keys()
         self.windows = self.engine.windows
+        self.engine_batch = engine_batch
+        self.check_url = check_url if self.engine.precision != "fp32" else None
+        self.device_decode = device_decode
+        if device_decode is not None:
+            from ..config import TransformSpec
+
+            self.device_decode = {"transform": TransformSpec(**device_decode["transform"]),
+                                  "input_shape": tuple(device_decode["input_shape"])}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.time()
@@ -82,17 +109,49 @@ class ScorerActor:
                                           "stacked": self.engine.uses_stacked}) + "\n")
         return out
 
+    def _inputs(self, batch: pa.Table, status: np.ndarray) -> tuple[Any, np.ndarray]:
+        """The batch's model inputs: decoded by the decode stage (``x``), or here on the engine's
+        device from the encoded ``image`` column."""
+        if self.device_decode is None:
+            xcol = batch.column("x")
+            return (xcol.combine_chunks() if xcol.num_chunks != 1 else xcol.chunk(0)).to_numpy(), status
+        from ..data.device_decode import decode_on_device
+
+        return decode_on_device(batch.column("image").to_pylist(), status, self.device_decode["transform"],
+                                self.device_decode["input_shape"], self.engine.device)
+
+    def _run(self, x: Any, labels: np.ndarray) -> Any:
+        """The engine on the scored rows: in batches of ``engine_batch`` whose copies overlap."""
+        from ..core.engine import BatchResult
+
+        emit = "vog" if self.emit == "vog" else "moments"
+        b = self.engine_batch
+        if b and len(labels) > b:
+            parts = [(x[a:a + b], labels[a:a + b]) for a in range(0, len(labels), b)]
+            return BatchResult.concat(list(self.engine.run_batches(parts, emit=emit)))
+        return self.engine.run(x, labels, emit=emit)
+
+    def _check_precision(self, x: Any, labels: np.ndarray, res: Any) -> None:
+        """tf32/bf16: the first rows of the first batch again in fp32; raw VoG compared per key
+        with this batch's own (``res``), written to ``check_url``."""
+        t = time.perf_counter()
+        check = self.engine.compare_to_fp32(x, labels, got=res)
+        rec = {"precision": self.engine.precision, "device": str(self.engine.device), "group": self.group,
+               "rows": max([f["n"] for f in check.values()], default=0), "seconds": time.perf_counter() - t, "keys": check}
+        atomic_write(join(self.check_url, f"actor-{os.getpid()}-{self.group}.json"),
+                     json.dumps(rec).encode(), self.storage)
+        self.check_url = None
+
     def _score(self, batch: pa.Table) -> pa.Table:
         """An Arrow batch of decoded rows: only ``x``, ``label`` and ``status`` become numpy; ids,
         splits and the carried columns stay Arrow, so their values and types pass unchanged."""
         n = batch.num_rows
         status = batch.column("status").to_numpy(zero_copy_only=False).astype(object)
         labels = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
-        xcol = batch.column("x")
-        x = (xcol.combine_chunks() if xcol.num_chunks != 1 else xcol.chunk(0)).to_numpy()
+        x, status = self._inputs(batch, status)
         ok = status == "ok"
         if ok.any():
-            reasons = label_problems(labels, self.engine.num_classes_for(x[ok]),
+            reasons = label_problems(labels, self.engine.num_classes_for(_rows(x, ok)),
                                      allow_missing=self.opts.label_mode != "true")
             bad = ok & (reasons != None)  # noqa: E711
             status[bad] = reasons[bad]
@@ -101,8 +160,11 @@ class ScorerActor:
         parts = []
         if ok.any():
             t = time.perf_counter()
-            res = self.engine.run(x[ok], labels[ok], emit="vog" if self.emit == "vog" else "moments")
+            xs = _rows(x, ok)
+            res = self._run(xs, labels[ok])
             self._engine_s = time.perf_counter() - t
+            if self.check_url is not None:
+                self._check_precision(xs, labels[ok], res)
             parts.append(self._table(res, batch.filter(pa.array(ok)), labels[ok], keep))
         if (~ok).any():
             parts.append(self._rejected(batch.filter(pa.array(~ok)), labels[~ok], status[~ok], keep))

@@ -33,7 +33,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.checkpoints import CheckpointInfo
     from .audit import Plan
 
-__all__ = ["score_stage", "merge_sharded", "checkpoint_groups", "work_key", "run_stage", "WorkLock"]
+__all__ = ["score_stage", "merge_sharded", "checkpoint_groups", "work_key", "run_stage", "WorkLock",
+           "read_precision_checks", "precision_record", "PRECISION_CHECKS"]
+
+PRECISION_CHECKS = "precision_check"  # the folder of the actors' precision checks under the work prefix
 
 log = logging.getLogger("vog_ray")
 
@@ -48,6 +51,8 @@ def work_key(cfg: "AuditConfig", ckpts: list["CheckpointInfo"], inputs: dict[str
     d.pop("flags", None)   # flags are applied when the run is published: stage 1 does not change
     d["vog"].pop("normalize_against", None)  # the reduce's choice: stage 1 computes the same rows
     d["compute"] = {"checkpoint_groups": cfg.compute.checkpoint_groups}
+    if cfg.compute.precision != "fp32":  # other arithmetic, other results: never resumed into fp32 work
+        d["compute"]["precision"] = cfg.compute.precision
     payload = json.dumps({"cfg": d, "ck": [c.sha256 for c in ckpts],
                           "inputs": {s: v["sha256"] for s, v in inputs.items()}}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -61,12 +66,13 @@ def checkpoint_groups(num_checkpoints: int, groups: int) -> list[list[int]]:
 
 
 def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, *, done: Any = None,
-                mode: str = "overwrite") -> dict[str, Any]:
+                mode: str = "overwrite", check_url: str | None = None) -> dict[str, Any]:
     """Read → decode → scorer actors for each checkpoint group → Parquet at ``out_url``. Returns
     what the actors ran on (:func:`.devices.device_report`: ``scorers``, ``devices``, ``warnings``).
 
     ``done`` (resume, :mod:`.resume`): sorted ``split/id`` keys of rows already in ``out_url``;
-    they are dropped right after the read and the new rows appended (``mode``).
+    they are dropped right after the read and the new rows appended (``mode``). ``check_url``: where
+    the actors write their first-batch precision checks (tf32/bf16; :func:`read_precision_checks`).
     """
     import ray
     import ray.data
@@ -84,6 +90,9 @@ def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, 
             log.warning(hint)
     storage_kwargs = dataclasses.asdict(plan.storage)  # the actors open checkpoints as the driver does
     ledger_name, ledger = start_ledger()
+    c = cfg.compute
+    per_call = c.calls_of(gpus)
+    gpu_decode = _gpu_decode(cfg, gpus, plan.storage)
     parts = []
     for gi, idx in enumerate(groups):
         ds = dataset_from_config(cfg, plan.storage, carried_types=plan.carried_types)
@@ -92,20 +101,20 @@ def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, 
 
             ds = ds.map_batches(skip_done, fn_kwargs={"done": done}, batch_format="pyarrow", batch_size=None,
                                 zero_copy_batch=True)
-        ds = decode(ds, cfg)
+        ds = decode(ds, cfg, pass_encoded=gpu_decode is not None)
         ap = cfg.compute.actors
         pool = ray.data.ActorPoolStrategy(min_size=ap.min, max_size=ap.max, max_tasks_in_flight_per_actor=ap.tasks_in_flight)
         remote_args: dict[str, Any] = {"num_cpus": cfg.compute.cpus_per_actor}
         if gpus:
             remote_args["num_gpus"] = gpus
         parts.append(ds.map_batches(
-            ScorerActor, compute=pool, batch_size=cfg.compute.batch_size, batch_format="pyarrow",
+            ScorerActor, compute=pool, batch_size=c.batch_size * per_call, batch_format="pyarrow",
             zero_copy_batch=True,
             fn_constructor_kwargs=dict(model=cfg.model, checkpoints=plan.urls, indices=idx,
-                                       num_checkpoints=plan.K, vog=plan.opts.as_kwargs(), device=cfg.compute.device,
-                                       storage=storage_kwargs, emit=emit, group=gi,
-                                       threads=cfg.compute.threads_per_actor,
-                                       stacked=cfg.compute.stacked_option(), ledger=ledger_name),
+                                       num_checkpoints=plan.K, vog=plan.opts.as_kwargs(), device=c.device,
+                                       storage=storage_kwargs, emit=emit, group=gi, threads=c.threads_per_actor,
+                                       engine=c.engine_options(), engine_batch=c.batch_size if per_call > 1 else None,
+                                       check_url=check_url, device_decode=gpu_decode, ledger=ledger_name),
             **remote_args))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     fs, _ = resolve(out_url, plan.storage)
@@ -115,6 +124,64 @@ def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, 
         collect_ledger(ledger, quiet=True)  # the stage's own error is the one to report
         raise
     return device_report(collect_ledger(ledger), gpus)
+
+
+def _gpu_decode(cfg: "AuditConfig", gpus: float, storage: Any) -> dict[str, Any] | None:
+    """The scorer's ``device_decode`` argument when JPEGs are decoded on its GPU, else None."""
+    if cfg.data.transform.decode_on != "gpu":
+        return None
+    if not gpus:
+        log.warning("data.transform.decode_on is 'gpu' but the scorer actors run on CPUs: decoding on the CPU")
+        return None
+    from ..data.metadata import infer_input_shape
+
+    return {"transform": cfg.data.transform.model_dump(), "input_shape": list(infer_input_shape(cfg, storage))}
+
+
+def read_precision_checks(check_url: str, storage: Any) -> list[dict[str, Any]]:
+    """The scorer actors' first-batch precision checks under ``check_url`` (none in fp32)."""
+    fs, path = resolve(check_url, storage)
+    if not fs.exists(path):
+        return []
+    out = []
+    for f in sorted(fs.glob(path.rstrip("/") + "/*.json")):
+        with fs.open(f, "r") as fh:
+            out.append(json.load(fh))
+    return out
+
+
+def precision_record(cfg: "AuditConfig", check_url: str, storage: Any) -> dict[str, Any]:
+    """The manifest's ``precision``: the mode, what it does where the actors ran, the first-batch
+    checks against fp32 (the worst Spearman per key over the actors) and the keys it measured unsafe
+    (Spearman < SAFE_SPEARMAN), each logged as a warning."""
+    import torch
+
+    from ..core.precision import SAFE_SPEARMAN, precision_note, unsafe_keys
+
+    mode = cfg.compute.precision
+    rec: dict[str, Any] = {"mode": mode}
+    if mode == "fp32":
+        return rec
+    checks = read_precision_checks(check_url, storage)
+    worst: dict[str, dict[str, Any]] = {}
+    for c in checks:
+        for k, f in c["keys"].items():
+            if f.get("spearman") is not None and (k not in worst or f["spearman"] < worst[k]["spearman"]):
+                worst[k] = f
+    devices = sorted({c["device"].split(":")[0] for c in checks})
+    rec.update({"devices": devices, "checked_rows": sum(c["rows"] for c in checks),
+                "check_seconds": round(sum(c["seconds"] for c in checks), 3), "check": worst,
+                "unsafe": unsafe_keys(worst), "threshold_spearman": SAFE_SPEARMAN})
+    rec["effect"] = {d: precision_note(torch.device(d), mode) for d in devices}
+    if not checks:
+        log.warning("compute.precision %s: no first-batch check against fp32 was recorded", mode)
+    for k in rec["unsafe"]:
+        f = worst[k]
+        log.warning("compute.precision %s is unsafe for %s: on the first batch (%d examples) its raw VoG ranks "
+                    "the examples with Spearman %.4f against fp32 (< %.2f; max |Δ| %.3g, top-decile overlap %.2f): "
+                    "rerun with compute.precision: fp32 before trusting that ranking", mode, k, f["n"],
+                    f["spearman"], SAFE_SPEARMAN, f["max_abs_dz"], f["top_decile_overlap"])
+    return rec
 
 
 def merge_sharded(plan: "Plan", parts_url: str, raw_url: str, num_groups: int) -> None:
@@ -155,6 +222,7 @@ def _run_stage(plan: "Plan", groups: list[list[int]], work_url: str) -> tuple[di
 
     sharded = len(groups) > 1
     raw_url = join(work_url, "raw")
+    check_url = join(work_url, PRECISION_CHECKS)
     fs_raw, raw_path = resolve(raw_url, plan.storage)
     done_marker = raw_path + "/" + SUCCESS
     t_score = time.time()
@@ -172,7 +240,7 @@ def _run_stage(plan: "Plan", groups: list[list[int]], work_url: str) -> tuple[di
     devices: dict[str, Any] = {}
     if sharded:
         parts_url = join(work_url, "parts")
-        devices = score_stage(plan, groups, "moments", parts_url)
+        devices = score_stage(plan, groups, "moments", parts_url, check_url=check_url)
         merge_sharded(plan, parts_url, raw_url, len(groups))
         fs_raw.rm(resolve(parts_url, plan.storage)[1], recursive=True)
     elif partial.rows < sum(plan.rows_in.values()):
@@ -180,7 +248,7 @@ def _run_stage(plan: "Plan", groups: list[list[int]], work_url: str) -> tuple[di
             log.info("resuming stage 1: %d rows in %d files from an earlier run are kept (%d half-written "
                      "files removed)", partial.rows, len(partial.files), len(partial.removed))
         devices = score_stage(plan, groups, "vog", raw_url, done=partial.done,
-                              mode="append" if partial.files else "overwrite")
+                              mode="append" if partial.files else "overwrite", check_url=check_url)
     now = count_new_rows(fs_raw, raw_path, partial.files)
     rows_in = sum(plan.rows_in.values())
     if partial.rows + now != rows_in:  # never mark a raw table done that a rerun could not use
