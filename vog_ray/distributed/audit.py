@@ -88,18 +88,20 @@ class Plan:
 
 def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] | None = None) -> Plan:
     """List, hash and validate the checkpoints, resolve windows, count the input rows, check the
-    output is writable — then connect to Ray (a bad checkpoint URL fails without starting Ray)."""
+    output is writable — then connect to Ray (a bad checkpoint URL fails without starting Ray).
+
+    Each checkpoint is read once here (hashed while read, checked against the model, dropped):
+    the driver never holds more than one; the scorer actors load them."""
     from ..data.metadata import count_rows
-    from ..models.checkpoints import hash_checkpoints, list_checkpoints, load_checkpoints
+    from ..models.checkpoints import inspect_checkpoints, list_checkpoints
 
     storage = cfg.storage.options()
     opts = cfg.vog.options()
     urls = urls if urls is not None else list_checkpoints(cfg.checkpoints, storage)
     windows = resolve_windows(opts.windows, len(urls))
     keys = opts.keys(windows)
-    infos = hash_checkpoints(urls, storage)
     # every checkpoint checked against the model once, here: clear errors before any actor starts
-    load_checkpoints(cfg.model, urls, storage)
+    infos = inspect_checkpoints(cfg.model, urls, storage)
     check_writable(cfg.output.url, storage)
     ensure_ray(address)
     configure_data_context(cfg.compute)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,8 +18,9 @@ from torch import nn
 from ..storage import StorageOptions, expand, resolve
 from .registry import build_model
 
-__all__ = ["CheckpointInfo", "list_checkpoints", "read_bytes", "load_state_dict", "load_into",
-           "checkpoint_info", "CheckpointError", "LoadedCheckpoints", "load_checkpoints", "hash_checkpoints"]
+__all__ = ["CheckpointInfo", "list_checkpoints", "read_bytes", "load_state_dict", "load_into", "check_fits",
+           "checkpoint_info", "CheckpointError", "LoadedCheckpoints", "load_checkpoints", "hash_checkpoints",
+           "read_hashed", "inspect_checkpoints"]
 
 
 class CheckpointError(ValueError):
@@ -120,9 +121,9 @@ def load_state_dict(url: str, storage: StorageOptions | None = None, *, data: by
     return _strip_prefixes(sd, model)
 
 
-def load_into(model: nn.Module, sd: dict[str, torch.Tensor], url: str) -> nn.Module:
-    """Load ``sd`` into ``model`` strictly; a mismatch names the file and the keys."""
-    expected = model.state_dict()
+def check_fits(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], url: str) -> None:
+    """``sd`` has exactly the keys and shapes of ``expected`` (a model's ``state_dict()``); a
+    mismatch names the file and the keys."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
@@ -138,6 +139,11 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], url: str) -> nn.Mod
         raise CheckpointError(
             f"checkpoint {url!r} does not fit the model: {k} has shape {tuple(sd[k].shape)}, "
             f"the model expects {tuple(expected[k].shape)} ({len(bad)} mismatched tensors)")
+
+
+def load_into(model: nn.Module, sd: dict[str, torch.Tensor], url: str) -> nn.Module:
+    """Load ``sd`` into ``model`` strictly; a mismatch names the file and the keys."""
+    check_fits(model.state_dict(), sd, url)
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -172,16 +178,58 @@ def load_checkpoints(model_spec: Any, checkpoints: str | list[str], storage: Sto
 HASH_CHUNK = 1 << 22  # bytes read at a time while hashing a checkpoint
 
 
-def hash_checkpoints(urls: list[str], storage: StorageOptions | None = None) -> list[CheckpointInfo]:
-    """Size and sha256 of each checkpoint, streamed (one chunk in memory at a time)."""
-    out = []
-    for u in urls:
-        fs, path = resolve(u, storage)
-        h = hashlib.sha256()
-        size = 0
+def _hashed_stream(url: str, storage: StorageOptions | None, sink: Any = None) -> CheckpointInfo:
+    """Size and sha256 of a checkpoint from one streamed read; each chunk also goes to ``sink``."""
+    fs, path = resolve(url, storage)
+    h = hashlib.sha256()
+    size = 0
+    try:
         with fs.open(path, "rb") as f:
             while chunk := f.read(HASH_CHUNK):
                 h.update(chunk)
                 size += len(chunk)
-        out.append(CheckpointInfo(u, size, h.hexdigest()))
-    return out
+                if sink is not None:
+                    sink.write(chunk)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"checkpoint not found: {url!r}") from e
+    return CheckpointInfo(url, size, h.hexdigest())
+
+
+def hash_checkpoints(urls: list[str], storage: StorageOptions | None = None) -> list[CheckpointInfo]:
+    """Size and sha256 of each checkpoint, streamed (one chunk in memory at a time)."""
+    return [_hashed_stream(u, storage) for u in urls]
+
+
+def read_hashed(url: str, storage: StorageOptions | None = None) -> tuple[bytes, CheckpointInfo]:
+    """A checkpoint's bytes and its size and sha256, from one read (hashed while read)."""
+    buf = io.BytesIO()
+    info = _hashed_stream(url, storage, buf)
+    return buf.getvalue(), info
+
+
+def inspect_checkpoints(model_spec: Any, urls: list[str], storage: StorageOptions | None = None, *,
+                        check: Callable[[str, dict[str, torch.Tensor]], None] | None = None
+                        ) -> list[CheckpointInfo]:
+    """What planning needs of the checkpoints, reading each once and holding one at a time.
+
+    Each checkpoint is streamed once (hashed while read), loaded safely, checked against the
+    architecture — the first one loaded into the model (strict), the others compared key by key
+    and shape by shape with it — passed to ``check(url, state_dict)`` if given, and dropped
+    before the next is read. The scorer actors load the checkpoints themselves.
+    """
+    model = build_model(model_spec)
+    expected = {k: v.detach() for k, v in model.state_dict().items()}
+    infos = []
+    for i, url in enumerate(urls):
+        data, info = read_hashed(url, storage)
+        sd = load_state_dict(url, data=data, model=model)
+        del data
+        if i == 0:
+            load_into(model, sd, url)
+        else:
+            check_fits(expected, sd, url)
+        if check is not None:
+            check(url, sd)
+        del sd
+        infos.append(info)
+    return infos
