@@ -92,8 +92,9 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
 
     Each checkpoint is read once here (hashed while read, checked against the model, dropped):
     the driver never holds more than one; the scorer actors load them."""
-    from ..data.metadata import count_rows
+    from ..data.metadata import count_split_rows, declared_class_names
     from ..models.checkpoints import inspect_checkpoints, list_checkpoints
+    from .cluster import ray_map
 
     storage = cfg.storage.options()
     opts = cfg.vog.options()
@@ -103,10 +104,17 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
     # every checkpoint checked against the model once, here: clear errors before any actor starts
     infos = inspect_checkpoints(cfg.model, urls, storage)
     check_writable(cfg.output.url, storage)
+    if cfg.data.class_names is None:  # a Hugging Face dataset names its classes in its metadata
+        names = declared_class_names(cfg, storage)
+        if names:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"class_names": names})})
     ensure_ray(address)
     configure_data_context(cfg.compute)
+    # rows per split from metadata; WebDataset shards have none: their header passes run as Ray tasks
+    rows_in = {name: count_split_rows(spec, storage, mapper=ray_map if spec.format == "webdataset" else None)
+               for name, spec in cfg.data.splits.items()}
     return Plan(cfg, storage, opts, urls, infos, windows, keys, opts.primary(windows),
-                cfg.output.url.rstrip("/"), count_rows(cfg, storage))
+                cfg.output.url.rstrip("/"), rows_in)
 
 
 def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | None = None,
@@ -131,7 +139,8 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
     run_id = run_id or new_run_id()
     run_url = join(plan.out_url, "runs", run_id)
     steps = Steps()
-    id_splits = sorted(name for name, spec in cfg.data.splits.items() if spec.id_column)
+    # ids a reader makes are unique by construction; an id column's, or a manifest's URIs, may not be
+    id_splits = sorted(name for name, spec in cfg.data.splits.items() if spec.id_column or spec.format == "manifest")
     red = reduce_raw(raw_url, storage, keys=plan.keys, primary=plan.primary, normalization=plan.opts.normalization,
                      rows_in=sum(plan.rows_in.values()), id_splits=id_splits, steps=steps)
     t_publish = time.perf_counter()
