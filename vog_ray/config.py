@@ -126,6 +126,9 @@ class VogSpec(_Strict):
     normalization: Literal["zscore", "abs_zscore", "none"] = "zscore"
     rank_by: Optional[str] = None
     accum_dtype: Literal["float32", "float64"] = "float32"
+    state_dtype: Literal["float16", "float32", "float64"] = Field(
+        default="float32", description="incremental audits: how the persisted per-pixel moments are stored "
+        "(float16: half the bytes, each example's moments scaled into [-1, 1]; float64 for accum_dtype float64)")
 
     @field_validator("targets", mode="before")
     @classmethod

@@ -6,7 +6,10 @@ State at ``<output>/_incremental/``::
                           config key, and where the per-example pixel moments of that generation live
     gen-<g>-<token>/moments/*.parquet   per example: (n, mean, M2) per window and target over the
                           checkpoints folded so far, and the per-checkpoint signals (generation 1
-                          keeps them under ``gen-…/parts/``, the scorer's output, without a copy)
+                          keeps them under ``gen-…/parts/``, the scorer's output, without a copy);
+                          zstd-compressed, the moments in ``vog.state_dtype`` (float32; float16
+                          halves them: see :mod:`.merge`). Each run's manifest says the state's
+                          size (``state.bytes_per_example``)
     lock                  held (exclusive create) while a run folds checkpoints in
 
 A run lists the checkpoint prefix, compares it with ``state.json``, computes gradient maps for
@@ -49,7 +52,10 @@ from .reduce import RAW_ROWS_PER_READ, filter_status, read_raw, rejected_of_grou
 from .sort import partitions_for
 from .stage import score_stage
 
-__all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config"]
+__all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config",
+           "state_size", "STATE_COMPRESSION"]
+
+STATE_COMPRESSION = "zstd"  # the state's Parquet codec: smaller than Ray's default (snappy) at a small CPU cost
 
 
 class IncrementalError(RuntimeError):
@@ -177,7 +183,8 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
         committed = False
         try:
             parts_url = join(gen_url, "parts")
-            score_stage(plan, [new_idx], "moments", parts_url)
+            score_stage(plan, [new_idx], "moments", parts_url, moment_dtype=cfg.vog.state_dtype,
+                        compression=STATE_COMPRESSION)
             if state is None:  # the first generation: the new checkpoints' moments ARE the state
                 moments_url = parts_url
             else:
@@ -190,7 +197,8 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
                 plan, raw_url, run_id=run_id, t0=t0, score_wall=score_wall, report=report,
                 scored_checkpoints=len(new_idx),
                 extra={"mode": "incremental", "generation": generation + 1,
-                       "new_checkpoints": [plan.urls[i] for i in new_idx], "state_url": state_url})
+                       "new_checkpoints": [plan.urls[i] for i in new_idx], "state_url": state_url,
+                       "state": state_size(moments_url, storage, sum(plan.rows_in.values()), cfg.vog.state_dtype)})
             # commit: compare-and-swap on the generation, then drop what the old generation held
             current = read_state(state_url, storage)
             if (current["generation"] if current else 0) != generation:
@@ -217,6 +225,14 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
         return result
 
 
+def state_size(moments_url: str, storage: StorageOptions, rows: int, dtype: str) -> dict[str, Any]:
+    """What the persisted moments take: bytes in all, per example, and how they are stored."""
+    fs, path = resolve(moments_url, storage)
+    total = sum(int(v.get("size") or 0) for v in fs.find(path, detail=True).values()) if fs.exists(path) else 0
+    return {"bytes": total, "bytes_per_example": round(total / max(rows, 1), 1), "dtype": dtype,
+            "compression": STATE_COMPRESSION}
+
+
 def _drop_uncommitted(state_url: str, gen_url: str, storage: StorageOptions) -> None:
     """Best effort: remove a generation that the state does not point at (never raises)."""
     try:
@@ -240,7 +256,7 @@ def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url:
     n = sum(plan.rows_in.values())
     new, _, _ = read_raw(parts_url, plan.storage, partitions_for(n, RAW_ROWS_PER_READ))
     if state is None:
-        new.write_parquet(moments_url, filesystem=fs, mode="overwrite")
+        new.write_parquet(moments_url, filesystem=fs, mode="overwrite", compression=STATE_COMPRESSION)
         return
     old, _, _ = read_raw(state["moments_url"], plan.storage, partitions_for(n, RAW_ROWS_PER_READ))
     new_ok = new.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
@@ -248,8 +264,9 @@ def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url:
     old_ok = old.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
         set_group, fn_kwargs={"group": 0}, batch_format="pyarrow")
     rejected = new.map_batches(filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
-    merged = merge_by_example(old_ok.union(new_ok), plan.keys, 2, 2 * n)
-    (rejected if merged is None else merged.union(rejected)).write_parquet(moments_url, filesystem=fs, mode="overwrite")
+    merged = merge_by_example(old_ok.union(new_ok), plan.keys, 2, 2 * n, plan.cfg.vog.state_dtype)
+    (rejected if merged is None else merged.union(rejected)).write_parquet(
+        moments_url, filesystem=fs, mode="overwrite", compression=STATE_COMPRESSION)
 
 
 def _moments_to_raw(plan: Plan, moments_url: str, raw_url: str) -> None:

@@ -23,6 +23,7 @@ from ..core.classes import class_lookup, exact_class_means, exact_class_sums, ex
 from ..core.ranking import SORT_KEYS, assign_ranks, block_counts, normalize, rank_offsets
 from ..storage import StorageOptions, list_files, redact_url, resolve
 from .cluster import remote_task
+from .merge import MOMENT_PREFIXES
 from .sort import adjacent_duplicates, block_refs, merge_sorted, partitions_for, sample_sort
 
 __all__ = ["Reduced", "reduce_raw", "read_raw", "check_unique_ids", "filter_status", "filter_splits",
@@ -46,7 +47,7 @@ def rejected_of_group0(t: pa.Table) -> pa.Table:
     t = filter_status(t, ok=False)
     t = t.filter(pc.equal(t["group"], 0))
     return t.select([c for c in t.column_names if c == "id" or c in ("split", "label", "status")
-                     or not (c.startswith(("mn_", "mmean_", "mm2_", "sig_")) or c in ("group", "target_label", "pred"))])
+                     or not (c.startswith((*MOMENT_PREFIXES, "sig_")) or c in ("group", "target_label", "pred"))])
 
 
 def drop_status(t: pa.Table) -> pa.Table:

@@ -16,6 +16,7 @@ from ..core.labels import label_problems
 from ..core.options import SIGNALS, VogOptions
 from ..core.table import keep_array, result_to_table
 from ..storage import StorageOptions
+from .merge import moment_columns
 
 __all__ = ["ScorerActor", "ROW_META"]
 
@@ -27,7 +28,8 @@ class ScorerActor:
 
     def __init__(self, *, model: Any, checkpoints: list[str], indices: list[int], num_checkpoints: int,
                  vog: dict[str, Any], device: str, storage: dict[str, Any], emit: str = "vog",
-                 group: int = 0, threads: int | None = None, stacked: bool | str = False):
+                 group: int = 0, threads: int | None = None, stacked: bool | str = False,
+                 moment_dtype: str = "float64"):
         import torch
 
         from ..core.engine import make_engine
@@ -44,6 +46,7 @@ class ScorerActor:
         self.opts = VogOptions(**vog)
         self.emit = emit
         self.group = group
+        self.moment_dtype = moment_dtype  # how partial moments are stored (merge.moment_columns)
         self.K = num_checkpoints
         loaded = load_checkpoints(model, checkpoints, self.storage, indices=indices)
         predict_sd = None
@@ -105,7 +108,8 @@ class ScorerActor:
     def _moment_rows(self, res: Any, ids: np.ndarray, splits: np.ndarray, labels: np.ndarray,
                      extra: dict[str, np.ndarray]) -> pa.Table:
         """Checkpoint-sharded / incremental: partial pixel moments per example (``mn_``, ``mmean_``,
-        ``mm2_`` per key; a key whose window has no checkpoint in this group has n = 0)."""
+        ``mm2_`` per key, stored in ``moment_dtype``; a key whose window has no checkpoint in this
+        group has n = 0)."""
         n = len(ids)
         cols: dict[str, Any] = {
             "id": pa.array([str(i) for i in ids], pa.string()),
@@ -125,11 +129,9 @@ class ScorerActor:
                 mean = m2 = np.zeros((n, pix or 1))
                 cnt = 0
             else:
-                mean, m2, cnt = st.mean.reshape(n, -1).astype(np.float64), st.m2.reshape(n, -1).astype(np.float64), st.n
-            P = mean.shape[1]
+                mean, m2, cnt = st.mean.reshape(n, -1), st.m2.reshape(n, -1), st.n
             cols[f"mn_{k}"] = pa.array(np.full(n, cnt, np.int64))
-            cols[f"mmean_{k}"] = pa.FixedSizeListArray.from_arrays(pa.array(mean.ravel()), P)
-            cols[f"mm2_{k}"] = pa.FixedSizeListArray.from_arrays(pa.array(m2.ravel()), P)
+            cols.update(moment_columns(k, mean, m2, self.moment_dtype))
         for s in SIGNALS:
             v = res.signals[s]
             cols[f"sig_{s}"] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1])
