@@ -1,4 +1,5 @@
-"""A real 2-node Ray cluster on this machine, an audit submitted as a Ray job, S3 on loopback.
+"""A real 2-node Ray cluster on this machine, an audit submitted as a Ray job, S3 on loopback —
+and the same audit again, losing its second node while that node holds a scorer actor.
 
 Two ``ray start`` processes (head + worker), each with 2 logical CPUs, 1 fake GPU (Ray schedules
 it; torch sees no CUDA, so the scorer falls back to the CPU), a custom resource naming the node,
@@ -13,6 +14,11 @@ The audit (``jobs/audit.py``) is submitted with ``ray job submit --working-dir <
 credentials reach the job's driver and workers through ``--runtime-env-json`` only (the raylets
 are started without them). Two scorer actors with one GPU each must land one per node. The
 job's tables must equal a local ``run_audit`` of the same config.
+
+Then node b dies mid-audit: a second job (CPU actors, one per node, a slow forward so blocks are
+in flight for seconds) runs until node b's actor has scored, and every process of node b is
+SIGKILLed. Ray restarts the lost actor on node a, retries its blocks and rebuilds lost objects;
+the job must succeed with every row scored, and its tables must equal the local audit's.
 
 Teardown kills only the processes of this cluster: those whose command line names its unique
 temp dir, and their descendants (workers, the job driver). ``ray stop`` is never used: it
@@ -121,7 +127,9 @@ def ray_env() -> dict[str, str]:
                RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
                # a worker that needs > 60 s to start on a loaded machine is killed and restarted
                # by default: workers then thrash instead of starting
-               RAY_worker_register_timeout_seconds="600")
+               RAY_worker_register_timeout_seconds="600",
+               # a node that stops answering is declared dead after ~3 × 2 s (default ~3 × 5 s)
+               RAY_health_check_period_ms="2000", RAY_health_check_failure_threshold="3")
     return env
 
 
@@ -216,10 +224,95 @@ def scores(s3, out: str):
     return open_run(s3.url(out), s3.storage).scores().sort_by([("split", "ascending"), ("id", "ascending")])
 
 
+def submit(cluster: dict, sub_id: str, cfg_path: Path, env_vars: dict[str, str]) -> None:
+    runtime_env = {"env_vars": {**env_vars, "RAY_AUTH_MODE": "disabled"}, "excludes": EXCLUDES}
+    run([RAY, "job", "submit", "--address", cluster["dashboard"], "--submission-id", sub_id, "--no-wait",
+         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
+         "--", "python", "jobs/audit.py", str(cfg_path)], timeout=300)
+
+
+def wait_job(cluster: dict, sub_id: str, timeout: float = 3000) -> tuple[Any, str]:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster["dashboard"])
+    deadline = time.time() + timeout
+    while (status := client.get_job_status(sub_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                             JobStatus.STOPPED) and time.time() < deadline:
+        time.sleep(2)
+    return status, client.get_job_logs(sub_id)
+
+
+def assert_same_tables(s3, got: str, want: str) -> None:
+    """The scores of two runs: the same ids, VoG to 1e-6, the same ranks and predictions."""
+    job, loc = scores(s3, got), scores(s3, want)
+    assert job.num_rows == loc.num_rows == DIGITS["n_train"] + DIGITS["n_test"]
+    assert job["id"].to_pylist() == loc["id"].to_pylist()
+    for col in ("vog_all_logit", "vog_early_logit"):
+        a, b = job[col].to_numpy(), loc[col].to_numpy()
+        assert np.all(b > 0), col
+        rel = float(np.max(np.abs(a - b) / b))
+        assert rel < 1e-6, f"{got} {col}: max relative difference {rel:.3g}"
+    for col in ("rank", "class_rank", "decile", "pred", "target_label"):
+        assert job[col].to_pylist() == loc[col].to_pylist(), (got, col)
+
+
+LOST_DELAY_S = 0.3   # a forward of the node-loss audit sleeps this long: blocks are in flight for seconds
+
+
+def lose_node_b_mid_audit(cluster: dict, s3, tmp_path: Path) -> dict[str, Any]:
+    """An audit whose two scorer actors run one per node; once node b's actor has scored, every
+    process of node b (raylet, object store, workers) is SIGKILLed. Returns what was seen."""
+    from ray.job_submission import JobStatus
+    from ray.util.state import list_actors
+
+    forwards = tmp_path / "forwards.log"   # one line (the pid) per forward call of the scorer
+    forwards.touch()
+    cfg = audit_config(s3, "mn/lost")
+    cfg["model"]["delay"] = LOST_DELAY_S
+    # CPU actors at half a CPU each: after the loss, node a (2 CPUs) holds both and still has a
+    # CPU for the read/decode tasks
+    cfg["compute"] = {**cfg["compute"], "device": "cpu", "cpus_per_actor": 0.5}
+    cfg["compute"].pop("gpus_per_actor")
+    cfg_path = tmp_path / "lost.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    sub_id = f"vog-lost-{uuid.uuid4().hex[:8]}"
+    submit(cluster, sub_id, cfg_path, {**s3.env, "VOG_TEST_FORWARD_LOG": str(forwards)})
+    b_marker = os.path.join(cluster["root"], "b")
+    deadline = time.time() + 1800
+    while time.time() < deadline:
+        b_pids = cluster_pids(b_marker)
+        on_b = [p for p in map(int, forwards.read_text().split()) if p in b_pids]
+        if len(on_b) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("node b's scorer actor never scored")
+    actors = [a for a in list_actors(address=cluster["dashboard"], detail=True, limit=10_000)
+              if "ScorerActor" in (a.class_name or "") and a.state == "ALIVE"]
+    placed = sorted(str(cluster["nodes"].get(a.node_id)) for a in actors)
+    n_before = len(forwards.read_text().split())
+    for pid in cluster_pids(b_marker):          # the node dies: no drain, no goodbye
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    t_kill = time.time()
+    status, logs = wait_job(cluster, sub_id)
+    assert status == JobStatus.SUCCEEDED, f"job {sub_id}: {status}\n{logs[-6000:]}"
+    n = DIGITS["n_train"] + DIGITS["n_test"]
+    assert f"rows: {n} in = {n} scored + 0 rejected" in logs, logs[-3000:]
+    after = forwards.read_text().split()[n_before:]
+    return {"actors_at_kill": placed, "forwards_before_kill": n_before, "forwards_after_kill": len(after),
+            "finished_after_kill_s": round(time.time() - t_kill, 1)}
+
+
 @pytest.mark.timeout(3600)  # minutes on an idle 2-core machine; much longer when it is shared
 def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
+    """(1) An audit job whose two GPU actors run one per node == a local audit. (2) The same audit
+    with node b SIGKILLed while its scorer actor holds blocks: it finishes on node a, its tables
+    == the local audit's, no row lost."""
     import ray
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
     from ray.util.state import list_actors, list_tasks
 
     from vog_ray.config import validate
@@ -231,19 +324,11 @@ def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
     cfg_path = tmp_path / "audit.yaml"
     cfg_path.write_text(yaml.safe_dump(audit_config(s3, "mn/job")))
     sub_id = f"vog-mn-{uuid.uuid4().hex[:8]}"
-    runtime_env = {"env_vars": {**s3.env, "RAY_AUTH_MODE": "disabled"}, "excludes": EXCLUDES}
     t0 = time.time()
     with two_node_cluster() as cluster:
         print(f"cluster up after {time.time() - t0:.0f} s: {cluster['nodes']}")
-        run([RAY, "job", "submit", "--address", cluster["dashboard"], "--submission-id", sub_id, "--no-wait",
-             "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
-             "--", "python", "jobs/audit.py", str(cfg_path)], timeout=300)
-        client = JobSubmissionClient(cluster["dashboard"])
-        deadline = time.time() + 3000
-        while (status := client.get_job_status(sub_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                                 JobStatus.STOPPED) and time.time() < deadline:
-            time.sleep(2)
-        logs = client.get_job_logs(sub_id)
+        submit(cluster, sub_id, cfg_path, s3.env)
+        status, logs = wait_job(cluster, sub_id)
         assert status == JobStatus.SUCCEEDED, f"job {sub_id}: {status}\n{logs[-6000:]}"
         assert "rows: 208 in = 208 scored + 0 rejected" in logs, logs[-3000:]
         print(f"job {sub_id} succeeded after {time.time() - t0:.0f} s")
@@ -260,6 +345,11 @@ def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
         per_node = {n: sum(cluster["nodes"].get(t.node_id) == n for t in batches) for n in ("node_a", "node_b")}
         print("scorer batch tasks per node:", per_node)
         assert all(per_node.values()), ("both scorer actors must score blocks", per_node)
+
+        lost = lose_node_b_mid_audit(cluster, s3, tmp_path)
+        print(f"node b lost mid-audit: {lost}")
+        assert lost["actors_at_kill"] == ["node_a", "node_b"], lost
+        assert lost["forwards_after_kill"] > 0, ("node a must have scored after the loss", lost)
     t1 = time.time()
 
     # the same config audited by a local Ray in this process (no GPU there: CPU actors)
@@ -274,16 +364,8 @@ def test_audit_job_on_two_node_cluster(s3_server_module, digits_s3, tmp_path):
         ray.shutdown()
     print(f"local reference audit: {time.time() - t1:.0f} s")
 
-    # the job's tables == the local audit's
-    job, loc = scores(s3, "mn/job"), scores(s3, "mn/local")
-    assert job.num_rows == loc.num_rows == DIGITS["n_train"] + DIGITS["n_test"]
-    assert job["id"].to_pylist() == loc["id"].to_pylist()
-    for col in ("vog_all_logit", "vog_early_logit"):
-        a, b = job[col].to_numpy(), loc[col].to_numpy()
-        assert np.all(b > 0), col
-        rel = float(np.max(np.abs(a - b) / b))
-        assert rel < 1e-6, f"{col}: max relative difference {rel:.3g}"
-    for col in ("rank", "class_rank", "decile", "pred", "target_label"):
-        assert job[col].to_pylist() == loc[col].to_pylist(), col
-    m = open_run(s3.url("mn/job"), s3.storage).manifest
-    assert m["rows"] == local.manifest["rows"] and m["num_checkpoints"] == DIGITS["epochs"]
+    # the jobs' tables == the local audit's: the undisturbed one and the one that lost a node
+    for out in ("mn/job", "mn/lost"):
+        assert_same_tables(s3, out, "mn/local")
+        m = open_run(s3.url(out), s3.storage).manifest
+        assert m["rows"] == local.manifest["rows"] and m["num_checkpoints"] == DIGITS["epochs"], out
