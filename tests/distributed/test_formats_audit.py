@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import start_test_ray
+from vog_ray.testing.writers import write_manifest_split
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -136,6 +137,16 @@ def test_new_formats_audit_equals_score_local_and_s3(tiny_digits, tmp_path, s3_s
         local = write_splits(tiny_digits, str(tmp_path / "data"), None)
         res = _audit(tiny_digits, local, str(tmp_path / "out"))
         worst_local = check_against_score(tiny_digits, res, local, None)
+        # a manifest that lists an image twice: its ids (the URIs) collide — an error naming the id
+        import pyarrow.parquet as pq_
+
+        dup = tmp_path / "dup"
+        write_manifest_split(str(dup / "m.parquet"), tiny_digits.imgs[:3], tiny_digits.labels[:3])
+        t = pq_.read_table(dup / "m.parquet")
+        pq_.write_table(pa.concat_tables([t, t.slice(1, 1)]), dup / "m.parquet")
+        with pytest.raises(ValueError, match=r"duplicate example ids: 'images/000001.png' in split 'm'"):
+            _audit(tiny_digits, {"splits": {"m": {"format": "manifest", "url": str(dup / "m.parquet"),
+                                                  "image_column": "uri"}}}, str(tmp_path / "out-dup"))
         remote = write_splits(tiny_digits, s3.url("data"), s3.storage)
         res = _audit(tiny_digits, remote, s3.url("out"), {"endpoint_url": s3.endpoint})
         worst_s3 = check_against_score(tiny_digits, res, remote, s3.storage)

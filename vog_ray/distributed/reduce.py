@@ -154,7 +154,7 @@ def check_unique_ids(raw: Any, n_rows: int) -> None:
                            for (s, i), n in sorted(dups.items())[:5])
         more = f" and {len(dups) - 5} more" if len(dups) > 5 else ""
         raise ValueError(f"duplicate example ids: {listed}{more}; ids must be unique within a split "
-                         "(check the split's id_column)")
+                         "(check the split's id_column, or a manifest's image URIs)")
 
 
 def class_table_exact(ok: Any, keys: list[str]) -> pa.Table:
