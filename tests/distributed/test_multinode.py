@@ -128,7 +128,8 @@ def ray_env() -> dict[str, str]:
                # a worker that needs > 60 s to start on a loaded machine is killed and restarted
                # by default: workers then thrash instead of starting
                RAY_worker_register_timeout_seconds="600",
-               # a node that stops answering is declared dead after ~3 × 2 s (default ~3 × 5 s)
+               # a node that stops answering is declared dead after 3 failed health checks 2 s apart
+               # (Ray's default: 5, 3 s apart)
                RAY_health_check_period_ms="2000", RAY_health_check_failure_threshold="3")
     return env
 
