@@ -176,9 +176,11 @@ def bench_model(model: str, args: argparse.Namespace, root: str) -> dict:
         details.append({"order": list(order), "incremental_s": inc_s[-1], "full_s": full_s[-1],
                         "setup_fold_of_K_s": setup_s[-1],
                         "timings_s": {k: v.manifest["timings_s"] for k, v in out.items()},
+                        "incremental_steps_s": out["incremental"].manifest["incremental_steps_s"],
                         "state": out["incremental"].manifest["state"], "checks": check})
         print(f"[{model} rep {r + 1}/{args.reps}: incremental {inc_s[-1]:.1f} s, full {full_s[-1]:.1f} s, "
-              f"setup fold of {K} {setup_s[-1]:.1f} s; steps {details[-1]['timings_s']}]", file=sys.stderr, flush=True)
+              f"setup fold of {K} {setup_s[-1]:.1f} s; steps {details[-1]['timings_s']}, incremental "
+              f"{details[-1]['incremental_steps_s']}]", file=sys.stderr, flush=True)
         for p in (inc_out, full_out, live):
             shutil.rmtree(p, ignore_errors=True)
     inc, full = statistics.median(inc_s), statistics.median(full_s)

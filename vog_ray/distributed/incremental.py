@@ -53,9 +53,18 @@ from .sort import partitions_for
 from .stage import score_stage
 
 __all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config",
-           "state_size", "STATE_COMPRESSION"]
+           "state_size", "state_write_args", "STATE_COMPRESSION"]
 
-STATE_COMPRESSION = "zstd"  # the state's Parquet codec: smaller than Ray's default (snappy) at a small CPU cost
+STATE_COMPRESSION = "zstd"
+
+
+def state_write_args(keys: list[str]) -> dict[str, Any]:
+    """How the state's Parquet files are written: zstd; no dictionary pages (per-pixel floats
+    never repeat: the dictionary attempt only adds bytes); the moments' floats byte-stream-split
+    (their exponent bytes then compress). Measured on 200 rows of 1024 pixels (float32 moments of
+    a 32×32 input): 11.9 KB a row with pyarrow's defaults, 6.9 KB so."""
+    floats = [f"{p}{k}.list.element" for k in keys for p in ("mmean_", "mm2_")]  # the leaf columns
+    return {"compression": STATE_COMPRESSION, "use_dictionary": False, "use_byte_stream_split": floats}
 
 
 class IncrementalError(RuntimeError):
@@ -174,31 +183,34 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
     with StateLock(state_url, storage):
         state = read_state(state_url, storage)  # re-read under the lock
         generation = state["generation"] if state else 0
+        t = time.perf_counter()
         plan = plan_audit(cfg, address, urls=urls)
+        steps: dict[str, float] = {"plan": round(time.perf_counter() - t, 3)}
         new_idx = _new_checkpoints(plan.urls, plan.infos, state)
         if not new_idx:
             return None
         t_score = time.time()
         gen_url = join(state_url, f"gen-{generation + 1:06d}-{secrets.token_hex(3)}")
+        parts_url, moments_url, raw_url = (join(gen_url, d) for d in ("parts", "moments", "raw"))
         committed = False
         try:
-            parts_url = join(gen_url, "parts")
+            t = time.perf_counter()
             score_stage(plan, [new_idx], "moments", parts_url, moment_dtype=cfg.vog.state_dtype,
-                        compression=STATE_COMPRESSION)
+                        write_args=state_write_args(plan.keys))
+            steps["score new checkpoints"] = round(time.perf_counter() - t, 3)
             if state is None:  # the first generation: the new checkpoints' moments ARE the state
                 moments_url = parts_url
-            else:
-                moments_url = join(gen_url, "moments")
-                _fold(plan, state, parts_url, moments_url)
-            raw_url = join(gen_url, "raw")
-            _moments_to_raw(plan, moments_url, raw_url)
+            t = time.perf_counter()
+            _fold(plan, state, parts_url, moments_url, raw_url)
+            steps["fold into the state"] = round(time.perf_counter() - t, 3)
             score_wall = time.time() - t_score
             result = reduce_and_publish(
                 plan, raw_url, run_id=run_id, t0=t0, score_wall=score_wall, report=report,
                 scored_checkpoints=len(new_idx),
                 extra={"mode": "incremental", "generation": generation + 1,
                        "new_checkpoints": [plan.urls[i] for i in new_idx], "state_url": state_url,
-                       "state": state_size(moments_url, storage, sum(plan.rows_in.values()), cfg.vog.state_dtype)})
+                       "state": state_size(moments_url, storage, sum(plan.rows_in.values()), cfg.vog.state_dtype),
+                       "incremental_steps_s": steps})
             # commit: compare-and-swap on the generation, then drop what the old generation held
             current = read_state(state_url, storage)
             if (current["generation"] if current else 0) != generation:
@@ -250,29 +262,24 @@ def _rm(url: str, storage: StorageOptions) -> None:
         fs.rm(path, recursive=True)
 
 
-def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url: str) -> None:
-    """The next generation's moments: previous moments (group 0) ⊕ new checkpoints (group 1)."""
+def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url: str, raw_url: str) -> None:
+    """The next generation: the previous moments (group 0) ⊕ the new checkpoints' (group 1) merged
+    by example and written to ``moments_url`` (the first generation's moments are ``parts_url``
+    itself), and the score rows they give written to ``raw_url`` — each input read once."""
     fs, _ = resolve(parts_url, plan.storage)
     n = sum(plan.rows_in.values())
     new, _, _ = read_raw(parts_url, plan.storage, partitions_for(n, RAW_ROWS_PER_READ))
     if state is None:
-        new.write_parquet(moments_url, filesystem=fs, mode="overwrite", compression=STATE_COMPRESSION)
-        return
-    old, _, _ = read_raw(state["moments_url"], plan.storage, partitions_for(n, RAW_ROWS_PER_READ))
-    new_ok = new.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
-        set_group, fn_kwargs={"group": 1}, batch_format="pyarrow")
-    old_ok = old.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
-        set_group, fn_kwargs={"group": 0}, batch_format="pyarrow")
-    rejected = new.map_batches(filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
-    merged = merge_by_example(old_ok.union(new_ok), plan.keys, 2, 2 * n, plan.cfg.vog.state_dtype)
-    (rejected if merged is None else merged.union(rejected)).write_parquet(
-        moments_url, filesystem=fs, mode="overwrite", compression=STATE_COMPRESSION)
-
-
-def _moments_to_raw(plan: Plan, moments_url: str, raw_url: str) -> None:
-    fs, _ = resolve(moments_url, plan.storage)
-    ds, _, _ = read_raw(moments_url, plan.storage, partitions_for(sum(plan.rows_in.values()), RAW_ROWS_PER_READ))
-    ok = ds.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow") \
+        moments = new
+    else:
+        old, _, _ = read_raw(state["moments_url"], plan.storage, partitions_for(n, RAW_ROWS_PER_READ))
+        ok = [d.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
+            set_group, fn_kwargs={"group": g}, batch_format="pyarrow") for g, d in ((0, old), (1, new))]
+        rejected = new.map_batches(filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
+        merged = merge_by_example(ok[0].union(ok[1]), plan.keys, 2, 2 * n, plan.cfg.vog.state_dtype)
+        moments = rejected if merged is None else merged.union(rejected).materialize()
+        moments.write_parquet(moments_url, filesystem=fs, mode="overwrite", **state_write_args(plan.keys))
+    scored = moments.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow") \
         .map_batches(moments_to_table, fn_kwargs={"vog_keys": plan.keys}, batch_format="pyarrow")
-    bad = ds.map_batches(rejected_of_group0, batch_format="pyarrow")
-    ok.union(bad).write_parquet(raw_url, filesystem=fs, mode="overwrite")
+    bad = moments.map_batches(rejected_of_group0, batch_format="pyarrow")
+    scored.union(bad).write_parquet(raw_url, filesystem=fs, mode="overwrite")

@@ -53,13 +53,14 @@ def checkpoint_groups(num_checkpoints: int, groups: int) -> list[list[int]]:
 
 
 def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, *, done: Any = None,
-                mode: str = "overwrite", moment_dtype: str | None = None, compression: str | None = None) -> None:
+                mode: str = "overwrite", moment_dtype: str | None = None,
+                write_args: dict[str, Any] | None = None) -> None:
     """Read → decode → scorer actors for each checkpoint group → Parquet at ``out_url``.
 
     ``done`` (resume, :mod:`.resume`): sorted ``split/id`` keys of rows already in ``out_url``;
     they are dropped right after the read and the new rows appended (``mode``). ``moment_dtype``
     (``emit="moments"``): how partial moments are stored (default: ``vog.accum_dtype``, which
-    loses nothing); ``compression``: the Parquet codec (default: Ray Data's).
+    loses nothing); ``write_args``: Parquet writer options (codec, encodings; default: Ray Data's).
     """
     import ray
     import ray.data
@@ -101,7 +102,7 @@ def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, 
             **remote_args))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     fs, _ = resolve(out_url, plan.storage)
-    ds.write_parquet(out_url, filesystem=fs, mode=mode, **({"compression": compression} if compression else {}))
+    ds.write_parquet(out_url, filesystem=fs, mode=mode, **(write_args or {}))
 
 
 def merge_sharded(plan: "Plan", parts_url: str, raw_url: str, num_groups: int) -> None:
