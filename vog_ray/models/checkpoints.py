@@ -98,21 +98,41 @@ def _strip_prefixes(sd: dict[str, torch.Tensor], model: nn.Module | None) -> dic
     return sd
 
 
+def _safetensors_meta(data: bytes, url: str) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors file declares (its JSON header) as meta tensors: keys, shapes,
+    dtypes, no data."""
+    import json
+
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                  "BOOL": torch.bool}
+        return {k: torch.empty(v["shape"], dtype=dtypes.get(v["dtype"], torch.float32), device="meta")
+                for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {url!r} is not a valid safetensors file: {e}") from e
+
+
 def load_state_dict(url: str, storage: StorageOptions | None = None, *, data: bytes | None = None,
-                    model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Load a state_dict from a URL. Never unpickles arbitrary objects (``weights_only=True``)."""
+                    model: nn.Module | None = None, meta: bool = False) -> dict[str, torch.Tensor]:
+    """Load a state_dict from a URL. Never unpickles arbitrary objects (``weights_only=True``).
+    ``meta``: the tensors' keys, shapes and dtypes only (meta tensors: no data is copied)."""
     if data is None:
         data = read_bytes(url, storage)
     if url.endswith(".safetensors"):
         from safetensors.torch import load as st_load
 
+        if meta:
+            return _strip_prefixes(_safetensors_meta(data, url), model)
         try:
             sd = st_load(data)
         except Exception as e:  # noqa: BLE001 - safetensors raises several types
             raise CheckpointError(f"checkpoint {url!r} is not a valid safetensors file: {e}") from e
     else:
         try:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(data), map_location="meta" if meta else "cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(
                 f"checkpoint {url!r} cannot be loaded with weights_only=True "
@@ -214,15 +234,16 @@ def inspect_checkpoints(model_spec: Any, urls: list[str], storage: StorageOption
 
     Each checkpoint is streamed once (hashed while read), loaded safely, checked against the
     architecture — the first one loaded into the model (strict), the others compared key by key
-    and shape by shape with it — passed to ``check(url, state_dict)`` if given, and dropped
-    before the next is read. The scorer actors load the checkpoints themselves.
+    and shape by shape with it from their structure alone (meta tensors: no data copied) —
+    passed to ``check(url, state_dict)`` if given (then with its values), and dropped before the
+    next is read. The scorer actors load the checkpoints themselves.
     """
     model = build_model(model_spec)
     expected = {k: v.detach() for k, v in model.state_dict().items()}
     infos = []
     for i, url in enumerate(urls):
         data, info = read_hashed(url, storage)
-        sd = load_state_dict(url, data=data, model=model)
+        sd = load_state_dict(url, data=data, model=model, meta=i > 0 and check is None)
         del data
         if i == 0:
             load_into(model, sd, url)
