@@ -80,6 +80,21 @@ def compare(run32: str, run16: str) -> dict:
     return out
 
 
+def start_ray(cpus: int) -> None:
+    """A local Ray; on a busy machine its raylet may miss the startup deadline: try again."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False,
+                     _system_config={"worker_register_timeout_seconds": 600})
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-train", type=int, default=1000)
@@ -103,8 +118,7 @@ def main(argv=None) -> int:
         facts = prepare(root, DemoSizes(args.n_train, args.n_test, args.n_ood, args.max_epochs))
         ckpts = facts["checkpoints"]
         print(f"[reduced demo: {len(ckpts)} checkpoints in {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False,
-                 _system_config={"worker_register_timeout_seconds": 600})
+        start_ray(os.cpu_count())
         ray.data.DataContext.get_current().enable_progress_bars = False
         runs, states = {}, {}
         for dtype in ("float32", "float16"):

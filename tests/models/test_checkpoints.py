@@ -299,3 +299,38 @@ def test_planning_reads_each_checkpoint_once_and_holds_one(tmp_path, monkeypatch
     torch.save({"net.0.weight": torch.zeros(5, 6)}, tmp_path / "epoch_6.pt")
     with pytest.raises(CheckpointError, match=r"epoch_6\.pt.*missing keys"):
         ck.inspect_checkpoints(MLP, urls[:1] + [str(tmp_path / "epoch_6.pt")])
+
+
+def test_planning_skips_checkpoints_known_unchanged(tmp_path, monkeypatch):
+    """Checkpoints an earlier audit checked (an incremental state's) are not read again while their
+    stored size and version tag (here: mtime and inode) are unchanged; a rewritten one is."""
+    import hashlib
+
+    import vog_ray.models.checkpoints as ck
+
+    urls = []
+    for i in range(3):
+        torch.save(mlp_sd(i), tmp_path / f"epoch_{i}.pt")
+        urls.append(str(tmp_path / f"epoch_{i}.pt"))
+    first = ck.inspect_checkpoints(MLP, urls)
+    assert all(i.version for i in first)
+    reads: list[str] = []
+    real_resolve = ck.resolve
+
+    def counting_resolve(url, storage=None):
+        fs, path = real_resolve(url, storage)
+        real_open = fs.open
+        fs.open = lambda p, mode="rb", **kw: (reads.append(url), real_open(p, mode, **kw))[1]
+        return fs, path
+
+    monkeypatch.setattr(ck, "resolve", counting_resolve)
+    known = {i.url: i for i in first[:2]}
+    again = ck.inspect_checkpoints(MLP, urls, known=known)
+    assert reads == [urls[2]] and again == first                     # only the one not known is read
+    assert ck.hash_checkpoints(urls[:2], known=known) == first[:2] and reads == [urls[2]]
+    torch.save(mlp_sd(7), tmp_path / "epoch_1.pt.new")                 # epoch_1 rewritten (a new inode)
+    os.replace(tmp_path / "epoch_1.pt.new", tmp_path / "epoch_1.pt")
+    reads.clear()
+    changed = ck.inspect_checkpoints(MLP, urls[:2], known=known)
+    assert reads == [urls[1]]
+    assert changed[1].sha256 == hashlib.sha256((tmp_path / "epoch_1.pt").read_bytes()).hexdigest() != first[1].sha256

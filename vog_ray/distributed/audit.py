@@ -86,12 +86,14 @@ class Plan:
         return len(self.urls)
 
 
-def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] | None = None) -> Plan:
+def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] | None = None,
+               known: dict[str, Any] | None = None) -> Plan:
     """List, hash and validate the checkpoints, resolve windows, count the input rows, check the
     output is writable — then connect to Ray (a bad checkpoint URL fails without starting Ray).
 
     Each checkpoint is read once here (hashed while read, checked against the model, dropped):
-    the driver never holds more than one; the scorer actors load them."""
+    the driver never holds more than one; the scorer actors load them. ``known``: checkpoints an
+    earlier audit checked (url → ``CheckpointInfo``), not read again while unchanged."""
     from ..data.metadata import count_split_rows, declared_class_names
     from ..models.checkpoints import inspect_checkpoints, list_checkpoints
     from .cluster import ray_map
@@ -102,7 +104,7 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
     windows = resolve_windows(opts.windows, len(urls))
     keys = opts.keys(windows)
     # every checkpoint checked against the model once, here: clear errors before any actor starts
-    infos = inspect_checkpoints(cfg.model, urls, storage)
+    infos = inspect_checkpoints(cfg.model, urls, storage, known=known)
     check_writable(cfg.output.url, storage)
     if cfg.data.class_names is None:  # a Hugging Face dataset names its classes in its metadata
         names = declared_class_names(cfg, storage)

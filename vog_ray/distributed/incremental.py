@@ -44,7 +44,7 @@ from typing import Any
 
 from ..config import AuditConfig
 from ..core.windows import parse_window
-from ..models.checkpoints import hash_checkpoints, list_checkpoints
+from ..models.checkpoints import CheckpointInfo, hash_checkpoints, list_checkpoints
 from ..storage import StorageOptions, join, resolve
 from .audit import AuditResult, Plan, plan_audit, reduce_and_publish
 from .merge import merge_by_example, moments_to_table, set_group
@@ -53,7 +53,7 @@ from .sort import partitions_for
 from .stage import score_stage
 
 __all__ = ["run_incremental", "IncrementalError", "StateLock", "LockHeld", "read_state", "check_incremental_config",
-           "state_size", "state_write_args", "STATE_COMPRESSION"]
+           "state_size", "state_write_args", "folded", "STATE_COMPRESSION"]
 
 STATE_COMPRESSION = "zstd"
 
@@ -149,6 +149,13 @@ class StateLock:
             pass
 
 
+def folded(state: dict[str, Any] | None) -> dict[str, CheckpointInfo]:
+    """The checkpoints the state holds (url → info): while their stored size and version tag are
+    unchanged (an ETag, a generation, a file's mtime and inode), they are not read and hashed again."""
+    return {d["url"]: CheckpointInfo(d["url"], d["size"], d["sha256"], d.get("version", ""))
+            for d in (state or {}).get("checkpoints", [])}
+
+
 def _new_checkpoints(plan_urls: list[str], infos: list[Any], state: dict[str, Any] | None) -> list[int]:
     done = state["checkpoints"] if state else []
     if len(done) > len(plan_urls):
@@ -177,14 +184,14 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
             "the config's data/model/vog settings changed since the incremental state was created; "
             f"use a new output URL (or delete {state_url} to start over)")
     if state and len(state["checkpoints"]) == len(urls):
-        infos = hash_checkpoints(urls, storage)
+        infos = hash_checkpoints(urls, storage, known=folded(state))
         _new_checkpoints(urls, infos, state)  # raises if a folded checkpoint changed
         return None
     with StateLock(state_url, storage):
         state = read_state(state_url, storage)  # re-read under the lock
         generation = state["generation"] if state else 0
         t = time.perf_counter()
-        plan = plan_audit(cfg, address, urls=urls)
+        plan = plan_audit(cfg, address, urls=urls, known=folded(state))
         steps: dict[str, float] = {"plan": round(time.perf_counter() - t, 3)}
         new_idx = _new_checkpoints(plan.urls, plan.infos, state)
         if not new_idx:

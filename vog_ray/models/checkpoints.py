@@ -32,9 +32,25 @@ class CheckpointInfo:
     url: str
     size: int
     sha256: str
+    version: str = ""   # the store's tag of this content (ETag, generation, mtime+inode): see stored_version
 
     def as_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "size": self.size, "sha256": self.sha256}
+        return {"url": self.url, "size": self.size, "sha256": self.sha256, "version": self.version}
+
+
+_VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash", "VersionId")  # s3fs, gcsfs: change with the content
+
+
+def stored_version(url: str, storage: StorageOptions | None = None) -> tuple[int, str]:
+    """``(size, tag)`` of the object at ``url`` from its metadata alone (one HEAD on a store): a
+    tag the store changes whenever the content changes — the ETag or generation of an object,
+    the modification time and inode of a local file."""
+    fs, path = resolve(url, storage)
+    info = fs.info(path)
+    tags = [f"{k}={info[k]}" for k in _VERSION_KEYS if info.get(k)]
+    if not tags:
+        tags = [f"mtime={info.get('mtime') or info.get('LastModified')}", f"ino={info.get('ino')}"]
+    return int(info.get("size") or 0), ";".join(tags)
 
 
 def list_checkpoints(urls: str | list[str], storage: StorageOptions | None = None) -> list[str]:
@@ -200,6 +216,10 @@ HASH_CHUNK = 1 << 22  # bytes read at a time while hashing a checkpoint
 
 def _hashed_stream(url: str, storage: StorageOptions | None, sink: Any = None) -> CheckpointInfo:
     """Size and sha256 of a checkpoint from one streamed read; each chunk also goes to ``sink``."""
+    try:
+        version = stored_version(url, storage)[1]  # before the read: a rewrite during it shows later
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"checkpoint not found: {url!r}") from e
     fs, path = resolve(url, storage)
     h = hashlib.sha256()
     size = 0
@@ -212,12 +232,26 @@ def _hashed_stream(url: str, storage: StorageOptions | None, sink: Any = None) -
                     sink.write(chunk)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"checkpoint not found: {url!r}") from e
-    return CheckpointInfo(url, size, h.hexdigest())
+    return CheckpointInfo(url, size, h.hexdigest(), version)
 
 
-def hash_checkpoints(urls: list[str], storage: StorageOptions | None = None) -> list[CheckpointInfo]:
-    """Size and sha256 of each checkpoint, streamed (one chunk in memory at a time)."""
-    return [_hashed_stream(u, storage) for u in urls]
+def hash_checkpoints(urls: list[str], storage: StorageOptions | None = None, *,
+                     known: dict[str, CheckpointInfo] | None = None) -> list[CheckpointInfo]:
+    """Size and sha256 of each checkpoint, streamed (one chunk in memory at a time). A checkpoint
+    in ``known`` whose stored size and version tag are unchanged is not read again."""
+    return [_unchanged(u, storage, known) or _hashed_stream(u, storage) for u in urls]
+
+
+def _unchanged(url: str, storage: StorageOptions | None, known: dict[str, CheckpointInfo] | None
+               ) -> CheckpointInfo | None:
+    """``known[url]`` when the object still has its recorded size and version tag, else None."""
+    k = (known or {}).get(url)
+    if k is None or not k.version:
+        return None
+    try:
+        return k if stored_version(url, storage) == (k.size, k.version) else None
+    except FileNotFoundError:
+        return None
 
 
 def read_hashed(url: str, storage: StorageOptions | None = None) -> tuple[bytes, CheckpointInfo]:
@@ -228,25 +262,33 @@ def read_hashed(url: str, storage: StorageOptions | None = None) -> tuple[bytes,
 
 
 def inspect_checkpoints(model_spec: Any, urls: list[str], storage: StorageOptions | None = None, *,
-                        check: Callable[[str, dict[str, torch.Tensor]], None] | None = None
-                        ) -> list[CheckpointInfo]:
+                        check: Callable[[str, dict[str, torch.Tensor]], None] | None = None,
+                        known: dict[str, CheckpointInfo] | None = None) -> list[CheckpointInfo]:
     """What planning needs of the checkpoints, reading each once and holding one at a time.
 
     Each checkpoint is streamed once (hashed while read), loaded safely, checked against the
     architecture — the first one loaded into the model (strict), the others compared key by key
     and shape by shape with it from their structure alone (meta tensors: no data copied) —
     passed to ``check(url, state_dict)`` if given (then with its values), and dropped before the
-    next is read. The scorer actors load the checkpoints themselves.
+    next is read. The scorer actors load the checkpoints themselves. A checkpoint in ``known``
+    (checked by an earlier audit: an incremental state) whose stored size and version tag are
+    unchanged is taken as it was, without a read.
     """
     model = build_model(model_spec)
     expected = {k: v.detach() for k, v in model.state_dict().items()}
-    infos = []
-    for i, url in enumerate(urls):
+    infos: list[CheckpointInfo] = []
+    loaded_one = False
+    for url in urls:
+        same = _unchanged(url, storage, known)
+        if same is not None:
+            infos.append(same)
+            continue
         data, info = read_hashed(url, storage)
-        sd = load_state_dict(url, data=data, model=model, meta=i > 0 and check is None)
+        sd = load_state_dict(url, data=data, model=model, meta=loaded_one and check is None)
         del data
-        if i == 0:
+        if not loaded_one:
             load_into(model, sd, url)
+            loaded_one = True
         else:
             check_fits(expected, sd, url)
         if check is not None:
