@@ -9,8 +9,12 @@ its own directory of 100 shards), K = 5 checkpoints, windows early/late/all, the
 object store can be watched). Per N: wall time of the CLI process, examples/s, seconds per 1k
 examples relative to 100k, the CLI process's peak RSS (``VmHWM``), the object store's peak use
 and what was spilled, the audit's per-step ``timings_s``, and stage 1's example×checkpoints/s
-relative to the engine alone (``GradientEngine.run`` in this process with as many torch threads
-as the actors have in all, on the same decoded images, measured right before each audit).
+relative to the engine alone on the same decoded images, measured right before each audit: in
+this process with as many torch threads as the actors have in all (bench/pipeline.py's
+reference), and as many single-threaded processes as there are actors (the actors' layout
+without Ray, read or decode: on a machine shared with other work, the fairer of the two — a
+process whose torch threads wait for each other at every operation loses most when its threads
+are descheduled).
 
 ``--plan-only``: (1) 10 generated checkpoints of ~100 MB (an MLP): planning as it is
 (``inspect_checkpoints``: each read once, hashed while read, one in memory at a time) vs as it was
@@ -213,8 +217,7 @@ def run_cli_audit(cluster: Cluster, cfg_path: str) -> dict:
             "spilled_mib": samples["spilled"] / MIB, "manifest": manifest}
 
 
-def engine_rate(x: np.ndarray, y: np.ndarray, ckpt_glob: str, threads: int) -> float:
-    """Example×checkpoints/s of the engine alone (this process, ``threads`` torch threads)."""
+def _engine(ckpt_glob: str, threads: int):
     import torch
 
     from vog_ray.core.engine import make_engine
@@ -223,12 +226,44 @@ def engine_rate(x: np.ndarray, y: np.ndarray, ckpt_glob: str, threads: int) -> f
 
     torch.set_num_threads(threads)
     loaded = load_checkpoints("lenet", ckpt_glob)
-    eng = make_engine(loaded.model, loaded.state_dicts, VogOptions(windows=WINDOWS, targets=["logit"]), "cpu")
+    return make_engine(loaded.model, loaded.state_dicts, VogOptions(windows=WINDOWS, targets=["logit"]), "cpu")
+
+
+def _timed_passes(eng, x: np.ndarray, y: np.ndarray) -> float:
     eng.run(x[:BATCH], y[:BATCH])  # warm-up
     t = time.perf_counter()
     for s in range(0, len(x), BATCH):
         eng.run(x[s:s + BATCH], y[s:s + BATCH])
-    return len(x) * K / (time.perf_counter() - t)
+    return time.perf_counter() - t
+
+
+def engine_rate(x: np.ndarray, y: np.ndarray, ckpt_glob: str, threads: int) -> float:
+    """Example×checkpoints/s of the engine alone: this process, ``threads`` torch threads (the
+    reference of bench/pipeline.py)."""
+    return len(x) * K / _timed_passes(_engine(ckpt_glob, threads), x, y)
+
+
+def _engine_worker(ckpt_glob: str, x: np.ndarray, y: np.ndarray, barrier, out) -> None:
+    eng = _engine(ckpt_glob, 1)
+    barrier.wait()
+    out.put(_timed_passes(eng, x, y))
+
+
+def engine_rate_processes(x: np.ndarray, y: np.ndarray, ckpt_glob: str, procs: int) -> float:
+    """Example×checkpoints/s of the engine alone in the actors' layout: ``procs`` processes of one
+    torch thread, each on its share of the examples, started together (no Ray, no read/decode)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    shares = np.array_split(np.arange(len(x)), procs)
+    ps = [ctx.Process(target=_engine_worker, args=(ckpt_glob, x[s], y[s], barrier, out)) for s in shares]
+    for p in ps:
+        p.start()
+    times = [out.get() for _ in ps]
+    for p in ps:
+        p.join()
+    return len(x) * K / max(times)
 
 
 def audit_config(data_dir: str, ckpts: str, out: str, actors: int, cpus_per_actor: float) -> dict:
@@ -266,6 +301,7 @@ def full_run(args: argparse.Namespace, root: str) -> dict:
     try:
         for n in sizes:
             eng = engine_rate(x, y, ckpts, actors)
+            eng_procs = engine_rate_processes(x, y, ckpts, actors)
             cfg_path = os.path.join(root, f"audit-{n}.yaml")
             with open(cfg_path, "w") as f:
                 yaml.safe_dump(audit_config(dirs[n], ckpts, os.path.join(root, f"out-{n}"), actors,
@@ -276,11 +312,13 @@ def full_run(args: argparse.Namespace, root: str) -> dict:
             stage1 = m["throughput"]["example_checkpoints_per_s"]
             results[n] = {**r, "examples_per_s": n / r["wall_s"], "s_per_1k": r["wall_s"] / n * 1000,
                           "stage1_example_ckpts_per_s": stage1, "engine_example_ckpts_per_s": eng,
-                          "stage1_vs_engine": stage1 / eng,
+                          "engine_processes_example_ckpts_per_s": eng_procs,
+                          "stage1_vs_engine": stage1 / eng, "stage1_vs_engine_processes": stage1 / eng_procs,
                           "end_to_end_example_ckpts_per_s": n * K / r["wall_s"], "timings_s": m["timings_s"]}
             print(f"[N={n}: {r['wall_s']:.1f} s, CLI peak {r['driver_peak_mib']:.0f} MiB, store peak "
                   f"{r['store_peak_mib']:.0f} MiB, spilled {r['spilled_mib']:.0f} MiB, stage 1 {stage1:.0f} vs "
-                  f"engine {eng:.0f} example×ckpts/s; steps {m['timings_s']}]", file=sys.stderr, flush=True)
+                  f"engine {eng:.0f} (1 process × {actors} threads) / {eng_procs:.0f} ({actors} processes × 1 thread) "
+                  f"example×ckpts/s; steps {m['timings_s']}]", file=sys.stderr, flush=True)
             shutil.rmtree(os.path.join(root, f"out-{n}"), ignore_errors=True)
     finally:
         cluster.stop()
@@ -290,12 +328,13 @@ def full_run(args: argparse.Namespace, root: str) -> dict:
 def report_full(results: dict, cpus: int, actors: int, lay: dict) -> dict:
     ref = results.get(100_000)
     print(f"{'N':>9}{'wall s':>9}{'ex/s':>9}{'s/1k vs 100k':>14}{'CLI peak MiB':>14}{'store peak MiB':>16}"
-          f"{'spilled MiB':>13}{'stage1/engine':>15}")
+          f"{'spilled MiB':>13}{'stage1/engine':>15}{'stage1/engine procs':>21}")
     for n, r in results.items():
         r["s_per_1k_vs_100k"] = r["s_per_1k"] / ref["s_per_1k"] if ref else None
         rel = f"{r['s_per_1k_vs_100k']:.3f}" if ref else "-"
         print(f"{n:>9}{r['wall_s']:>9.1f}{r['examples_per_s']:>9.0f}{rel:>14}{r['driver_peak_mib']:>14.0f}"
-              f"{r['store_peak_mib']:>16.0f}{r['spilled_mib']:>13.0f}{r['stage1_vs_engine']:>15.3f}")
+              f"{r['store_peak_mib']:>16.0f}{r['spilled_mib']:>13.0f}{r['stage1_vs_engine']:>15.3f}"
+              f"{r['stage1_vs_engine_processes']:>21.3f}")
     for n, r in results.items():
         print(f"  N={n} timings_s: {r['timings_s']}")
     one_m, ten_k = results.get(1_000_000), results.get(10_000)
@@ -305,6 +344,7 @@ def report_full(results: dict, cpus: int, actors: int, lay: dict) -> dict:
         "driver_peak_mib_10k": round(ten_k["driver_peak_mib"], 1) if ten_k else None,
         "spilled_mib_1m": round(one_m["spilled_mib"], 1) if one_m else None,
         "stage1_vs_engine_1m": round(one_m["stage1_vs_engine"], 4) if one_m else None,
+        "stage1_vs_engine_processes_1m": round(one_m["stage1_vs_engine_processes"], 4) if one_m else None,
         "runs": {str(n): {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                  for n, r in results.items()},
         "settings": {"shards": SHARDS, "k": K, "windows": WINDOWS, "targets": ["logit"], "model": "lenet",
