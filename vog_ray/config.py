@@ -42,10 +42,34 @@ IMAGE_FOLDER_COLUMNS = ("class_name", "path")  # what an image-folder split can 
 REPORTABLE_COLUMNS = ("split", "label", "target_label", "pred", "correct")
 
 
+class WebDatasetSpec(_Strict):
+    """``format: webdataset``: which members of a sample hold its image and its label."""
+
+    image_keys: list[str] = Field(
+        default_factory=lambda: ["jpg", "jpeg", "png", "webp", "npy"], min_length=1,
+        description="the image is the sample's first member with one of these extensions")
+    label_key: str = Field(
+        default="cls", description="the member whose text is the integer label (an extension, e.g. cls), "
+        "or json:<key> for a key of the sample's json member")
+
+
+class ManifestSpec(_Strict):
+    """``format: manifest``: a table of image URIs; how the images are fetched."""
+
+    table_format: Literal["auto", "parquet", "csv", "jsonl"] = Field(
+        default="auto", description="the manifest's format (auto: from the file extension)")
+    fetch_threads: int = Field(default=16, ge=1, le=256,
+                               description="concurrent image fetches in each read task")
+    fetch_retries: int = Field(default=3, ge=0, le=20,
+                               description="retries of a failed fetch (a missing object is not retried)")
+    rows_per_task: int = Field(default=2000, ge=1,
+                               description="manifest rows (images fetched) per read task of a Parquet manifest")
+
+
 class SplitSpec(_Strict):
     """One data split: where it lives and how to read it."""
 
-    format: Literal["parquet", "image_folder", "cifar", "npz"]
+    format: Literal["parquet", "image_folder", "cifar", "npz", "webdataset", "manifest"]
     url: Union[str, list[str]] = Field(description="a file, a directory, a glob, or a list of them")
     image_column: str = "image"
     label_column: Optional[str] = "label"
@@ -57,6 +81,26 @@ class SplitSpec(_Strict):
     cifar_batches: Optional[Literal["train", "test"]] = Field(
         default=None, description="cifar: which batches (train = data_batch_*, test = test_batch)")
     group: Optional[str] = Field(default=None, description="a group name for reports (e.g. OoD groups)")
+    webdataset: Optional[WebDatasetSpec] = Field(default=None, description="format webdataset: its options")
+    manifest: Optional[ManifestSpec] = Field(default=None, description="format manifest: its options")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_defaults(cls, v: Any) -> Any:
+        """A webdataset / manifest split gets its options block (defaults) when it has none."""
+        if isinstance(v, dict) and v.get("format") in ("webdataset", "manifest") and v.get(v["format"]) is None:
+            v = {**v, v["format"]: {}}
+        return v
+
+    @model_validator(mode="after")
+    def _format_options(self) -> "SplitSpec":
+        for opt in ("webdataset", "manifest"):
+            if getattr(self, opt) is not None and self.format != opt:
+                raise ValueError(f"{opt} options are for format: {opt} (this split is {self.format})")
+        if self.format == "webdataset" and self.id_column:
+            raise ValueError("a webdataset split takes its ids from the samples' keys ('<shard>.tar:<key>'; "
+                             "no id_column)")
+        return self
 
     @model_validator(mode="after")
     def _carried(self) -> "SplitSpec":
@@ -121,6 +165,9 @@ class VogSpec(_Strict):
     normalize_against: Optional[str] = Field(
         default=None, description="a split of data.splits: every split's z uses that split's class moments "
         "(how unusual an example is for the reference distribution); null: each split its own")
+    state_dtype: Literal["float16", "float32", "float64"] = Field(
+        default="float32", description="incremental audits: how the persisted per-pixel moments are stored "
+        "(float16: half the bytes, each example's moments scaled into [-1, 1]; float64 for accum_dtype float64)")
 
     @field_validator("targets", mode="before")
     @classmethod

@@ -1,4 +1,5 @@
-"""A real 2-node Ray cluster on this machine, an audit submitted as a Ray job, S3 on loopback.
+"""A real 2-node Ray cluster on this machine, an audit submitted as a Ray job, S3 on loopback —
+and the same audit again, losing its second node while that node holds a scorer actor.
 
 Two ``ray start`` processes (head + worker), each with 2 logical CPUs, 1 fake GPU (Ray schedules
 it; torch sees no CUDA, so the scorer falls back to the CPU), a custom resource naming the node,
@@ -15,6 +16,11 @@ the S3 credentials reach the job's driver and workers through ``--runtime-env-js
 raylets are started without them). Two scorer actors with one GPU each must land one per node.
 The job is one more execution mode: its tables must equal the single-process reference that
 test_modes.py holds every mode to (scores, class tables, signals).
+
+Then node b dies mid-audit: a second job (CPU actors, one per node, a slow forward so blocks are
+in flight for seconds) runs until node b's actor has scored, and every process of node b is
+SIGKILLed. Ray restarts the lost actor on node a, retries its blocks and rebuilds lost objects;
+the job must succeed with every row scored, and its tables are held to the same reference.
 
 Teardown kills only the processes of this cluster: those whose command line names its unique
 temp dir, and their descendants (workers, the job driver). ``ray stop`` is never used: it
@@ -191,9 +197,9 @@ def wait_for_nodes(dashboard: str, n: int, timeout: float = 120) -> dict[str, st
 
 
 # --------------------------------------------------------------------------- the test
-def audit_config(digits_audit) -> dict[str, Any]:
+def audit_config(digits_audit, out: str = "mn/job") -> dict[str, Any]:
     return digits_audit.config(
-        "multinode-test", out="mn/job",
+        "multinode-test", out=out,
         # the same network and weights, with a forward that sleeps: a batch takes long enough that
         # the second actor gets the next block while the first is busy (tests/ travels with the job)
         model={**MODEL, "name": "tests.faultproxy:slow_small_cnn", "delay": 0.05},
@@ -204,8 +210,79 @@ def audit_config(digits_audit) -> dict[str, Any]:
                  "gpus_per_actor": 1, "cpus_per_actor": 1, "read_blocks": 8, "decode_batch_size": 16})
 
 
+def submit(cluster: dict, sub_id: str, cfg_path: Path, env_vars: dict[str, str]) -> None:
+    runtime_env = {"env_vars": {**env_vars, "RAY_AUTH_MODE": "disabled"}, "excludes": EXCLUDES}
+    run([RAY, "job", "submit", "--address", cluster["dashboard"], "--submission-id", sub_id, "--no-wait",
+         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
+         "--", "python", "jobs/audit.py", str(cfg_path)], timeout=300)
+
+
+def wait_job(cluster: dict, sub_id: str, timeout: float = 3000) -> tuple[Any, str]:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster["dashboard"])
+    deadline = time.time() + timeout
+    while (status := client.get_job_status(sub_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                             JobStatus.STOPPED) and time.time() < deadline:
+        time.sleep(2)
+    return status, client.get_job_logs(sub_id)
+
+
+LOST_DELAY_S = 0.3   # a forward of the node-loss audit sleeps this long: blocks are in flight for seconds
+
+
+def lose_node_b_mid_audit(cluster: dict, digits_audit, tmp_path: Path) -> dict[str, Any]:
+    """An audit whose two scorer actors run one per node; once node b's actor has scored, every
+    process of node b (raylet, object store, workers) is SIGKILLed. Returns what was seen."""
+    from ray.job_submission import JobStatus
+    from ray.util.state import list_actors
+
+    forwards = tmp_path / "forwards.log"   # one line (the pid) per forward call of the scorer
+    forwards.touch()
+    cfg = audit_config(digits_audit, "mn/lost")
+    cfg["model"]["delay"] = LOST_DELAY_S
+    # CPU actors at half a CPU each: after the loss, node a (2 CPUs) holds both and still has a
+    # CPU for the read/decode tasks
+    cfg["compute"] = {**cfg["compute"], "device": "cpu", "cpus_per_actor": 0.5}
+    cfg["compute"].pop("gpus_per_actor")
+    cfg_path = tmp_path / "lost.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    sub_id = f"vog-lost-{uuid.uuid4().hex[:8]}"
+    submit(cluster, sub_id, cfg_path, {**digits_audit.s3.env, "VOG_TEST_FORWARD_LOG": str(forwards)})
+    b_marker = os.path.join(cluster["root"], "b")
+    deadline = time.time() + 1800
+    while time.time() < deadline:
+        b_pids = cluster_pids(b_marker)
+        on_b = [p for p in map(int, forwards.read_text().split()) if p in b_pids]
+        if len(on_b) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("node b's scorer actor never scored")
+    actors = [a for a in list_actors(address=cluster["dashboard"], detail=True, limit=10_000)
+              if "ScorerActor" in (a.class_name or "") and a.state == "ALIVE"]
+    placed = sorted(str(cluster["nodes"].get(a.node_id)) for a in actors)
+    n_before = len(forwards.read_text().split())
+    for pid in cluster_pids(b_marker):          # the node dies: no drain, no goodbye
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    t_kill = time.time()
+    status, logs = wait_job(cluster, sub_id)
+    assert status == JobStatus.SUCCEEDED, f"job {sub_id}: {status}\n{logs[-6000:]}"
+    n = sum(len(r) for r in ROWS.values())
+    assert f"rows: {n} in = {n} scored + 0 rejected" in logs, logs[-3000:]
+    after = forwards.read_text().split()[n_before:]
+    return {"actors_at_kill": placed, "forwards_before_kill": n_before, "forwards_after_kill": len(after),
+            "finished_after_kill_s": round(time.time() - t_kill, 1)}
+
+
 @pytest.mark.timeout(3600)  # minutes on an idle 2-core machine; much longer when it is shared
 def test_audit_job_on_two_node_cluster(digits_audit, tmp_path):
+    """(1) An audit job whose two GPU actors run one per node == the single-process reference. (2)
+    The same audit with node b SIGKILLed while its scorer actor holds blocks: it finishes on node
+    a, no row lost, and its tables are held to the same reference."""
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors, list_tasks
 
@@ -244,8 +321,16 @@ def test_audit_job_on_two_node_cluster(digits_audit, tmp_path):
         print("scorer batch tasks per node:", per_node)
         assert all(per_node.values()), ("both scorer actors must score blocks", per_node)
 
+        lost = lose_node_b_mid_audit(cluster, digits_audit, tmp_path)
+        print(f"node b lost mid-audit: {lost}")
+        assert lost["actors_at_kill"] == ["node_a", "node_b"], lost
+        assert lost["forwards_after_kill"] > 0, ("node a must have scored after the loss", lost)
+
     # the job is one more execution mode: the same numbers as the single-process reference
     job = Scores.of_run(s3.url("mn/job"), digits_audit.storage)
     assert_modes_agree(digits_audit.reference(), job, "two-node job vs single")
     m = job.manifest
     assert m["rows"] == {"in": rows, "scored": rows, "rejected": 0} and m["num_checkpoints"] == K
+    lost_run = Scores.of_run(s3.url("mn/lost"), digits_audit.storage)
+    assert_modes_agree(digits_audit.reference(), lost_run, "two-node job that lost node b vs single")
+    assert lost_run.manifest["rows"] == m["rows"]

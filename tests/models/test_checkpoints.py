@@ -242,3 +242,95 @@ def test_pickle_payloads_are_refused_and_never_run(tmp_path):
     torch.load(tmp_path / "control.pt", weights_only=False)
     assert live.exists(), "control payload did not run: the refusal test above would prove nothing"
     assert not sentinel.exists()
+
+
+# --------------------------------------------------------------------------- planning
+def test_planning_reads_each_checkpoint_once_and_holds_one(tmp_path, monkeypatch):
+    """``inspect_checkpoints`` (what ``plan_audit`` runs): one read per file, the sha256 of the
+    bytes on disk, every checkpoint checked against the model, one state_dict alive at a time."""
+    import gc
+    import hashlib
+    import weakref
+
+    import vog_ray.models.checkpoints as ck
+
+    sds = [mlp_sd(s) for s in range(4)]
+    for i, sd in enumerate(sds):
+        torch.save(sd, tmp_path / f"epoch_{i}.pt")
+    save_file({k: v.contiguous() for k, v in sds[0].items()}, str(tmp_path / "epoch_4.safetensors"))
+    urls = [str(tmp_path / f"epoch_{i}.pt") for i in range(4)] + [str(tmp_path / "epoch_4.safetensors")]
+    opened: list[str] = []
+    real_resolve = ck.resolve
+
+    def counting_resolve(url, storage=None):
+        fs, path = real_resolve(url, storage)
+        real_open = fs.open
+
+        def open_(p, mode="rb", **kw):
+            opened.append(p)
+            return real_open(p, mode, **kw)
+
+        fs.open = open_
+        return fs, path
+
+    monkeypatch.setattr(ck, "resolve", counting_resolve)
+    alive: list[weakref.ref] = []
+    seen: list[str] = []
+
+    def check(url, sd):
+        gc.collect()
+        assert all(r() is None for r in alive), f"an earlier state_dict is still alive while {url} is checked"
+        alive.append(weakref.ref(next(iter(sd.values()))))
+        seen.append(url)
+
+    infos = ck.inspect_checkpoints(MLP, urls, check=check)
+    assert sorted(opened) == sorted(str(tmp_path / os.path.basename(u)) for u in urls)  # each file once
+    assert seen == urls
+    for u, info in zip(urls, infos):
+        data = Path(u).read_bytes()
+        assert (info.url, info.size, info.sha256) == (u, len(data), hashlib.sha256(data).hexdigest())
+    assert [i.as_dict() for i in infos] == [i.as_dict() for i in ck.hash_checkpoints(urls)]
+
+    # a later checkpoint of another shape fails naming it, before anything is scored
+    torch.manual_seed(0)
+    torch.save(build_model({**MLP, "hidden": [9, 4]}).state_dict(), tmp_path / "epoch_5.pt")
+    with pytest.raises(CheckpointError, match=r"epoch_5\.pt.*shape"):
+        ck.inspect_checkpoints(MLP, urls + [str(tmp_path / "epoch_5.pt")])
+    torch.save({"net.0.weight": torch.zeros(5, 6)}, tmp_path / "epoch_6.pt")
+    with pytest.raises(CheckpointError, match=r"epoch_6\.pt.*missing keys"):
+        ck.inspect_checkpoints(MLP, urls[:1] + [str(tmp_path / "epoch_6.pt")])
+
+
+def test_planning_skips_checkpoints_known_unchanged(tmp_path, monkeypatch):
+    """Checkpoints an earlier audit checked (an incremental state's) are not read again while their
+    stored size and version tag (here: mtime and inode) are unchanged; a rewritten one is."""
+    import hashlib
+
+    import vog_ray.models.checkpoints as ck
+
+    urls = []
+    for i in range(3):
+        torch.save(mlp_sd(i), tmp_path / f"epoch_{i}.pt")
+        urls.append(str(tmp_path / f"epoch_{i}.pt"))
+    first = ck.inspect_checkpoints(MLP, urls)
+    assert all(i.version for i in first)
+    reads: list[str] = []
+    real_resolve = ck.resolve
+
+    def counting_resolve(url, storage=None):
+        fs, path = real_resolve(url, storage)
+        real_open = fs.open
+        fs.open = lambda p, mode="rb", **kw: (reads.append(url), real_open(p, mode, **kw))[1]
+        return fs, path
+
+    monkeypatch.setattr(ck, "resolve", counting_resolve)
+    known = {i.url: i for i in first[:2]}
+    again = ck.inspect_checkpoints(MLP, urls, known=known)
+    assert reads == [urls[2]] and again == first                     # only the one not known is read
+    assert ck.hash_checkpoints(urls[:2], known=known) == first[:2] and reads == [urls[2]]
+    torch.save(mlp_sd(7), tmp_path / "epoch_1.pt.new")                 # epoch_1 rewritten (a new inode)
+    os.replace(tmp_path / "epoch_1.pt.new", tmp_path / "epoch_1.pt")
+    reads.clear()
+    changed = ck.inspect_checkpoints(MLP, urls[:2], known=known)
+    assert reads == [urls[1]]
+    assert changed[1].sha256 == hashlib.sha256((tmp_path / "epoch_1.pt").read_bytes()).hexdigest() != first[1].sha256

@@ -37,10 +37,10 @@ def read_split(name: str, spec: "SplitSpec", storage: StorageOptions | None = No
     if spec.format == "image_folder":
         return read_image_folder(name, spec, storage, override_num_blocks=override_num_blocks,
                                  class_names=class_names)
-    if spec.format not in ("parquet", "cifar", "npz"):
+    if spec.format not in ("parquet", "cifar", "npz", "webdataset", "manifest"):
         raise ValueError(f"split {name!r}: unknown format {spec.format!r}")
     fs, _, files = split_files(spec, storage)
-    return ray.data.read_datasource(SplitDatasource(name, spec, fs, files),
+    return ray.data.read_datasource(SplitDatasource(name, spec, fs, files, storage=storage),
                                     override_num_blocks=override_num_blocks)
 
 

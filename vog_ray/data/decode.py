@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..storage import StorageOptions
-from .rows import NPY_MAGIC, OK
+from .rows import NPY_MAGIC, OK, REJECT_MAGIC
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -109,6 +109,8 @@ def decode_payload(payload: Any) -> Any:
     b = bytes(payload)
     if b.startswith(NPY_MAGIC):
         return _load_npy(b)
+    if b.startswith(REJECT_MAGIC):
+        raise Reject(b[len(REJECT_MAGIC):].decode("utf-8", "replace"))
     from PIL import Image
     try:  # (PIL's warnings are silenced for the whole batch by decode_batch)
         img = Image.open(io.BytesIO(b), formats=_IMAGE_FORMAT.get(b[:4]))  # no probing of every format

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..storage import StorageOptions
-from . import cifar, image_folder, npz, parquet
+from . import cifar, image_folder, manifest, npz, parquet, webdataset
+from .uris import Fetcher, is_absolute
 from .decode import Reject, clean_error, decode_payload, pil_to_hwc, raw_to_hwc
 from .listing import SourceFile, list_split_files, split_files
 
@@ -152,7 +153,11 @@ def _fetch(spec: "SplitSpec", ids: Sequence[str], storage: StorageOptions | None
         image_folder.fetch_files(spec, storage, ids, on_error, found)
     else:
         fs, base, _ = split_files(spec, storage, list_files=False)
-        if spec.format == "parquet" and spec.id_column:
+        if spec.format == "manifest":
+            _fetch_manifest_images(fs, spec, storage, ids, put, from_bytes)
+        elif spec.format == "webdataset":
+            _fetch_shard_samples(fs, base, spec, ids, on_error, put, from_bytes)
+        elif spec.format == "parquet" and spec.id_column:
             parquet.fetch_by_id_column(fs, spec, storage, ids, found)
         elif spec.id_column:
             _fetch_arrays_by_id_column(fs, spec, storage, ids, out, put, from_array)
@@ -160,6 +165,45 @@ def _fetch(spec: "SplitSpec", ids: Sequence[str], storage: StorageOptions | None
             _fetch_by_file_row(fs, base, spec, ids, on_error, put, from_bytes, from_array)
     _check_all(ids, out, on_error)
     return out
+
+
+def _fetch_shard_samples(fs, base: str, spec: "SplitSpec", ids: list[str], on_error: str, put: Put,
+                         from_bytes: Convert) -> None:
+    """WebDataset ids ``"<shard>.tar:<key>"``: read only the shards they name."""
+    by_shard: dict[str, dict[str, str]] = {}
+    for i in ids:
+        try:
+            rel, key = webdataset.shard_of_id(i)
+        except KeyError:
+            if on_error == "raise":
+                raise
+            continue
+        by_shard.setdefault(rel, {})[key] = i
+    for rel, wanted in by_shard.items():
+        path = posixpath.join(base, rel) if base not in ("", "/") else rel
+        if not fs.exists(path):
+            if on_error == "raise":
+                raise KeyError(f"ids {list(wanted.values())[:3]}: no shard {rel!r} in the split")
+            continue
+        webdataset.fetch_samples(fs, SourceFile(path, rel, 0), spec, wanted,
+                                 lambda i, b: put(i, lambda: from_bytes(b)))
+
+
+def _fetch_manifest_images(fs, spec: "SplitSpec", storage: StorageOptions, ids: list[str], put: Put,
+                           from_bytes: Convert) -> None:
+    """Manifest ids: absolute URIs are read as they are; relative ones, and ids of an
+    ``id_column``, are looked up in the manifests (a relative URI is under its manifest's directory)."""
+    files = list_split_files(spec, storage)
+    located: dict[str, tuple[str, SourceFile]] = {}
+    if not spec.id_column:
+        located = {i: (i, files[0]) for i in ids if is_absolute(i)}
+    rest = {i for i in ids if i not in located}
+    if rest:
+        manifest.uris_for_ids(fs, files, spec, rest, lambda i, u, f: located.setdefault(i, (u, f)))
+    for i, (uri, f) in located.items():
+        fetcher = Fetcher(storage, fs, posixpath.dirname(f.path), spec.manifest.fetch_retries)
+        payload = fetcher.fetch(uri)
+        put(i, lambda b=payload: from_bytes(b))
 
 
 def fetch_images(spec: "SplitSpec", ids: Sequence[str], storage: StorageOptions | None = None, *,

@@ -17,10 +17,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import SplitSpec
 
 __all__ = ["SourceFile", "list_split_files", "split_files", "folder_root", "list_classes", "folder_files",
-           "folder_sources", "split_bases", "file_version", "IMAGE_EXTENSIONS", "PARQUET_EXTENSIONS"]
+           "folder_sources", "split_bases", "file_version", "IMAGE_EXTENSIONS", "PARQUET_EXTENSIONS",
+           "TAR_EXTENSIONS", "MANIFEST_FORMATS"]
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "pbm")
 PARQUET_EXTENSIONS = (".parquet", ".pq", ".parq")
+TAR_EXTENSIONS = (".tar",)
+MANIFEST_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl",
+                    ".ndjson": "jsonl", ".json": "jsonl"}   # a manifest's extension → its table format
 _CIFAR_TRAIN = re.compile(r"^(data_batch_\d+|train)$")
 _CIFAR_TEST = re.compile(r"^(test_batch|test)$")
 
@@ -96,6 +100,10 @@ def _accept(fmt: str, name: str, cifar_batches: str | None) -> bool:
         return base.lower().endswith(PARQUET_EXTENSIONS)
     if fmt == "npz":
         return base.lower().endswith(".npz")
+    if fmt == "webdataset":
+        return base.lower().endswith(TAR_EXTENSIONS)
+    if fmt == "manifest":
+        return base.lower().endswith(tuple(MANIFEST_FORMATS))
     if fmt == "cifar":
         if cifar_batches == "train":
             return bool(_CIFAR_TRAIN.match(base))

@@ -2,7 +2,8 @@
 from metadata where the format has it), what the Parquet footers say about the columns an audit
 reads (:func:`scan_splits`: present in every file, one type per column, labels numeric), that the
 output lies apart from the inputs, and the model input shape, from decoding the first rows of
-each split. Imports neither Ray nor torch."""
+each split. Imports neither Ray nor torch: a caller may pass a ``mapper`` that runs the per-file
+counts elsewhere (the audit runs the WebDataset header passes as Ray tasks)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 
 from ..config import ConfigError
 from ..storage import StorageOptions, resolve
-from . import cifar, image_folder, npz, parquet
+from . import cifar, image_folder, manifest, npz, parquet, webdataset
 from .decode import Reject, decode_row
 from .listing import SourceFile, folder_files, split_bases, split_files
 from .rows import npy_bytes
@@ -22,7 +23,10 @@ from .rows import npy_bytes
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AuditConfig, SplitSpec
 
-__all__ = ["count_split_rows", "count_rows", "infer_input_shape", "SplitScan", "scan_splits", "check_output_apart"]
+__all__ = ["count_split_rows", "count_rows", "infer_input_shape", "SplitScan", "scan_splits", "check_output_apart",
+           "file_rows", "Mapper", "declared_class_names"]
+
+Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]  # map(fn, items) → [fn(i) …]
 
 
 def _map_threads(fn: Callable[[Any], Any], items: Sequence[Any], max_workers: int = 16) -> list[Any]:
@@ -34,29 +38,61 @@ def _map_threads(fn: Callable[[Any], Any], items: Sequence[Any], max_workers: in
         return list(pool.map(fn, items))
 
 
-def count_split_rows(spec: "SplitSpec", storage: StorageOptions | None = None) -> int:
+def file_rows(fs: Any, f: SourceFile, spec: "SplitSpec") -> int:
+    """The rows ``read_split`` yields for one file of a split (not an image folder)."""
+    if spec.format == "parquet":
+        return parquet.num_rows(fs, f)
+    if spec.format == "npz":
+        return npz.num_rows(fs, f, spec)
+    if spec.format == "webdataset":
+        return webdataset.num_rows(fs, f)
+    if spec.format == "manifest":
+        return manifest.num_rows(fs, f, spec)
+    return cifar.num_rows(fs, f)
+
+
+def _file_rows_of(args: tuple[Any, SourceFile, "SplitSpec"]) -> int:
+    return file_rows(*args)
+
+
+def count_split_rows(spec: "SplitSpec", storage: StorageOptions | None = None, *,
+                     mapper: Mapper | None = None) -> int:
     """The number of rows ``read_split`` yields for a split, from metadata where the format has
-    it (parquet footers, npz headers, the image-folder listing); CIFAR batches are unpickled.
-    Parquet footers are checked for the columns the split reads (``parquet.check_columns``)."""
+    it (parquet footers, npz headers, manifest footers, the image-folder listing); WebDataset
+    shards from a pass over their member headers, CIFAR batches unpickled. ``mapper`` runs the
+    per-file counts (default: 16 threads here)."""
     storage = storage or StorageOptions()
     if spec.format == "image_folder":
         return len(folder_files(spec, storage)[2])
     fs, _, files = split_files(spec, storage)
-
-    def rows(f: SourceFile) -> int:
-        if spec.format == "parquet":
-            return parquet.num_rows(fs, f, spec)
-        if spec.format == "npz":
-            return npz.num_rows(fs, f, spec)
-        return cifar.num_rows(fs, f)
-
-    return int(sum(_map_threads(rows, files)))
+    return int(sum((mapper or _map_threads)(_file_rows_of, [(fs, f, spec) for f in files])))
 
 
-def count_rows(cfg: "AuditConfig", storage: StorageOptions | None = None) -> dict[str, int]:
-    """Rows per split (``rows_in``), without running a Ray job."""
+def count_rows(cfg: "AuditConfig", storage: StorageOptions | None = None, *,
+               mapper: Mapper | None = None) -> dict[str, int]:
+    """Rows per split (``rows_in``); ``mapper`` as in :func:`count_split_rows`."""
     storage = storage or cfg.storage.options()
-    return {name: count_split_rows(spec, storage) for name, spec in cfg.data.splits.items()}
+    return {name: count_split_rows(spec, storage, mapper=mapper) for name, spec in cfg.data.splits.items()}
+
+
+def declared_class_names(cfg: "AuditConfig", storage: StorageOptions | None = None) -> list[str] | None:
+    """The class names a dataset declares itself (Hugging Face: the ``huggingface`` Parquet schema
+    metadata, or ``dataset_info.json`` beside the files), for configs without ``data.class_names``:
+    the first Parquet split that declares them; a split that declares others is an error."""
+    storage = storage or cfg.storage.options()
+    found: tuple[str, list[str]] | None = None
+    for name, spec in cfg.data.splits.items():
+        if spec.format != "parquet" or not spec.label_column:
+            continue
+        fs, base, files = split_files(spec, storage)
+        names = parquet.class_names(fs, files, base, spec.label_column)
+        if names is None:
+            continue
+        if found is not None and names != found[1]:
+            raise ValueError(f"splits {found[0]!r} and {name!r} declare different class names in their metadata "
+                             f"({found[1][:5]}… vs {names[:5]}…); set data.class_names")
+        found = found or (name, names)
+    return found[1] if found else None
 
 
 @dataclass
@@ -128,9 +164,13 @@ def _parquet_types(cfg: "AuditConfig", name: str, spec: "SplitSpec", files: list
     return {col: seen.get(col, (pa.null(), "", ""))[0] for col in wanted}
 
 
-def scan_splits(cfg: "AuditConfig", storage: StorageOptions | None = None) -> SplitScan:
-    """Rows per split and the carried columns' types, from metadata (no Ray job); a split that
-    cannot be read as configured is a :class:`~vog_ray.config.ConfigError` naming the file and key."""
+def scan_splits(cfg: "AuditConfig", storage: StorageOptions | None = None, *,
+                mapper: Mapper | None = None, defer: Sequence[str] = ()) -> SplitScan:
+    """Rows per split and the carried columns' types, from metadata (no Ray job; ``mapper`` runs
+    the per-file counts of the formats without footers, as in :func:`count_split_rows`); a split
+    that cannot be read as configured is a :class:`~vog_ray.config.ConfigError` naming the file and
+    key. Splits of a format in ``defer`` are left out of ``rows_in`` (the caller counts them:
+    WebDataset shards need a pass over every member header, run as Ray tasks)."""
     storage = storage or cfg.storage.options()
     rows: dict[str, int] = {}
     types: dict[str, tuple[pa.DataType, str]] = {}
@@ -144,7 +184,8 @@ def scan_splits(cfg: "AuditConfig", storage: StorageOptions | None = None) -> Sp
                 read = _parquet_types(cfg, name, spec, files, footers)
                 split_types = {k: read[k] for k in spec.keep_columns}
             else:
-                rows[name] = count_split_rows(spec, storage)
+                if spec.format not in defer:
+                    rows[name] = count_split_rows(spec, storage, mapper=mapper)
                 if spec.format == "image_folder":
                     split_types = {k: pa.string() for k in spec.keep_columns}
         except ConfigError as e:
@@ -190,8 +231,13 @@ def _peek_payloads(spec: "SplitSpec", storage: StorageOptions | None, n: int = 1
         return image_folder.peek_payloads(spec, storage, n)
     fs, _, files = split_files(spec, storage)
     for f in files:
-        if spec.format == "parquet":
-            payloads = parquet.peek_payloads(fs, f, spec, n)
+        if spec.format in ("parquet", "webdataset", "manifest"):
+            if spec.format == "parquet":
+                payloads = parquet.peek_payloads(fs, f, spec, n)
+            elif spec.format == "webdataset":
+                payloads = webdataset.peek_payloads(fs, f, spec, n)
+            else:
+                payloads = manifest.peek_payloads(fs, f, spec, n, storage or StorageOptions())
             if payloads is None:
                 continue
             return payloads

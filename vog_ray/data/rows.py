@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import io
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -17,13 +17,18 @@ from ..core.table import keep_array
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import SplitSpec
 
-__all__ = ["ROW_COLUMNS", "OK", "NPY_MAGIC", "npy_bytes", "label_type_ok", "labels_array", "ids_array", "make_block",
+__all__ = ["ROW_COLUMNS", "OK", "NPY_MAGIC", "REJECT_MAGIC", "reject_payload", "npy_bytes", "label_type_ok",
+           "labels_array", "ids_array", "make_block",
            "row_ids", "rows_per_block", "array_blocks", "image_column_to_binary", "raw_rows"]
 
 NPY_MAGIC = b"\x93NUMPY"
+# a reader that cannot produce a row's image (a fetch failed, a shard was cut short) puts this
+# marker and the reason in the ``image`` column; the decode stage turns it into the row's status
+REJECT_MAGIC = b"\x00vog-ray-reject\x00"
 ROW_COLUMNS = ("id", "split", "label", "image")
 OK = "ok"
 _TARGET_BLOCK_BYTES = 32 * 1024 * 1024
+PATH_READ_THREADS = 16   # concurrent reads of image files named by a Hugging Face image struct's path
 
 
 @functools.lru_cache(maxsize=64)
@@ -32,6 +37,11 @@ def _npy_header_for(dtype_str: str, shape: tuple[int, ...]) -> bytes:
     np.lib.format.write_array(buf, np.zeros(shape, np.dtype(dtype_str)), allow_pickle=False)
     data = buf.getvalue()
     return data[:len(data) - int(np.prod(shape)) * np.dtype(dtype_str).itemsize]
+
+
+def reject_payload(reason: str) -> bytes:
+    """An ``image`` payload that the decode stage rejects with ``reason`` as the row's status."""
+    return REJECT_MAGIC + reason.encode("utf-8", "replace")
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -123,13 +133,25 @@ def array_blocks(x: np.ndarray, labels: np.ndarray, ids: pa.Array | None, rel: s
         yield make_block(bid, name, labels[s:e], images, {k: keep_array(v[s:e]) for k, v in keep.items()})
 
 
-def image_column_to_binary(col: pa.Array, spec: "SplitSpec", source: str) -> pa.Array:
-    """The parquet image column as binary: encoded bytes as they are, raw arrays as ``.npy``."""
+def image_column_to_binary(col: pa.Array, spec: "SplitSpec", source: str,
+                           read_path: Optional[Callable[[str], Optional[bytes]]] = None) -> pa.Array:
+    """The parquet image column as binary: encoded bytes as they are, raw arrays as ``.npy``.
+
+    A Hugging Face image struct ``{bytes, path}`` gives its ``bytes``; a row whose ``bytes`` are
+    null and whose ``path`` is set is read with ``read_path(path)`` (the Parquet reader resolves
+    it against the file's directory)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     t = col.type
     if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:  # Hugging Face {bytes, path}
+        paths = col.field("path").to_pylist() if t.get_field_index("path") >= 0 else None
         col = col.field("bytes")
+        if paths is not None and read_path is not None and col.null_count:
+            data = col.to_pylist()
+            need = [i for i, (b, p) in enumerate(zip(data, paths)) if b is None and p]
+            for i, b in zip(need, _read_all(read_path, [paths[i] for i in need])):
+                data[i] = b
+            col = pa.array(data, pa.binary())
         t = col.type
     if pa.types.is_large_binary(t):
         return col.cast(pa.binary())
@@ -146,6 +168,15 @@ def image_column_to_binary(col: pa.Array, spec: "SplitSpec", source: str) -> pa.
             r = r.reshape(shape)
         out.append(npy_bytes(r))
     return pa.array(out, pa.binary())
+
+
+def _read_all(read_path: Callable[[str], Optional[bytes]], paths: list[str]) -> list[Optional[bytes]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(paths) <= 1:
+        return [read_path(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(PATH_READ_THREADS, len(paths))) as pool:
+        return list(pool.map(read_path, paths))
 
 
 def raw_rows(col: pa.Array, source: str, name: str) -> list[Optional[np.ndarray]]:

@@ -139,16 +139,20 @@ def count_config_rows(cfg: AuditConfig, storage: StorageOptions) -> dict[str, in
     return out
 
 
-def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] | None = None) -> Plan:
+def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] | None = None,
+               known: dict[str, Any] | None = None) -> Plan:
     """Everything that can be checked before any Ray work, refused with an error naming the file
     and key (``ConfigError``, ``CheckpointError``): the address, the output apart from the inputs,
     the checkpoints listed, windows of at least two distinct checkpoints, the splits' footers
     (rows, columns and their types), every checkpoint against the model and for non-finite
-    tensors (one in memory at a time), the output writable, the input files' identity (size and
-    version, for the work key) — then connect to Ray."""
+    tensors (each read once, hashed while read, one in memory at a time; ``known``: checkpoints an
+    earlier audit checked, url → ``CheckpointInfo``, not read again while unchanged), the output
+    writable, the input files' identity (size and version, for the work key) — then connect to
+    Ray, and count the rows of WebDataset splits (a pass over their member headers, as Ray tasks)."""
     from ..data.identity import inputs_identity
-    from ..data.metadata import check_output_apart, scan_splits
+    from ..data.metadata import check_output_apart, count_split_rows, declared_class_names, scan_splits
     from ..models.checkpoints import check_checkpoints
+    from .cluster import ray_map
 
     check_address(address)  # an address the audit cannot use is refused before any work
     storage = cfg.storage.options()
@@ -160,14 +164,20 @@ def plan_audit(cfg: AuditConfig, address: str | None = None, *, urls: list[str] 
     except ValueError as e:
         raise cfg.error("vog.windows", f"{e} ({len(urls)} checkpoints listed from {cfg.checkpoints!r})") from None
     keys = opts.keys(windows)
-    scan = scan_splits(cfg, storage)
-    infos = check_checkpoints(cfg.model, urls, storage)
+    scan = scan_splits(cfg, storage, defer=("webdataset",))
+    infos = check_checkpoints(cfg.model, urls, storage, known=known)
     check_writable(cfg.output.url, storage)
     inputs = inputs_identity(cfg, storage)
+    if cfg.data.class_names is None:  # a Hugging Face dataset names its classes in its metadata
+        names = declared_class_names(cfg, storage)
+        if names:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"class_names": names})})
     ensure_ray(address)
     configure_data_context(cfg.compute)
+    rows_in = {name: scan.rows_in[name] if name in scan.rows_in else count_split_rows(spec, storage, mapper=ray_map)
+               for name, spec in cfg.data.splits.items()}
     return Plan(cfg, storage, opts, urls, infos, windows, keys, opts.primary(windows),
-                cfg.output.url.rstrip("/"), scan.rows_in, scan.carried_types, inputs)
+                cfg.output.url.rstrip("/"), rows_in, scan.carried_types, inputs)
 
 
 def run_audit(cfg: AuditConfig, *, address: str | None = None, run_id: str | None = None,
@@ -230,7 +240,8 @@ def reduce_and_publish(plan: Plan, raw_url: str, *, run_id: str | None, t0: floa
     run_id = run_id or new_run_id()
     run_url = join(plan.out_url, "runs", run_id)
     steps = Steps()
-    id_splits = sorted(name for name, spec in cfg.data.splits.items() if spec.id_column)
+    # ids a reader makes are unique by construction; an id column's, or a manifest's URIs, may not be
+    id_splits = sorted(name for name, spec in cfg.data.splits.items() if spec.id_column or spec.format == "manifest")
     red = reduce_raw(raw_url, storage, keys=plan.keys, primary=plan.primary, normalization=plan.opts.normalization,
                      rows_in=sum(plan.rows_in.values()), id_splits=id_splits, steps=steps,
                      normalize_against=plan.opts.normalize_against)

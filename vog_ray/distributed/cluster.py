@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ..config import AuditConfig, ComputeSpec
 
 __all__ = ["ensure_ray", "check_address", "running_local_cluster", "UnsupportedAddress", "SUPPORTED_ADDRESSES",
-           "configure_data_context", "remote_task", "scorer_gpus", "wait_for_gpus",
+           "configure_data_context", "remote_task", "ray_map", "scorer_gpus", "wait_for_gpus",
            "cpu_layout", "cpu_layout_hint", "check_cpus_left", "TRANSIENT_S3_ERRORS"]
 
 log = logging.getLogger("vog_ray")
@@ -134,6 +134,24 @@ def remote_task(fn: Callable, **options: Any) -> Any:
     module-level function of a module that does not import torch (the reduce's workers stay
     torch-free)."""
     return _remote(fn, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items())))
+
+
+ITEMS_PER_TASK = 16     # files per task of ray_map: a task per file would cost more than a small file's work
+MAP_TASK_CPUS = 0.25    # I/O-bound work (header passes over object storage): four tasks a CPU
+
+
+def _apply_chunk(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    return [fn(i) for i in items]
+
+
+def ray_map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``[fn(i) for i in items]`` computed by Ray tasks (``ITEMS_PER_TASK`` items each), in order.
+    ``fn`` must be a module-level function that Ray workers can import."""
+    import ray
+
+    task = remote_task(_apply_chunk, num_cpus=MAP_TASK_CPUS)
+    refs = [task.remote(fn, items[a:a + ITEMS_PER_TASK]) for a in range(0, len(items), ITEMS_PER_TASK)]
+    return [r for chunk in ray.get(refs) for r in chunk]
 
 
 def scorer_gpus(cfg: AuditConfig) -> float:

@@ -26,6 +26,7 @@ from ..core.ranking import SORT_KEYS, add_counts, assign_ranks, block_counts, ch
     rank_offsets, unreferenced
 from ..storage import StorageOptions, list_files, redact_url, resolve
 from .cluster import remote_task
+from .merge import MOMENT_PREFIXES
 from .sort import Prepare, adjacent_duplicates, block_refs, cut_blocks, merge_sorted, partitions_for, sample_sort
 
 __all__ = ["Reduced", "reduce_raw", "read_raw", "check_unique_ids", "filter_status", "filter_splits",
@@ -54,7 +55,7 @@ def rejected_of_group0(t: pa.Table) -> pa.Table:
     t = filter_status(t, ok=False)
     t = t.filter(pc.equal(t["group"], 0))
     return t.select([c for c in t.column_names if c == "id" or c in ("split", "label", "status")
-                     or not (c.startswith(("mn_", "mmean_", "mm2_", "sig_")) or c in ("group", "target_label", "pred"))])
+                     or not (c.startswith((*MOMENT_PREFIXES, "sig_")) or c in ("group", "target_label", "pred"))])
 
 
 def drop_status(t: pa.Table) -> pa.Table:
@@ -193,7 +194,7 @@ def check_unique_ids(raw: Any, n_rows: int, splits: list[str] | None = None) -> 
                            for (s, i), n in sorted(dups.items())[:5])
         more = f" and {len(dups) - 5} more" if len(dups) > 5 else ""
         raise ValueError(f"duplicate example ids: {listed}{more}; ids must be unique within a split "
-                         "(check the split's id_column)")
+                         "(check the split's id_column, or a manifest's image URIs)")
 
 
 def class_table_exact(raw: Any, keys: list[str]) -> pa.Table:

@@ -19,6 +19,7 @@ from ..core.labels import label_problems
 from ..core.options import SIGNALS, VogOptions
 from ..core.table import keep_array, result_to_table
 from ..storage import StorageOptions, atomic_write, join
+from .merge import moment_columns
 
 __all__ = ["ScorerActor", "ROW_META"]
 
@@ -41,12 +42,14 @@ class ScorerActor:
                  vog: dict[str, Any], device: str, storage: dict[str, Any], emit: str = "vog",
                  group: int = 0, threads: int | None = None, engine: dict[str, Any] | None = None,
                  engine_batch: int | None = None, check_url: str | None = None,
-                 device_decode: dict[str, Any] | None = None, ledger: str | None = None):
+                 device_decode: dict[str, Any] | None = None, ledger: str | None = None,
+                 moment_dtype: str = "float64"):
         """``engine``: the engine's execution options (``ComputeSpec.engine_options``); ``engine_batch``:
         the engine's batch size when a call holds several (run with overlapped copies); ``check_url``:
         where the first-batch precision check goes (tf32/bf16); ``device_decode``: ``{"transform",
         "input_shape"}`` when the rows come encoded (``transform.decode_on: gpu``); ``ledger``: the
-        name of the stage's device ledger (:mod:`.devices`)."""
+        name of the stage's device ledger (:mod:`.devices`); ``moment_dtype``: how partial moments
+        are stored (:func:`.merge.moment_columns`)."""
         import torch
 
         from ..core.engine import make_engine
@@ -69,6 +72,7 @@ class ScorerActor:
         self.opts = VogOptions(**vog)
         self.emit = emit
         self.group = group
+        self.moment_dtype = moment_dtype  # how partial moments are stored (merge.moment_columns)
         self.K = num_checkpoints
         loaded = load_checkpoints(model, checkpoints, self.storage, indices=indices)
         predict_sd = None
@@ -182,7 +186,8 @@ class ScorerActor:
     def _moment_rows(self, res: Any, ids: pa.ChunkedArray, splits: pa.ChunkedArray, labels: np.ndarray,
                      extra: dict[str, pa.ChunkedArray]) -> pa.Table:
         """Checkpoint-sharded / incremental: partial pixel moments per example (``mn_``, ``mmean_``,
-        ``mm2_`` per key; a key whose window has no checkpoint in this group has n = 0)."""
+        ``mm2_`` per key, stored in ``moment_dtype``; a key whose window has no checkpoint in this
+        group has n = 0)."""
         n = len(ids)
         cols: dict[str, Any] = {
             "id": ids.cast(pa.string()).combine_chunks(),
@@ -202,11 +207,9 @@ class ScorerActor:
                 mean = m2 = np.zeros((n, pix or 1))
                 cnt = 0
             else:
-                mean, m2, cnt = st.mean.reshape(n, -1).astype(np.float64), st.m2.reshape(n, -1).astype(np.float64), st.n
-            P = mean.shape[1]
+                mean, m2, cnt = st.mean.reshape(n, -1), st.m2.reshape(n, -1), st.n
             cols[f"mn_{k}"] = pa.array(np.full(n, cnt, np.int64))
-            cols[f"mmean_{k}"] = pa.FixedSizeListArray.from_arrays(pa.array(mean.ravel()), P)
-            cols[f"mm2_{k}"] = pa.FixedSizeListArray.from_arrays(pa.array(m2.ravel()), P)
+            cols.update(moment_columns(k, mean, m2, self.moment_dtype))
         for s in SIGNALS:
             v = res.signals[s]
             cols[f"sig_{s}"] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1])

@@ -66,13 +66,17 @@ def checkpoint_groups(num_checkpoints: int, groups: int) -> list[list[int]]:
 
 
 def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, *, done: Any = None,
-                mode: str = "overwrite", check_url: str | None = None) -> dict[str, Any]:
+                mode: str = "overwrite", check_url: str | None = None, moment_dtype: str | None = None,
+                write_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read → decode → scorer actors for each checkpoint group → Parquet at ``out_url``. Returns
     what the actors ran on (:func:`.devices.device_report`: ``scorers``, ``devices``, ``warnings``).
 
     ``done`` (resume, :mod:`.resume`): sorted ``split/id`` keys of rows already in ``out_url``;
     they are dropped right after the read and the new rows appended (``mode``). ``check_url``: where
     the actors write their first-batch precision checks (tf32/bf16; :func:`read_precision_checks`).
+    ``moment_dtype`` (``emit="moments"``): how partial moments are stored (default:
+    ``vog.accum_dtype``, which loses nothing); ``write_args``: Parquet writer options (codec,
+    encodings; default: Ray Data's).
     """
     import ray
     import ray.data
@@ -114,12 +118,13 @@ def score_stage(plan: "Plan", groups: list[list[int]], emit: str, out_url: str, 
                                        num_checkpoints=plan.K, vog=plan.opts.as_kwargs(), device=c.device,
                                        storage=storage_kwargs, emit=emit, group=gi, threads=c.threads_per_actor,
                                        engine=c.engine_options(), engine_batch=c.batch_size if per_call > 1 else None,
-                                       check_url=check_url, device_decode=gpu_decode, ledger=ledger_name),
+                                       check_url=check_url, device_decode=gpu_decode, ledger=ledger_name,
+                                       moment_dtype=moment_dtype or plan.opts.accum_dtype),
             **remote_args))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     fs, _ = resolve(out_url, plan.storage)
     try:
-        ds.write_parquet(out_url, filesystem=fs, mode=mode)
+        ds.write_parquet(out_url, filesystem=fs, mode=mode, **(write_args or {}))
     except BaseException:
         collect_ledger(ledger, quiet=True)  # the stage's own error is the one to report
         raise

@@ -1,5 +1,6 @@
-"""Writers of small splits in every input format (parquet, image folder, npz, CIFAR batches),
-for tests, benches and the demo — not part of the audited data path."""
+"""Writers of small splits in every input format (parquet, image folder, npz, CIFAR batches,
+WebDataset shards, manifests of image files), for tests, benches and the demo — not part of the
+audited data path."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pyarrow as pa
 
 from ..storage import StorageOptions, resolve
 
-__all__ = ["write_parquet_split", "write_image_folder", "write_npz_split", "write_cifar_batches"]
+__all__ = ["write_parquet_split", "write_image_folder", "write_npz_split", "write_cifar_batches",
+           "write_webdataset_split", "write_manifest_split"]
 
 
 def _encode_image(img: np.ndarray, encode: str) -> bytes:
@@ -173,3 +175,94 @@ def write_cifar_batches(url: str, images: np.ndarray, labels: Sequence[int], *,
         fs.pipe_file(p, data)
         out.append(p)
     return out
+
+
+def _tar_member(name: str, data: bytes):
+    import tarfile
+
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    ti.mtime = 0
+    return ti, io.BytesIO(data)
+
+
+def write_webdataset_split(url: str, images: np.ndarray, labels: Sequence[int] | None = None,
+                           storage: StorageOptions | None = None, *, samples_per_shard: int = 100,
+                           encode: str = "png", json_fields: dict[str, Sequence[Any]] | None = None,
+                           interleave: bool = False, label_member: str = "cls") -> list[str]:
+    """WebDataset shards ``shard-00000.tar``… under ``url``: per sample ``<key>.<png|jpg>``, the
+    label as text in ``<key>.<label_member>`` and ``json_fields`` in ``<key>.json``. ``interleave``
+    writes every shard's image members first and its label/json members after them (a shard not
+    sorted by key, as ``tar`` without ``--sort=name`` makes). Returns the ids ``<shard>:<key>``."""
+    import json
+    import tarfile
+
+    images = _check_images(images)
+    fs, root = resolve(url, storage)
+    root = root.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+    ids = []
+    ext = "png" if encode == "png" else "jpg"
+    for si, s in enumerate(range(0, len(images), samples_per_shard)):
+        name = f"shard-{si:05d}.tar"
+        first, second = [], []
+        for i in range(s, min(len(images), s + samples_per_shard)):
+            key = f"sample{i:06d}"
+            ids.append(f"{name}:{key}")
+            first.append(_tar_member(f"{key}.{ext}", _encode_image(images[i], encode)))
+            rest = second if interleave else first
+            if labels is not None:
+                rest.append(_tar_member(f"{key}.{label_member}", str(int(labels[i])).encode()))
+            if json_fields:
+                doc = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in json_fields.items()}
+                rest.append(_tar_member(f"{key}.json", json.dumps(doc).encode()))
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for ti, data in first + second:
+                tf.addfile(ti, data)
+        fs.pipe_file(posixpath.join(root, name), buf.getvalue())
+    return ids
+
+
+def write_manifest_split(url: str, images: np.ndarray, labels: Sequence[int] | None = None,
+                         storage: StorageOptions | None = None, *, table: str = "parquet",
+                         image_dir: str = "images", absolute: bool = False, encode: str = "png",
+                         extra_columns: dict[str, Sequence[Any]] | None = None) -> list[str]:
+    """Images as files ``<dir of url>/<image_dir>/<i:06d>.png`` and a manifest at ``url``
+    (``table``: parquet, csv or jsonl) with columns ``uri`` (relative to the manifest, or the
+    absolute URL with ``absolute``), ``label`` and ``extra_columns``. Returns the URIs."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from ..storage import unstrip
+
+    images = _check_images(images)
+    fs, path = resolve(url, storage)
+    base = posixpath.dirname(path)
+    ext = "png" if encode == "png" else "jpg"
+    uris = []
+    for i, im in enumerate(images):
+        rel = f"{image_dir}/{i:06d}.{ext}"
+        p = posixpath.join(base, rel)
+        fs.makedirs(posixpath.dirname(p), exist_ok=True)
+        fs.pipe_file(p, _encode_image(im, encode))
+        uris.append(unstrip(fs, p) if absolute else rel)
+    cols: dict[str, Any] = {"uri": pa.array(uris, pa.string())}
+    if labels is not None:
+        cols["label"] = pa.array(np.asarray(labels, np.int64))
+    for k, v in (extra_columns or {}).items():
+        cols[k] = pa.array(list(v))
+    t = pa.table(cols)
+    buf = io.BytesIO()
+    if table == "parquet":
+        pq.write_table(t, buf)
+    elif table == "csv":
+        pacsv.write_csv(t, buf)
+    elif table == "jsonl":
+        import json
+
+        buf.write("".join(json.dumps(r) + "\n" for r in t.to_pylist()).encode())
+    else:
+        raise ValueError(f"unknown manifest table {table!r} (parquet, csv or jsonl)")
+    fs.pipe_file(path, buf.getvalue())
+    return uris
