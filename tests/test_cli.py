@@ -162,11 +162,11 @@ def test_reader_error_raised_in_a_ray_task_is_one_line(monkeypatch, capsys):
     from ray.exceptions import RayTaskError
 
     from vog_ray import cli
-    from vog_ray.config import InputError
+    from vog_ray.config import DataError
 
     msg = "part-3.parquet (/data/train/part-3.parquet): no column 'label'; columns are ['image']"
-    for cause in (InputError(msg + "\nFailed to apply UDF transform after 1/1 attempts"),
-                  InputError("part-3.parquet: label column 'label' must be integer, got string")):
+    for cause in (DataError(msg + "\nFailed to apply UDF transform after 1/1 attempts"),
+                  DataError("part-3.parquet: label column 'label' must be integer, got string")):
         wrapped = RayTaskError("ReadParquet", "Traceback (most recent call last): ...", cause).as_instanceof_cause()
 
         def dispatch(args, e=wrapped):

@@ -26,7 +26,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from .config import ConfigError, InputError, load_config
+from .config import ConfigError, DataError, load_config
 from .distributed.cluster import UnsupportedAddress, check_address
 from .storage import StorageOptions, redact_url
 
@@ -196,7 +196,7 @@ def describe_error(e: BaseException) -> tuple[int, str]:
     from .models.checkpoints import CheckpointError
 
     root = user_error(e)
-    if isinstance(root, InputError):  # Ray Data appends retry hints on the lines after the error itself
+    if isinstance(root, DataError):  # Ray Data appends retry hints on the lines after the error itself
         return 2, str(root).strip().splitlines()[0]
     if isinstance(root, KeyError) and len(root.args) == 1 and isinstance(root.args[0], str):
         msg = root.args[0]  # str(KeyError) quotes its message

@@ -20,14 +20,14 @@ from .models.factories import check_factory, is_factory_name
 from .storage import StorageOptions as _StorageOptions
 from .storage import redact_url
 
-__all__ = ["AuditConfig", "ConfigError", "InputError", "load_config", "apply_overrides", "SplitSpec", "redact"]
+__all__ = ["AuditConfig", "ConfigError", "DataError", "load_config", "apply_overrides", "SplitSpec", "redact"]
 
 
 class ConfigError(ValueError):
     """The config file is invalid; the message names the file and the key."""
 
 
-class InputError(ValueError):
+class DataError(ValueError):
     """Input data that can never be scored as configured (a split's file lacks a column the config
     names, labels that are not class indices); the message names the file and the column. The CLI
     exits 2 for it, as for a :class:`ConfigError`, also when it was raised inside a Ray task."""

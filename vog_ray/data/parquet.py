@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from ..config import InputError
+from ..config import DataError
 from ..core.table import keep_array
 from ..storage import StorageOptions
 from .listing import SourceFile, list_split_files
@@ -70,7 +70,7 @@ def read_piece(fs, piece: "Piece", name: str, spec: "SplitSpec",
 
 def check_columns(schema: pa.Schema, spec: "SplitSpec", f: SourceFile) -> list[str]:
     """The columns a split reads from a file (image, label, id, keep), checked against the file's
-    schema: a missing one, or a label column that cannot hold labels, is an ``InputError``
+    schema: a missing one, or a label column that cannot hold labels, is an ``DataError``
     naming the file and the column."""
     names = schema.names
     wanted = [spec.image_column] + ([spec.label_column] if spec.label_column else []) \
@@ -78,9 +78,9 @@ def check_columns(schema: pa.Schema, spec: "SplitSpec", f: SourceFile) -> list[s
     missing = [c for c in wanted if c not in names]
     if missing:
         hint = " (set label_column: null for an unlabelled split)" if spec.label_column in missing else ""
-        raise InputError(f"{f.rel} ({f.path}): no column {missing[0]!r}; columns are {names}{hint}")
+        raise DataError(f"{f.rel} ({f.path}): no column {missing[0]!r}; columns are {names}{hint}")
     if spec.label_column and not label_type_ok(schema.field(spec.label_column).type):
-        raise InputError(f"{f.rel} ({f.path}): label column {spec.label_column!r} must be integer, "
+        raise DataError(f"{f.rel} ({f.path}): label column {spec.label_column!r} must be integer, "
                         f"got {schema.field(spec.label_column).type}")
     return list(dict.fromkeys(wanted))
 

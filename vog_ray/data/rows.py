@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from ..config import InputError
+from ..config import DataError
 from ..core.table import keep_array
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,20 +58,20 @@ def label_type_ok(t: pa.DataType) -> bool:
 
 
 def labels_array(values: Any, n: int, source: str, column: str) -> np.ndarray:
-    """Labels as int64 (``-1`` for none or null); non-integer labels are an :class:`InputError`."""
+    """Labels as int64 (``-1`` for none or null); non-integer labels are an :class:`DataError`."""
     if values is None:
         return np.full(n, -1, np.int64)
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         if not label_type_ok(values.type):
-            raise InputError(f"{source}: label column {column!r} must be integer, got {values.type}")
+            raise DataError(f"{source}: label column {column!r} must be integer, got {values.type}")
         values = values.cast(pa.float64()).fill_null(-1).to_numpy(zero_copy_only=False)
     arr = np.asarray(values)
     if arr.dtype.kind not in "iufb":
-        raise InputError(f"{source}: label column {column!r} must be integer, got dtype {arr.dtype}")
+        raise DataError(f"{source}: label column {column!r} must be integer, got dtype {arr.dtype}")
     if arr.dtype.kind == "f":
         arr = np.where(np.isfinite(arr), arr, -1)
         if np.any(arr != np.round(arr)):
-            raise InputError(f"{source}: label column {column!r} holds non-integer values")
+            raise DataError(f"{source}: label column {column!r} holds non-integer values")
     arr = arr.astype(np.int64).reshape(-1)
     if len(arr) != n:
         raise ValueError(f"{source}: {n} images but {len(arr)} labels")

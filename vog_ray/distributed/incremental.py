@@ -228,20 +228,11 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
                        "precision": precision_record(cfg, check_url, storage),
                        "state": state_size(moments_url, storage, sum(plan.rows_in.values()), cfg.vog.state_dtype),
                        "incremental_steps_s": steps})
-            # commit: compare-and-swap on the generation, then drop what the old generation held
-            current = read_state(state_url, storage)
-            if (current["generation"] if current else 0) != generation:
-                raise IncrementalError("the incremental state advanced while this run was folding (lost a race); "
-                                       "the published run stands, the state was not overwritten")
-            new_state = {"generation": generation + 1, "config_key": _config_key(cfg), "inputs": digests,
-                         "checkpoints": [i.as_dict() for i in plan.infos], "moments_url": moments_url,
-                         "windows": plan.windows, "keys": plan.keys, "last_run": result.run_id,
-                         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            fs, path = resolve(join(state_url, "state.json"), storage)
-            tmp = path + f".tmp-{secrets.token_hex(3)}"
-            with fs.open(tmp, "w") as f:
-                json.dump(new_state, f, indent=2)
-            fs.mv(tmp, path)
+            _commit(state_url, storage, generation, {
+                "generation": generation + 1, "config_key": _config_key(cfg), "inputs": digests,
+                "checkpoints": [i.as_dict() for i in plan.infos], "moments_url": moments_url,
+                "windows": plan.windows, "keys": plan.keys, "last_run": result.run_id,
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             committed = True
         finally:
             if not committed:  # failed or lost the race: drop this generation's work files
@@ -252,6 +243,21 @@ def run_incremental(cfg: AuditConfig, *, address: str | None = None, report: boo
         if state and state.get("moments_url"):
             _rm(state["moments_url"].rsplit("/", 1)[0], storage)
         return result
+
+
+def _commit(state_url: str, storage: StorageOptions, generation: int, new_state: dict[str, Any]) -> None:
+    """Write ``new_state`` as the state of generation ``generation + 1``: a compare-and-swap on the
+    generation (a run that lost a race publishes but never overwrites the state), written to a
+    temporary object and moved into place."""
+    current = read_state(state_url, storage)
+    if (current["generation"] if current else 0) != generation:
+        raise IncrementalError("the incremental state advanced while this run was folding (lost a race); "
+                               "the published run stands, the state was not overwritten")
+    fs, path = resolve(join(state_url, "state.json"), storage)
+    tmp = path + f".tmp-{secrets.token_hex(3)}"
+    with fs.open(tmp, "w") as f:
+        json.dump(new_state, f, indent=2)
+    fs.mv(tmp, path)
 
 
 def state_size(moments_url: str, storage: StorageOptions, rows: int, dtype: str) -> dict[str, Any]:

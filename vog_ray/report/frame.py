@@ -144,12 +144,10 @@ def _flag_values(col: pa.Array, name: str) -> np.ndarray:
     return out
 
 
-def load_frame(run: Run, keys: Sequence[str], *, flag_columns: Sequence[str] = (),
-               group_column: str | None = None, schema: pa.Schema | None = None,
-               windows: dict[str, list[int]] | None = None, batch_size: int = 65536) -> Frame:
-    """Stream the needed columns of ``run``'s score table into a :class:`Frame`; ``windows``
-    (name -> checkpoint indices): EL2N is averaged over each (``el2n_<window>``)."""
-    schema = schema or score_schema(run)
+def _frame_columns(run: Run, schema: pa.Schema, keys: Sequence[str], flag_columns: Sequence[str],
+                   group_column: str | None) -> tuple[list[str], list[str]]:
+    """``(columns to read, signal columns present)``; a column the report needs that the score
+    table lacks is a :class:`ReportError` naming it."""
     names = set(schema.names)
     base = ["id", "split", "label", "target_label", "pred", "correct", "rank", "class_rank"]
     need = list(base) + [f"vog_{k}" for k in keys] + [f"z_{k}" for k in keys]
@@ -168,44 +166,49 @@ def load_frame(run: Run, keys: Sequence[str], *, flag_columns: Sequence[str] = (
                 + tuple(f"sig_{s}" for s in LAST_SIGNALS) if c in names]
     sig_cols = list(dict.fromkeys(sig_cols))
     columns = need + sig_cols + list(flag_columns) + ([group_column] if group_column else [])
-    columns = list(dict.fromkeys(columns))
+    return list(dict.fromkeys(columns)), sig_cols
 
-    split_codes: dict[str, int] = {}
-    acc: dict[str, list[Any]] = {}
 
-    def put(name: str, v: Any) -> None:
-        acc.setdefault(name, []).append(v)
+class _FrameParts:
+    """The per-batch pieces of a :class:`Frame`, concatenated at the end."""
 
-    K = 0
-    for batch in run.iter_scores(columns=columns, batch_size=batch_size):
-        if batch.num_rows == 0:
-            continue
-        keep = pc.is_valid(batch.column("rank"))
-        if pc.sum(keep).as_py() != batch.num_rows:
-            batch = batch.filter(keep)
-            if batch.num_rows == 0:
-                continue
+    def __init__(self) -> None:
+        self.split_codes: dict[str, int] = {}
+        self.acc: dict[str, list[Any]] = {}
+        self.K = 0
+
+    def put(self, name: str, v: Any) -> None:
+        self.acc.setdefault(name, []).append(v)
+
+    def add(self, batch: pa.Table, keys: Sequence[str], sig_cols: list[str], flag_columns: Sequence[str],
+            group_column: str | None, windows: dict[str, list[int]] | None) -> None:
+        put = self.put
         splits = batch.column("split").to_numpy(zero_copy_only=False).astype(str)
         uniq, inv = np.unique(splits, return_inverse=True)
-        codes = np.array([split_codes.setdefault(str(u), len(split_codes)) for u in uniq], np.int32)
+        codes = np.array([self.split_codes.setdefault(str(u), len(self.split_codes)) for u in uniq], np.int32)
         put("split", codes[inv])
         put("ids", batch.column("id").cast(pa.string()))
         for c, dst in (("label", "label"), ("target_label", "target"), ("pred", "pred"),
                        ("rank", "rank"), ("class_rank", "class_rank")):
             put(dst, pc.fill_null(batch.column(c), -1).to_numpy(zero_copy_only=False).astype(np.int64))
-        corr = batch.column("correct")
-        cv = pc.fill_null(corr.cast(pa.float32()), np.nan).to_numpy(zero_copy_only=False)
+        cv = pc.fill_null(batch.column("correct").cast(pa.float32()), np.nan).to_numpy(zero_copy_only=False)
         put("correct", cv.astype(np.float32))
         for k in keys:
             for p in ("vog", "z"):
                 put(f"{p}_{k}", pc.fill_null(batch.column(f"{p}_{k}").cast(pa.float64()), np.nan)
                     .to_numpy(zero_copy_only=False))
-        if "sig_loss" in sig_cols:
-            put("s:mean_loss", _nanmean_rows(_list_matrix(batch.column("sig_loss"), np.float32)))
-        if "sig_margin" in sig_cols:
-            put("s:mean_margin", _nanmean_rows(_list_matrix(batch.column("sig_margin"), np.float32)))
-        if "sig_entropy" in sig_cols:
-            put("s:mean_entropy", _nanmean_rows(_list_matrix(batch.column("sig_entropy"), np.float32)))
+        self._signals(batch, sig_cols, windows)
+        for c in flag_columns:
+            put(f"f:{c}", _flag_values(batch.column(c), c))
+        if group_column:
+            g = batch.column(group_column).to_pylist()
+            put("group", np.array([None if v is None else str(v) for v in g], dtype=object))
+
+    def _signals(self, batch: pa.Table, sig_cols: list[str], windows: dict[str, list[int]] | None) -> None:
+        put = self.put
+        for s in ("loss", "margin", "entropy"):
+            if f"sig_{s}" in sig_cols:
+                put(f"s:mean_{s}", _nanmean_rows(_list_matrix(batch.column(f"sig_{s}"), np.float32)))
         if "sig_el2n" in sig_cols and windows:
             el2n = _list_matrix(batch.column("sig_el2n"), np.float32)
             for w, idx in windows.items():
@@ -216,42 +219,55 @@ def load_frame(run: Run, keys: Sequence[str], *, flag_columns: Sequence[str] = (
             put("s:variability", var)
         if "sig_correct" in sig_cols:
             cm = _list_matrix(batch.column("sig_correct"), np.int16)
-            K = max(K, cm.shape[1])
+            self.K = max(self.K, cm.shape[1])
             put("s:forgetting", forgetting_events(cm))
         for s in LAST_SIGNALS:
             if f"sig_{s}" in sig_cols:
                 m = _list_matrix(batch.column(f"sig_{s}"), np.float32)
-                K = max(K, m.shape[1])
+                self.K = max(self.K, m.shape[1])
                 put(f"s:last_{s}", m[:, -1].copy())
-        for c in flag_columns:
-            put(f"f:{c}", _flag_values(batch.column(c), c))
+
+    def frame(self, keys: Sequence[str], group_column: str | None) -> Frame:
+        acc = self.acc
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate(acc[name])
+
+        ids = pa.concat_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in acc["ids"]])
+        fr = Frame(split_names=[s for s, _ in sorted(self.split_codes.items(), key=lambda kv: kv[1])],
+                   split=cat("split"), ids=ids, label=cat("label"), target=cat("target"),
+                   pred=cat("pred"), correct=cat("correct"), rank=cat("rank"),
+                   class_rank=cat("class_rank"), num_checkpoints=self.K)
+        for k in keys:
+            fr.vog[k] = cat(f"vog_{k}")
+            fr.z[k] = cat(f"z_{k}")
+        for name in acc:
+            if name.startswith("s:"):
+                fr.sig[name[2:]] = cat(name)
+            elif name.startswith("f:"):
+                fr.flags[name[2:]] = cat(name)
         if group_column:
-            g = batch.column(group_column).to_pylist()
-            put("group", np.array([None if v is None else str(v) for v in g], dtype=object))
+            fr.group = cat("group")
+        return fr
 
-    if not acc:
+
+def load_frame(run: Run, keys: Sequence[str], *, flag_columns: Sequence[str] = (),
+               group_column: str | None = None, schema: pa.Schema | None = None,
+               windows: dict[str, list[int]] | None = None, batch_size: int = 65536) -> Frame:
+    """Stream the needed columns of ``run``'s ranked rows (rows without a rank — a class the
+    reference split lacks — are left out) into a :class:`Frame`; ``windows`` (name -> checkpoint
+    indices): EL2N is averaged over each (``el2n_<window>``)."""
+    columns, sig_cols = _frame_columns(run, schema or score_schema(run), keys, flag_columns, group_column)
+    parts = _FrameParts()
+    for batch in run.iter_scores(columns=columns, batch_size=batch_size):
+        keep = pc.is_valid(batch.column("rank"))
+        if batch.num_rows and pc.sum(keep).as_py() != batch.num_rows:
+            batch = batch.filter(keep)
+        if batch.num_rows:
+            parts.add(batch, keys, sig_cols, flag_columns, group_column, windows)
+    if not parts.acc:
         raise ReportError(f"run {run.url!r} has no scored rows (the score table is empty)")
-
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate(acc[name])
-
-    ids = pa.concat_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
-                            for a in acc["ids"]])
-    fr = Frame(split_names=[s for s, _ in sorted(split_codes.items(), key=lambda kv: kv[1])],
-               split=cat("split"), ids=ids, label=cat("label"), target=cat("target"),
-               pred=cat("pred"), correct=cat("correct"), rank=cat("rank"),
-               class_rank=cat("class_rank"), num_checkpoints=K)
-    for k in keys:
-        fr.vog[k] = cat(f"vog_{k}")
-        fr.z[k] = cat(f"z_{k}")
-    for name in acc:
-        if name.startswith("s:"):
-            fr.sig[name[2:]] = cat(name)
-        elif name.startswith("f:"):
-            fr.flags[name[2:]] = cat(name)
-    if group_column:
-        fr.group = cat("group")
-    return fr
+    return parts.frame(keys, group_column)
 
 
 _CORE = ("id", "split", "label", "target_label", "pred", "correct", "score", "rank",
