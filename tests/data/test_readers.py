@@ -350,3 +350,22 @@ def test_balanced_groups_contiguous():
         groups = balanced_groups(pieces, k, lambda p: p.file.size)
         assert len(groups) == min(k, len(pieces)) and all(groups)
         assert [p for g in groups for p in g] == pieces
+
+
+def test_fetch_never_reads_a_file_outside_the_split(tmp_path):
+    """An id that names a file outside the split's directory (``../x.parquet:0``, an absolute path,
+    a URL) — what a tampered or hand-written run could hold — is never read: an error, or left out
+    with ``on_error="skip"``; the split's own ids still are."""
+    from vog_ray.testing.writers import write_parquet_split
+
+    imgs = (np.arange(4 * 8 * 8) % 256).astype(np.uint8).reshape(4, 8, 8)
+    write_parquet_split(str(tmp_path / "split"), imgs, [0, 1, 2, 3])
+    write_parquet_split(str(tmp_path / "secret"), imgs[::-1], [0, 1, 2, 3])
+    spec = SplitSpec(format="parquet", url=str(tmp_path / "split"))
+    outside = ["../secret/part-00000.parquet:0", str(tmp_path / "secret" / "part-00000.parquet") + ":0",
+               "file:///etc/part.parquet:0"]
+    for i in outside:
+        with pytest.raises(KeyError, match="outside the split's directory"):
+            fetch_images(spec, [i])
+    got = fetch_images(spec, outside + ["part-00000.parquet:1"], on_error="skip")
+    assert list(got) == ["part-00000.parquet:1"] and np.array_equal(got["part-00000.parquet:1"], imgs[1])

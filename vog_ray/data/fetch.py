@@ -105,13 +105,22 @@ def _fetch_arrays_by_id_column(fs, spec: "SplitSpec", storage: StorageOptions, i
                 put(v, lambda r=row, d=d: from_array(d["__x__"][r]))
 
 
+def _inside(rel: str) -> bool:
+    """Whether a file name taken from an id stays under the split's base directory (an id of a
+    tampered or hand-written run may name ``../elsewhere.parquet``: never read)."""
+    norm = posixpath.normpath(rel)
+    return bool(rel) and not rel.startswith("/") and norm != ".." and not norm.startswith("../") and "://" not in rel
+
+
 def _fetch_by_file_row(fs, base: str, spec: "SplitSpec", ids: list[str], on_error: str, put: Put,
                        from_bytes: Convert, from_array: Convert) -> None:
-    """Ids ``"<file>:<row>"``: read only the files they name."""
+    """Ids ``"<file>:<row>"``: read only the files they name (under the split's base directory)."""
     by_file: dict[str, list[tuple[str, int]]] = {}
     for i in ids:
         try:
             rel, row = _split_row_id(i)
+            if not _inside(rel):
+                raise KeyError(f"id {i!r} names a file outside the split's directory")
         except KeyError:
             if on_error == "raise":
                 raise
@@ -174,6 +183,8 @@ def _fetch_shard_samples(fs, base: str, spec: "SplitSpec", ids: list[str], on_er
     for i in ids:
         try:
             rel, key = webdataset.shard_of_id(i)
+            if not _inside(rel):
+                raise KeyError(f"id {i!r} names a shard outside the split's directory")
         except KeyError:
             if on_error == "raise":
                 raise
