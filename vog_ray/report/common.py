@@ -52,8 +52,14 @@ def stable_seed(seed: int, *parts: str) -> list[int]:
 
 
 def safe_name(name: str) -> str:
-    """``name`` with every character other than ``A-Za-z0-9_.-`` replaced by ``_`` (for file names)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(name))
+    """``name`` with every character other than ``A-Za-z0-9_.-`` replaced by ``_`` (for file names);
+    a name that had to change gets a short hash of the original, so two names never share a file
+    (splits ``a b`` and ``a_b`` → ``a_b-…`` and ``a_b``)."""
+    import hashlib
+
+    name = str(name)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return safe if safe == name else f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def remove_stale(fs, path: str, keep: Iterable[str]) -> None:
