@@ -55,7 +55,8 @@ def test_flags_do_not_change_the_stage1_work_key():
     base = {"data": {"splits": {"train": {"format": "npz", "url": "x.npz", "keep_columns": ["is_noisy"]}}},
             "model": "lenet", "checkpoints": "c", "output": {"url": "o"}}
     ck = [CheckpointInfo("c0", 1, "a" * 64)]
-    keys = {work_key(validate({**base, **extra}), ck) for extra in (
+    inputs = {"train": {"sha256": "b" * 64}}
+    keys = {work_key(validate({**base, **extra}), ck, inputs) for extra in (
         {}, {"flags": {"top_percent": 5}}, {"flags": {"z_above": 2.0, "ground_truth": "is_noisy"}})}
     assert len(keys) == 1
-    assert work_key(validate({**base, "vog": {"targets": ["softmax"]}}), ck) not in keys
+    assert work_key(validate({**base, "vog": {"targets": ["softmax"]}}), ck, inputs) not in keys

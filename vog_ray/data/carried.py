@@ -61,6 +61,21 @@ def _parquet_blocks(fs, f: SourceFile, spec: "SplitSpec") -> Iterator[tuple[pa.A
             yield ids, t
 
 
+def _manifest_blocks(fs, f: SourceFile, spec: "SplitSpec") -> Iterator[tuple[pa.Array, pa.Table]]:
+    """A manifest's ids (its ``id_column``, else the image URIs) and carried columns, read from the
+    manifest table alone: no image is fetched."""
+    from ..core.table import keep_array
+    from .manifest import read_table_rows
+
+    for t in read_table_rows(fs, f, spec):
+        n = t.num_rows
+        if spec.id_column:
+            ids = ids_array(t.column(spec.id_column), n, f.rel, spec.id_column)
+        else:
+            ids = t.column(spec.image_column).cast(pa.string()).combine_chunks()
+        yield ids, pa.table({k: keep_array(t.column(k)) for k in spec.keep_columns}) if spec.keep_columns else None
+
+
 def source_units(name: str, spec: "SplitSpec", storage: StorageOptions | None) -> list[Any]:
     """The units of work of a split's source summary: its files (an image folder is one unit: its
     listing is all there is to read)."""
@@ -83,10 +98,13 @@ def digest_source(name: str, spec: "SplitSpec", storage: StorageOptions | None, 
     fs = split_files(spec, storage, list_files=False)[0]
     if spec.format == "parquet":
         blocks: Any = _parquet_blocks(fs, unit, spec)
-    else:  # npz / CIFAR files hold their arrays whole: their own reader gives ids and carried values
-        from . import cifar, npz
+    elif spec.format == "manifest":
+        blocks = _manifest_blocks(fs, unit, spec)
+    else:  # npz / CIFAR files hold their arrays whole, a WebDataset shard its samples' members in any
+        # order: their own reader gives ids and carried values
+        from . import cifar, npz, webdataset
 
-        reader = npz.read_file if spec.format == "npz" else cifar.read_file
+        reader = {"npz": npz.read_file, "webdataset": webdataset.read_file}.get(spec.format, cifar.read_file)
         blocks = ((b.column("id"), b) for b in reader(fs, unit, name, spec))
     for ids, block in blocks:
         _add_block(acc, name, ids, block, carried)
