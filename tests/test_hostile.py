@@ -26,7 +26,8 @@ Audited on a local Ray (each publishes a run that passes its invariants):
    anywhere — also only in the last rows —, bool, string, list, timestamp, decimal), in the score
    table and in ``rejected.parquet``;
 5. two audits of one config at once: the second fails at once naming the lock; a rerun works;
-6. a fractional label: one ``error:`` line naming the file and the column;
+6. a fractional label: one ``error:`` line naming the file and the column, exit 2 (found by the
+   reader in a Ray task: input that can never be scored, like string labels);
 8. symlinked files inside an image folder's root (a class of links only, one link among files)
    are read and counted alike.
 """
@@ -415,7 +416,7 @@ def test_6_a_fractional_label_is_one_error_line_naming_file_and_column(data, ray
     path = data["cfg"]("fractional", splits={"train": {"format": "parquet", "url": url}})
     code, _, err = _cli(capsys, "audit", str(path), "--no-report")
     msg = _one_error_line(err)
-    assert code == 1 and "part-0.parquet" in msg and "label column 'label' holds non-integer values" in msg, msg
+    assert code == 2 and "part-0.parquet" in msg and "label column 'label' holds non-integer values" in msg, msg
     from vog_ray.runs import list_runs
 
     assert list_runs(str(data["root"] / "out" / "fractional")) == []
@@ -436,7 +437,10 @@ def test_5_two_audits_of_one_config_at_once_then_a_rerun(data):
     The first scores with a forward that sleeps, so its stage 1 outlasts the second's planning."""
     slow = {**data["tiny"].MODEL, "name": "tests.faultproxy:slow_small_cnn", "delay": SLOW_FORWARD_S}
     path = data["cfg"]("twice", model=slow, compute={"batch_size": 16})
-    out = Path(yaml.safe_load(path.read_text())["output"]["url"])
+    cfg = yaml.safe_load(path.read_text())
+    cfg["output"]["keep_work"] = True  # the rerun must find the finished work good (and reuse it)
+    path.write_text(yaml.safe_dump(cfg))
+    out = Path(cfg["output"]["url"])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"RAY_AUTH_MODE": "disabled", "VOG_RAY_TORCH_THREADS": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))})

@@ -1,9 +1,10 @@
 """The property of issue #12, on random small splits: every audit either publishes a run that
 passes the run validator AND holds exactly the table an independent oracle expects (the rows, the
 rejected ones, the carried values and types, ranks 1..n), or fails with exactly one ``error:``
-line, publishing nothing — exit 2 when planning refuses the input (reserved column names, columns
-missing or of disagreeing types, string labels), exit 1 for what only reading the rows reveals
-(fractional labels, null or duplicate ids, nothing scorable). Never a traceback, never a wrong
+line, publishing nothing — exit 2 for input that can never be scored as configured (reserved column
+names, columns missing or of disagreeing types, string labels: refused while planning; fractional
+labels: found by the reader, in a Ray task), exit 1 for the other failures that only reading the
+rows reveals (null or duplicate ids, nothing scorable). Never a traceback, never a wrong
 table.
 
 Hypothesis draws the files of a Parquet split (1–6 rows each), the ids (derived, or an id column
@@ -126,7 +127,7 @@ def expected(s: dict[str, Any]) -> tuple[int, set[str] | None, dict[str, str]]:
         return 2, None, {}
     rows = [(f"part-{i}.parquet", j, r) for i, f in enumerate(s["files"]) for j, r in enumerate(f["rows"])]
     if s["label_kind"] == "float" and any(isinstance(r["label"], float) for _, _, r in rows):
-        return 1, None, {}
+        return 2, None, {}
     ids = [r["id"] if s["id_column"] else f"{name}:{j}" for name, j, r in rows]
     if s["id_column"] and (None in ids or len(set(ids)) < len(ids)):
         return 1, None, {}

@@ -9,8 +9,8 @@ which no venv is activated: ``PATH`` without the venv, its own ``HOME`` (Ray's t
 or disturbed). What the block leaves to the environment, the test sets: ``RAY_PORT`` and
 ``DASHBOARD_PORT`` (free ports), ``RUN_A``/``RUN_B`` (the two runs' URLs).
 
-* "Auditing your own data": validate --check-io, two audits on a local Ray, runs, report,
-  compare;
+* "Auditing your own data": validate --check-io, two audits on a local Ray, runs, verify,
+  report, compare;
 * "A local multi-node cluster": two ``ray start`` nodes with token authentication, the audit
   submitted as a Ray job (it must succeed with scorer actors on both nodes scoring rows), then the
   same config through ``--address``, ``RAY_ADDRESS`` and no address; every run equal. The
@@ -183,7 +183,8 @@ def test_auditing_your_own_data_block(tiny_digits, tmp_path):
     finally:
         kill_marked(marker)
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
-    _, validate, _, _, runs_out, report_out, compare_out = out
+    _, validate, _, _, runs_out, verify_out, report_out, compare_out = out
+    assert "ok: every invariant holds" in verify_out                                    # the latest run
     assert "checkpoints: 3 (in this order)" in validate and f"{N_ROWS} rows" in validate
     assert f"output.url: {root}/demo-output/store/audits/mnist is writable" in validate
     from vog_ray.runs import open_run

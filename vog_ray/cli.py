@@ -181,7 +181,7 @@ def user_error(e: BaseException) -> BaseException:
     while _is_ray(e) and id(e) not in seen:
         seen.add(id(e))
         nxt = getattr(e, "cause", None) or e.__cause__
-        if nxt is None:
+        if nxt is None or not str(nxt):  # Ray Data's empty markers (``from SystemException()``)
             break
         e = nxt
     return e

@@ -67,7 +67,10 @@ def test_auto_on_a_gpu_torch_cannot_use_scores_on_cpu_and_says_so(fake_gpu_ray, 
     (actor,) = m["scorers"]
     assert actor["device"] == "cpu" and actor["gpu_name"] is None
     assert actor["gpus_reserved"] == ["0"]           # Ray gave it the fake GPU …
-    assert actor["rows"] == N and actor["batches"] == N // 16   # … and it scored every row on the CPU
+    # … and it scored every row on the CPU, in calls of compute.batches_per_call engine batches (a
+    # GPU actor's default)
+    per_call = validate(cfg).compute.calls_of(1)
+    assert actor["rows"] == N and actor["batches"] == -(-N // (16 * per_call))
     assert actor["torch"] == torch.__version__
     assert m["devices"] == {"cpu": N}
     (warning,) = m["warnings"]

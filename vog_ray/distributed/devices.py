@@ -17,7 +17,9 @@ log = logging.getLogger("vog_ray")
 
 class DeviceLedger:
     """One record per scorer actor (``register``) and its rows (``add`` after each batch). The
-    actors call it synchronously, so when the stage's dataset is written every batch is counted."""
+    actors call it synchronously, so when the stage's dataset is written every batch is counted (a
+    block scored again after its node was lost is counted again: the rows are work done, and may
+    add up to more than the rows in)."""
 
     def __init__(self) -> None:
         self._records: dict[str, dict[str, Any]] = {}
@@ -35,11 +37,14 @@ class DeviceLedger:
 
 
 def start_ledger() -> tuple[str, Any]:
-    """A named ledger actor for one stage (no CPU: it only counts); returns ``(name, handle)``."""
+    """A named ledger actor for one stage (no CPU: it only counts), on the driver's node — a worker
+    node lost mid-audit must not take the ledger with it; returns ``(name, handle)``."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     name = f"vog-ray-devices-{uuid.uuid4().hex[:12]}"
-    return name, ray.remote(num_cpus=0)(DeviceLedger).options(name=name).remote()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return name, ray.remote(num_cpus=0)(DeviceLedger).options(name=name, scheduling_strategy=here).remote()
 
 
 def connect_ledger(name: str | None) -> Any:
