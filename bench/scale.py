@@ -17,7 +17,8 @@ process whose torch threads wait for each other at every operation loses most wh
 are descheduled).
 
 ``--plan-only``: (1) 10 generated checkpoints of ~100 MB (an MLP): planning as it is
-(``inspect_checkpoints``: each read once, hashed while read, one in memory at a time) vs as it was
+(``check_checkpoints``, what ``plan_audit`` calls: each read once, hashed while read, checked
+against the model and for non-finite tensors, one in memory at a time) vs as it was
 (``hash_checkpoints`` then ``load_checkpoints``: every checkpoint read twice, all held), each in a
 fresh process — wall time and peak RSS; (2) a generated tree of 10k shards (Parquet and
 WebDataset): listing, row counts and the whole ``plan_audit``.
@@ -362,7 +363,7 @@ PLAN_CKPTS = 10
 _PLAN_CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
-from vog_ray.models.checkpoints import hash_checkpoints, inspect_checkpoints, list_checkpoints, load_checkpoints
+from vog_ray.models.checkpoints import check_checkpoints, hash_checkpoints, list_checkpoints, load_checkpoints
 urls = list_checkpoints({glob!r})
 def hwm():
     for line in open("/proc/self/status"):
@@ -374,7 +375,7 @@ if {mode!r} == "before":
     infos = hash_checkpoints(urls)
     load_checkpoints({model!r}, urls)
 else:
-    infos = inspect_checkpoints({model!r}, urls)
+    infos = check_checkpoints({model!r}, urls)
 print(json.dumps({{"s": time.perf_counter() - t, "peak_mib": hwm(), "base_mib": base, "sha": [i.sha256 for i in infos]}}))
 """
 
