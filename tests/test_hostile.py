@@ -422,7 +422,7 @@ def test_6_a_fractional_label_is_one_error_line_naming_file_and_column(data, ray
     assert list_runs(str(data["root"] / "out" / "fractional")) == []
 
 
-SLOW_FORWARD_S = 4.0  # 4 batches × 3 checkpoints: the first audit holds the lock for about a minute
+SLOW_FORWARD_S = 1.5  # 4 batches × 3 checkpoints: the first audit holds the lock for about 20 s
 
 
 def _lock_files(out: Path) -> list[Path]:
