@@ -5,7 +5,9 @@ that the integration tests share. Helpers live in ``tests/digits.py``, ``tests/r
 
 Ordering: a module that needs a Ray of its own (``pytestmark = pytest.mark.own_ray``: it kills
 Ray processes, or its workers need another env) runs after every other module, so that the shared
-Ray starts once per session instead of once after each such module.
+Ray starts once per session instead of once after each such module. ``make test`` runs the suite
+in 2 processes (pytest-xdist): each is a session of its own (its own S3 server and shared Ray),
+and the modules that share a costly session fixture run in the same one (``_GROUPS``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,30 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "own_ray: the module starts a Ray of its own (runs after the others)")
 
 
+# pytest-xdist (``make test`` runs the suite in 2 processes, ``--dist loadgroup``): each module runs
+# whole in one process; modules that share a costly session fixture share a process, so it is
+# built once: the digits audits (``tests/modes.py``; with them the two tests that start 2-node
+# clusters, which must not run at the same time), the published report run, the explorer's run
+_GROUPS = {
+    "digits": ("distributed/test_modes.py", "distributed/test_audit.py", "distributed/test_incremental.py",
+               "distributed/test_multinode.py", "test_readme.py"),
+    "report-run": ("report/test_html.py", "test_security.py"),
+    "explore-run": ("explore/", "distributed/test_flags_published.py"),
+}
+
+
+def _group(item) -> str:
+    rel = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+    for name, prefixes in _GROUPS.items():
+        if any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in prefixes):
+            return name
+    return rel
+
+
 def pytest_collection_modifyitems(config, items):
     items[:] = sorted(items, key=lambda item: item.get_closest_marker("own_ray") is not None)  # stable
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
 
 
 @pytest.fixture
