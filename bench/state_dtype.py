@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
+from incremental import start_ray  # noqa: E402 - bench/incremental.py, beside this script
+
 WINDOWS = {"early": "first:3", "all": "all"}
 TARGETS = ["logit", "softmax"]
 
@@ -78,21 +80,6 @@ def compare(run32: str, run16: str) -> dict:
                                             "max_rel_dvog": float(np.max(np.abs(va - vb) / np.abs(va))),
                                             "top_decile_agreement": len(ta & tb) / top}
     return out
-
-
-def start_ray(cpus: int) -> None:
-    """A local Ray; on a busy machine its raylet may miss the startup deadline: try again."""
-    import ray
-
-    for attempt in range(3):
-        try:
-            ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False,
-                     _system_config={"worker_register_timeout_seconds": 600})
-            return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
 
 
 def main(argv=None) -> int:
