@@ -93,14 +93,11 @@ def num_row_groups(fs, f: SourceFile) -> int:
         return pq.ParquetFile(fh).metadata.num_row_groups
 
 
-def num_rows(fs, f: SourceFile, spec: Optional["SplitSpec"] = None) -> int:
-    """The number of rows of a file (from its footer); a file that is not Parquet is an error, and
-    so (given the split's ``spec``) is a file without the columns the split reads
-    (:func:`check_columns`)."""
-    n, schema = footer(fs, f)
-    if spec is not None:
-        check_columns(schema, spec, f)
-    return n
+def num_rows(fs, f: SourceFile) -> int:
+    """The number of rows of a file (from its footer); a file that is not Parquet is an error. The
+    columns a split reads are checked from the footers while planning (``metadata.scan_splits``)
+    and again by the reader (:func:`check_columns`)."""
+    return footer(fs, f)[0]
 
 
 def footer(fs, f: SourceFile) -> tuple[int, pa.Schema]:
