@@ -245,3 +245,15 @@ def test_local_multi_node_cluster_block(tiny_digits, tmp_path):
         assert_same_scores(scores(urls[job]), scores(url))
     assert len(set(urls.values())) == 4
     assert not processes_with_env(MARKER, marker)
+
+
+def test_the_config_reference_block_is_a_valid_config():
+    """The README's annotated config (every key, under "## The config") validates as written: an
+    example whose settings contradict each other (a flag rule for a split it does not have) is a
+    README edit that breaks a user's copy."""
+    from vog_ray.config import validate
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text[text.index("\n## The config\n"):], re.S).group(1)
+    cfg = validate(yaml.safe_load(block), "README.md")
+    assert set(cfg.data.splits) >= {"train", "test", "ood"} and cfg.compute.stack_checkpoints == "off"
