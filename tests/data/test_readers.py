@@ -18,7 +18,7 @@ from vog_ray.config import AuditConfig, SplitSpec, TransformSpec
 from vog_ray.data.cifar import CifarPickleError, load_cifar_batch
 from vog_ray.data.dataset import dataset_from_config, read_split
 from vog_ray.data.datasource import Piece, SplitDatasource, balanced_groups
-from vog_ray.data.decode import decode, decode_batch
+from vog_ray.data.decode import decode, decode_batch, decode_row
 from vog_ray.data.fetch import fetch_images
 from vog_ray.data.listing import SourceFile, list_classes, split_files
 from vog_ray.data.metadata import count_rows, count_split_rows, infer_input_shape
@@ -322,6 +322,40 @@ def test_decode_transforms_and_reasons():
     assert list(out["status"]) == ["non_finite_pixels", "ok"] and out["x"].shape == (2, 16)
     with pytest.raises(ValueError, match="mean has 3 values but the images have 1 channels"):
         decode_batch(_batch([_npy(np.ones((1, 4, 4)))]), TransformSpec(mean=[0, 0, 0]), (1, 4, 4))
+
+
+def test_decode_batch_mixed_pixel_types_match_a_float32_loop():
+    """decode_batch stacks 8-bit rows as uint8 and converts the batch once: every row must equal
+    the naive per-row float32 reference (PIL → numpy → float32, × scale, (x - mean) / std), bit for
+    bit, whatever else shares its batch (16-bit PNG, float64 / int16 / bool arrays, RGB → L)."""
+    gray = RNG.integers(0, 256, (6, 7), dtype=np.uint8)
+    deep = RNG.integers(0, 65536, (6, 7)).astype(np.uint16)
+    rgb = RNG.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    f64 = RNG.normal(0, 100, (6, 7))
+    i16 = RNG.integers(-30000, 30000, (6, 7)).astype(np.int16)
+    flags = RNG.integers(0, 2, (6, 7)).astype(bool)
+    payloads = [_png(gray), _png(deep), _png(rgb), _npy(f64), _npy(i16), _npy(flags), _npy(gray)]
+
+    def naive(payload) -> np.ndarray:
+        if payload.startswith(b"\x93NUMPY"):
+            a = np.load(io.BytesIO(payload))
+            a = a.astype(np.uint8) if a.dtype == bool else a
+            return a.astype(np.float32)
+        img = Image.open(io.BytesIO(payload))
+        if img.mode.startswith("I;16"):
+            return np.asarray(img, dtype=np.float32) / np.float32(257.0)
+        return np.asarray(img.convert("L") if img.mode == "RGB" else img).astype(np.float32)
+
+    t = TransformSpec(channels=1, mean=[0.25], std=[0.5])
+    out = decode_batch(_batch(payloads), t, (1, 6, 7))
+    assert list(out["status"]) == ["ok"] * len(payloads) and out["x"].dtype == np.float32
+    for i, p in enumerate(payloads):
+        ref = (naive(p) * np.float32(t.scale) - np.float32(0.25)) / np.float32(0.5)
+        np.testing.assert_array_equal(out["x"][i, 0], ref, err_msg=f"row {i}")
+    # the same rows alone, and as the one-row public decode_row, give the same bits
+    for i, p in enumerate(payloads):
+        np.testing.assert_array_equal(decode_batch(_batch([p]), t, (1, 6, 7))["x"][0], out["x"][i])
+        assert decode_row(p, t).dtype == np.float32 and decode_row(p, t).flags.c_contiguous
 
 
 def test_cifar100_style_and_restricted_globals(tmp_path):

@@ -22,8 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..config import AuditConfig, TransformSpec
 
-__all__ = ["Reject", "clean_error", "raw_to_hwc", "pil_to_hwc", "decode_payload", "decode_row", "decode_batch",
-           "decode", "is_jpeg", "resized_size", "crop_origin", "normalise", "fmt_shape"]
+__all__ = ["Reject", "clean_error", "raw_to_hwc", "pil_to_hwc", "decode_payload", "decode_native", "decode_row",
+           "decode_batch", "decode", "is_jpeg", "resized_size", "crop_origin", "normalise", "fmt_shape"]
 
 
 class Reject(Exception):
@@ -207,16 +207,21 @@ def _center_crop(a: np.ndarray, size: int) -> np.ndarray:
     return a[top:top + size, left:left + size]
 
 
-def decode_row(payload: Any, transform: "TransformSpec") -> np.ndarray:
-    """One payload → float32 CHW (or a 1-D vector), before scaling. Raises ``Reject``."""
+def decode_native(payload: Any, transform: "TransformSpec") -> np.ndarray:
+    """One payload → CHW (or a 1-D vector) before scaling, as ``uint8`` when the pixels are 8-bit
+    and nothing made them fractional, else ``float32`` (a view where it can be: batches are stacked
+    once and converted once, :func:`decode_batch`; the values are those of :func:`decode_row`, as
+    every ``uint8`` is exact in float32). Raises ``Reject``."""
     obj = decode_payload(payload)
     if isinstance(obj, np.ndarray):
         a = raw_to_hwc(obj)
+        if a.dtype != np.uint8:  # one rounding to float32, from the array's own dtype
+            a = a.astype(np.float32, copy=False)
         if a.ndim == 1:
             if transform.resize or transform.center_crop or transform.channels:
                 raise Reject(f"bad_shape: {fmt_shape(a.shape)} is a vector; resize/center_crop/channels "
                               "need images")
-            return a.astype(np.float32, copy=False)
+            return a
         a = _convert_channels(a, transform.channels)
     else:
         a = pil_to_hwc(obj, transform.channels)
@@ -224,7 +229,14 @@ def decode_row(payload: Any, transform: "TransformSpec") -> np.ndarray:
         a = _resize(a, transform.resize)
     if transform.center_crop:
         a = _center_crop(a, transform.center_crop)
-    return np.ascontiguousarray(np.moveaxis(a, -1, 0), dtype=np.float32)
+    if a.dtype != np.uint8:
+        a = a.astype(np.float32, copy=False)
+    return a[None, :, :, 0] if a.shape[2] == 1 else a.transpose(2, 0, 1)
+
+
+def decode_row(payload: Any, transform: "TransformSpec") -> np.ndarray:
+    """One payload → float32 CHW (or a 1-D vector), before scaling. Raises ``Reject``."""
+    return np.ascontiguousarray(decode_native(payload, transform), dtype=np.float32)
 
 
 def normalise(x: Any, transform: "TransformSpec") -> Any:
@@ -282,7 +294,7 @@ def decode_batch(batch: dict[str, np.ndarray], transform: "TransformSpec",
         warnings.simplefilter("ignore")
         for i in range(n):
             try:
-                decoded[i] = decode_row(images[i], transform)
+                decoded[i] = decode_native(images[i], transform)
             except Reject as r:
                 status[i] = str(r)
 
@@ -299,7 +311,7 @@ def decode_batch(batch: dict[str, np.ndarray], transform: "TransformSpec",
 
     if exp is not None:
         for i, d in enumerate(decoded):
-            if d is not None and not matches(tuple(d.shape)):
+            if d is not None and d.shape != exp and not matches(d.shape):
                 status[i] = f"bad_shape: {fmt_shape(d.shape)} != {fmt_shape(exp)}"
                 decoded[i] = None
     flat = transform.flatten or (exp is not None and len(exp) == 1)
