@@ -27,13 +27,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "own_ray: the module starts a Ray of its own (runs after the others)")
 
 
-# pytest-xdist (``make test`` runs the suite in 2 processes, ``--dist loadgroup``): each module runs
-# whole in one process; modules that share a costly session fixture share a process, so it is
-# built once: the digits audits (``tests/modes.py``; with them the two tests that start 2-node
-# clusters, which must not run at the same time), the published report run, the explorer's run
+# pytest-xdist (``make test`` runs the suite in several processes, ``--dist loadgroup``): each
+# module runs whole in one process; modules that share a costly session fixture share a process,
+# so it is built once: the memoised digits audits (``tests/modes.py``), the published report run,
+# the explorer's run; and the two tests that start 2-node clusters share one, so that they never
+# run at the same time (two clusters at once on CI's 2 cores miss their start-up timeouts)
 _GROUPS = {
-    "digits": ("distributed/test_modes.py", "distributed/test_audit.py", "distributed/test_incremental.py",
-               "distributed/test_multinode.py", "test_readme.py"),
+    "digits": ("distributed/test_modes.py", "distributed/test_audit.py", "distributed/test_incremental.py"),
+    "clusters": ("distributed/test_multinode.py", "test_readme.py"),
     "report-run": ("report/test_html.py", "test_security.py"),
     "explore-run": ("explore/", "distributed/test_flags_published.py"),
 }

@@ -143,16 +143,20 @@ def read_parquet_files(paths: list[str], url: str, storage: dict[str, Any]) -> p
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
-def read_counted(paths: list[str], url: str, storage: dict[str, Any]) -> tuple[pa.Table, pa.Table]:
-    """:func:`read_parquet_files` and the block's rows per (split, scored or rejected)."""
+def read_counted(paths: list[str], url: str, storage: dict[str, Any],
+                 class_keys: list[str] | None = None) -> tuple[pa.Table, pa.Table, pa.Table | None]:
+    """:func:`read_parquet_files`, the block's rows per (split, scored or rejected) and, with
+    ``class_keys``, the first pass of the exact class sums of its scored rows (:func:`ok_class_sums`)."""
     t = read_parquet_files(paths, url, storage)
-    return t, status_counts(t)
+    return t, status_counts(t), (ok_class_sums(t, class_keys) if class_keys is not None else None)
 
 
-def read_raw(url: str, storage: StorageOptions, num_blocks: int):
+def read_raw(url: str, storage: StorageOptions, num_blocks: int, class_keys: list[str] | None = None):
     """A directory of Parquet files → (dataset, rows per split scored, rows per split rejected),
     read by ``num_blocks`` Ray tasks into the object store (nothing reaches the driver but the
-    per-split counts)."""
+    per-split counts). With ``class_keys``, a fourth value: the first pass of the exact class sums
+    (rows of :func:`ok_class_sums` over every block, for :func:`class_table_exact`), made by the
+    same tasks while each block is in hand."""
     import ray
     import ray.data
 
@@ -161,15 +165,19 @@ def read_raw(url: str, storage: StorageOptions, num_blocks: int):
         raise FileNotFoundError(f"no Parquet files under {redact_url(url)}")
     chunks = [list(c) for c in np.array_split(np.array(files, dtype=object), min(num_blocks, len(files))) if len(c)]
     # S3 answers that s3fs's own retries did not absorb (throttling, 5xx) are retried here
-    read = remote_task(read_counted, num_returns=2, max_retries=3, retry_exceptions=[OSError])
-    outs = [read.remote(c, url, dataclasses.asdict(storage)) for c in chunks]
+    read = remote_task(read_counted, num_returns=3, max_retries=3, retry_exceptions=[OSError])
+    outs = [read.remote(c, url, dataclasses.asdict(storage), class_keys) for c in chunks]
     scored: dict[str, int] = {}
     rejected: dict[str, int] = {}
     for counts in ray.get([o[1] for o in outs]):
         for row in counts.to_pylist():
             d = scored if row["ok"] else rejected
             d[row["split"]] = d.get(row["split"], 0) + int(row["n"])
-    return ray.data.from_arrow_refs([o[0] for o in outs]), scored, rejected
+    ds = ray.data.from_arrow_refs([o[0] for o in outs])
+    if class_keys is None:
+        return ds, scored, rejected
+    first = [r for t in ray.get([o[2] for o in outs]) for r in t.to_pylist()]
+    return ds, scored, rejected, first
 
 
 # ---------------------------------------------------------------- ids, class moments, ranks
@@ -197,15 +205,16 @@ def check_unique_ids(raw: Any, n_rows: int, splits: list[str] | None = None) -> 
                          "(check the split's id_column, or a manifest's image URIs)")
 
 
-def class_table_exact(raw: Any, keys: list[str]) -> pa.Table:
+def class_table_exact(raw: Any, keys: list[str], first: list[dict[str, Any]] | None = None) -> pa.Table:
     """The class table from exact sums over the scored rows of each raw block (two passes, one
-    task per block): the same bit for bit however the raw table is blocked (see
-    ``core.classes.exact_class_sums``)."""
+    task per block; ``first``: the first pass when the read made it, :func:`read_raw`): the same
+    bit for bit however the raw table is blocked (see ``core.classes.exact_class_sums``)."""
     import ray
 
     refs = block_refs(raw)
     sums = remote_task(ok_class_sums)
-    first = [r for t in ray.get([sums.remote(b, list(keys)) for b in refs]) for r in t.to_pylist()]
+    if first is None:
+        first = [r for t in ray.get([sums.remote(b, list(keys)) for b in refs]) for r in t.to_pylist()]
     means = ray.put(exact_class_means(first, keys))
     second = [r for t in ray.get([sums.remote(b, list(keys), means) for b in refs]) for r in t.to_pylist()]
     return exact_class_table(first, second, keys)
@@ -261,8 +270,8 @@ def reduce_raw(raw_url: str, storage: StorageOptions, *, keys: list[str], primar
     ranks (z against the split ``normalize_against`` when given: rows of a class it lacks get
     no z and no rank). ``steps`` times the named steps (``audit.Steps``)."""
     with steps("reduce: read raw table"):  # once, into the object store: every pass below reads that
-        raw, scored_by_split, rejected_by_split = read_raw(raw_url, storage,
-                                                           partitions_for(rows_in, RAW_ROWS_PER_READ))
+        raw, scored_by_split, rejected_by_split, first = read_raw(
+            raw_url, storage, partitions_for(rows_in, RAW_ROWS_PER_READ), class_keys=list(keys))
     rejected = raw.map_batches(filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")
     n_scored, n_rejected = sum(scored_by_split.values()), sum(rejected_by_split.values())
     # ids a reader makes ("<file>:<row>", image paths) are unique by construction; ids read from
@@ -275,7 +284,7 @@ def reduce_raw(raw_url: str, storage: StorageOptions, *, keys: list[str], primar
     if n_scored == 0:
         raise RuntimeError("no row could be scored (see the rejected rows for the reasons)")
     with steps("reduce: class moments"):
-        classes = class_table_exact(raw, keys)
+        classes = class_table_exact(raw, keys, first)
     check_reference(classes, normalize_against)
     missing = unreferenced(classes, normalize_against)
     z = (normalize_block, {"lookup": class_lookup(classes, keys), "keys": keys, "method": normalization,
