@@ -14,7 +14,10 @@ this process with as many torch threads as the actors have in all (bench/pipelin
 reference), and as many single-threaded processes as there are actors (the actors' layout
 without Ray, read or decode: on a machine shared with other work, the fairer of the two — a
 process whose torch threads wait for each other at every operation loses most when its threads
-are descheduled).
+are descheduled). The same processes once more, each decoding its PNG batches before the engine
+runs them (``decode_batch``, the audit's transform): the engine and the decode that an audit of
+PNGs cannot do without, on the same cores. End to end (the CLI's wall time, planning, reduce,
+validation and publishing included) is given against both.
 
 ``--plan-only``: (1) 10 generated checkpoints of ~100 MB (an MLP): planning as it is
 (``check_checkpoints``, what ``plan_audit`` calls: each read once, hashed while read, checked
@@ -42,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -244,21 +248,43 @@ def engine_rate(x: np.ndarray, y: np.ndarray, ckpt_glob: str, threads: int) -> f
     return len(x) * K / _timed_passes(_engine(ckpt_glob, threads), x, y)
 
 
-def _engine_worker(ckpt_glob: str, x: np.ndarray, y: np.ndarray, barrier, out) -> None:
+def _decoding_passes(eng, pngs: list[bytes], y: np.ndarray) -> float:
+    """Like :func:`_timed_passes`, each batch decoded first as the audit decodes it (its transform)."""
+    from vog_ray.config import TransformSpec
+    from vog_ray.data.decode import decode_batch
+
+    t = TransformSpec(channels=1, mean=[0.1307], std=[0.3081])
+
+    def batch(s: int) -> np.ndarray:
+        img = np.empty(len(pngs[s:s + BATCH]), dtype=object)
+        img[:] = pngs[s:s + BATCH]
+        return decode_batch({"image": img, "label": y[s:s + BATCH]}, t, (1, 28, 28))["x"]
+
+    eng.run(batch(0), y[:BATCH])  # warm-up
+    t0 = time.perf_counter()
+    for s in range(0, len(pngs), BATCH):
+        eng.run(batch(s), y[s:s + BATCH])
+    return time.perf_counter() - t0
+
+
+def _engine_worker(ckpt_glob: str, x: Any, y: np.ndarray, barrier, out) -> None:
     eng = _engine(ckpt_glob, 1)
     barrier.wait()
-    out.put(_timed_passes(eng, x, y))
+    out.put(_decoding_passes(eng, x, y) if isinstance(x, list) else _timed_passes(eng, x, y))
 
 
-def engine_rate_processes(x: np.ndarray, y: np.ndarray, ckpt_glob: str, procs: int) -> float:
+def engine_rate_processes(x: np.ndarray | list[bytes], y: np.ndarray, ckpt_glob: str, procs: int) -> float:
     """Example×checkpoints/s of the engine alone in the actors' layout: ``procs`` processes of one
-    torch thread, each on its share of the examples, started together (no Ray, no read/decode)."""
+    torch thread, each on its share of the examples, started together (no Ray, no read/decode).
+    ``x`` a list of PNG bytes: each process decodes its batches first (``decode_batch``, the
+    audit's transform) — the engine and the decode an audit of PNGs cannot do without."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(procs), ctx.Queue()
     shares = np.array_split(np.arange(len(x)), procs)
-    ps = [ctx.Process(target=_engine_worker, args=(ckpt_glob, x[s], y[s], barrier, out)) for s in shares]
+    ps = [ctx.Process(target=_engine_worker, args=(ckpt_glob, [x[i] for i in s] if isinstance(x, list) else x[s],
+                                                   y[s], barrier, out)) for s in shares]
     for p in ps:
         p.start()
     times = [out.get() for _ in ps]
@@ -297,12 +323,15 @@ def full_run(args: argparse.Namespace, root: str) -> dict:
     reps = -(-ENGINE_N // len(X))
     x = ((np.tile(X, (reps, 1, 1))[:ENGINE_N].astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None]
     y = np.tile(Y, reps)[:ENGINE_N]
+    pngs = [_png(im) for im in X] * reps
+    pngs = pngs[:ENGINE_N]
     cluster = Cluster(cpus)
     results = {}
     try:
         for n in sizes:
             eng = engine_rate(x, y, ckpts, actors)
             eng_procs = engine_rate_processes(x, y, ckpts, actors)
+            eng_dec = engine_rate_processes(pngs, y, ckpts, actors)
             cfg_path = os.path.join(root, f"audit-{n}.yaml")
             with open(cfg_path, "w") as f:
                 yaml.safe_dump(audit_config(dirs[n], ckpts, os.path.join(root, f"out-{n}"), actors,
@@ -315,10 +344,16 @@ def full_run(args: argparse.Namespace, root: str) -> dict:
                           "stage1_example_ckpts_per_s": stage1, "engine_example_ckpts_per_s": eng,
                           "engine_processes_example_ckpts_per_s": eng_procs,
                           "stage1_vs_engine": stage1 / eng, "stage1_vs_engine_processes": stage1 / eng_procs,
-                          "end_to_end_example_ckpts_per_s": n * K / r["wall_s"], "timings_s": m["timings_s"]}
+                          "engine_decode_processes_example_ckpts_per_s": eng_dec,
+                          "decode_share_of_engine": eng_procs / eng_dec - 1,
+                          "end_to_end_example_ckpts_per_s": n * K / r["wall_s"],
+                          "end_to_end_vs_engine_processes": n * K / r["wall_s"] / eng_procs,
+                          "end_to_end_vs_engine_decode_processes": n * K / r["wall_s"] / eng_dec,
+                          "timings_s": m["timings_s"]}
             print(f"[N={n}: {r['wall_s']:.1f} s, CLI peak {r['driver_peak_mib']:.0f} MiB, store peak "
                   f"{r['store_peak_mib']:.0f} MiB, spilled {r['spilled_mib']:.0f} MiB, stage 1 {stage1:.0f} vs "
                   f"engine {eng:.0f} (1 process × {actors} threads) / {eng_procs:.0f} ({actors} processes × 1 thread) "
+                  f"/ {eng_dec:.0f} (decoding too) "
                   f"example×ckpts/s; steps {m['timings_s']}]", file=sys.stderr, flush=True)
             shutil.rmtree(os.path.join(root, f"out-{n}"), ignore_errors=True)
     finally:
@@ -329,13 +364,15 @@ def full_run(args: argparse.Namespace, root: str) -> dict:
 def report_full(results: dict, cpus: int, actors: int, lay: dict) -> dict:
     ref = results.get(100_000)
     print(f"{'N':>9}{'wall s':>9}{'ex/s':>9}{'s/1k vs 100k':>14}{'CLI peak MiB':>14}{'store peak MiB':>16}"
-          f"{'spilled MiB':>13}{'stage1/engine':>15}{'stage1/engine procs':>21}")
+          f"{'spilled MiB':>13}{'stage1/engine':>15}{'stage1/engine procs':>21}{'e2e/engine procs':>18}"
+          f"{'e2e/engine+decode':>19}")
     for n, r in results.items():
         r["s_per_1k_vs_100k"] = r["s_per_1k"] / ref["s_per_1k"] if ref else None
         rel = f"{r['s_per_1k_vs_100k']:.3f}" if ref else "-"
         print(f"{n:>9}{r['wall_s']:>9.1f}{r['examples_per_s']:>9.0f}{rel:>14}{r['driver_peak_mib']:>14.0f}"
               f"{r['store_peak_mib']:>16.0f}{r['spilled_mib']:>13.0f}{r['stage1_vs_engine']:>15.3f}"
-              f"{r['stage1_vs_engine_processes']:>21.3f}")
+              f"{r['stage1_vs_engine_processes']:>21.3f}{r['end_to_end_vs_engine_processes']:>18.3f}"
+              f"{r['end_to_end_vs_engine_decode_processes']:>19.3f}")
     for n, r in results.items():
         print(f"  N={n} timings_s: {r['timings_s']}")
     one_m, ten_k = results.get(1_000_000), results.get(10_000)
@@ -346,6 +383,10 @@ def report_full(results: dict, cpus: int, actors: int, lay: dict) -> dict:
         "spilled_mib_1m": round(one_m["spilled_mib"], 1) if one_m else None,
         "stage1_vs_engine_1m": round(one_m["stage1_vs_engine"], 4) if one_m else None,
         "stage1_vs_engine_processes_1m": round(one_m["stage1_vs_engine_processes"], 4) if one_m else None,
+        "end_to_end_vs_engine_processes_1m": round(one_m["end_to_end_vs_engine_processes"], 4) if one_m else None,
+        "end_to_end_vs_engine_decode_processes_1m":
+            round(one_m["end_to_end_vs_engine_decode_processes"], 4) if one_m else None,
+        "decode_share_of_engine_1m": round(one_m["decode_share_of_engine"], 4) if one_m else None,
         "runs": {str(n): {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                  for n, r in results.items()},
         "settings": {"shards": SHARDS, "k": K, "windows": WINDOWS, "targets": ["logit"], "model": "lenet",

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.checkpoints import CheckpointInfo
     from .audit import Plan
 
-__all__ = ["score_stage", "merge_sharded", "checkpoint_groups", "work_key", "run_stage", "WorkLock",
+__all__ = ["score_stage", "merge_sharded", "checkpoint_groups", "work_key", "run_stage", "WorkLock", "raw_write_args",
            "read_precision_checks", "precision_record", "PRECISION_CHECKS"]
 
 PRECISION_CHECKS = "precision_check"  # the folder of the actors' precision checks under the work prefix
@@ -56,6 +56,17 @@ def work_key(cfg: "AuditConfig", ckpts: list["CheckpointInfo"], inputs: dict[str
     payload = json.dumps({"cfg": d, "ck": [c.sha256 for c in ckpts],
                           "inputs": {s: v["sha256"] for s, v in inputs.items()}}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# the raw table's columns whose values repeat: Parquet dictionary pages for them (and the carried
+# columns) only — for ids and floats a dictionary is built, found useless and dropped for plain
+# pages, which halves the write of a 512-row block (1.8 -> 0.8 ms) and saves no byte
+RAW_DICTIONARY = ("split", "status", "label", "target_label", "pred", "correct")
+
+
+def raw_write_args(carried: Any) -> dict[str, Any]:
+    """How stage 1 writes the raw table's files (``carried``: the carried columns' names)."""
+    return {"use_dictionary": [*RAW_DICTIONARY, *(carried or ())]}
 
 
 def checkpoint_groups(num_checkpoints: int, groups: int) -> list[list[int]]:
@@ -253,7 +264,8 @@ def _run_stage(plan: "Plan", groups: list[list[int]], work_url: str) -> tuple[di
             log.info("resuming stage 1: %d rows in %d files from an earlier run are kept (%d half-written "
                      "files removed)", partial.rows, len(partial.files), len(partial.removed))
         devices = score_stage(plan, groups, "vog", raw_url, done=partial.done,
-                              mode="append" if partial.files else "overwrite", check_url=check_url)
+                              mode="append" if partial.files else "overwrite", check_url=check_url,
+                              write_args=raw_write_args(plan.carried_types))
     now = count_new_rows(fs_raw, raw_path, partial.files)
     rows_in = sum(plan.rows_in.values())
     if partial.rows + now != rows_in:  # never mark a raw table done that a rerun could not use
