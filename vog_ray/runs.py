@@ -92,7 +92,10 @@ class Run:
             if not fs.exists(resolve(self.path(rel), self.storage)[1]):
                 raise FileNotFoundError(f"run {self.url!r} has no {rel}")
             return pa.table({})
-        tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
+        tables = []
+        for f in files:  # opened here, so closed here (pyarrow may close a file it opened later, on its own thread)
+            with fs.open(f, "rb") as fh:
+                tables.append(pq.read_table(fh, columns=columns))
         return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
     def scores(self, columns: list[str] | None = None) -> pa.Table:

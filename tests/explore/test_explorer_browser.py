@@ -91,7 +91,7 @@ def test_first_page_shows_images(site):
 
 
 def test_filter_narrows_the_rows(site):
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     srv, d, t = site
     visit(d, srv.url + "/")
@@ -101,6 +101,8 @@ def test_filter_narrows_the_rows(site):
     Select(form.find_element("name", "flagged")).select_by_value("no")
     form.find_element("name", "pct_min").send_keys("40")
     form.find_element("css selector", "button[type=submit]").click()
+    # the submit navigates: wait for the filtered URL (on a busy machine the click returns first)
+    WebDriverWait(d, 120).until(lambda drv: "split=train" in drv.current_url)
     visit(d, d.current_url)
     want = t[(t.split == "train") & (t[EVIL_COLUMN] == EVIL_VALUE) & ~t.flagged & (t.percentile >= 40)]
     assert 0 < len(want) < (t.split == "train").sum()
