@@ -139,9 +139,11 @@ def test_reduce_tasks_run_in_workers_that_never_import_torch(tmp_path, monkeypat
 
     from vog_ray.config import validate
     from vog_ray.distributed import reduce as reduce_mod
+    from vog_ray.distributed import validate as validate_mod
     from vog_ray.distributed.audit import Plan, reduce_and_publish
     from vog_ray.distributed.merge import merge_by_example
 
+    real_ray_map = validate_mod.ray_map
     report = tmp_path / "workers"
     report.mkdir()
     if ray.is_initialized():  # another module's Ray: its workers may have run a scorer
@@ -162,11 +164,17 @@ def test_reduce_tasks_run_in_workers_that_never_import_torch(tmp_path, monkeypat
                     ["all_logit", "all_softmax"], "all_logit", str(tmp_path / "out"), rows_in)
         # several read tasks and sort partitions on 600 rows: every step of the sort runs as tasks
         monkeypatch.setattr(reduce_mod, "partitions_for", lambda n, per=0: 3)
-        # the synthetic raw table has no source to read again: the publishing gate (its tasks also
-        # run in these workers) checks the tables only
+        # the publishing gate as Ray tasks (a run this small is otherwise checked in the driver):
+        # its tasks also run in these workers; the synthetic raw table has no source to read
+        # again, so it checks the tables only
+        monkeypatch.setattr(validate_mod, "LOCAL_ROWS", 0)
+        calls = []
+        monkeypatch.setattr(validate_mod, "ray_map", lambda fn, args: calls.append(len(args))
+                            or real_ray_map(fn, args))
         res = reduce_and_publish(plan, str(tmp_path / "raw"), run_id="r", t0=0.0, score_wall=1.0, extra={},
                                  report=False, verify_source=False)
         assert res.manifest["rows"] == {"in": 600, "scored": 597, "rejected": 3}
+        assert calls and sum(calls) >= 2, calls                  # the gate's summaries ran as tasks
         scores = pq.read_table(str(tmp_path / "out" / "runs" / "r" / "scores")).to_pandas()
         for split, ranks in scores.groupby("split")["rank"]:
             assert sorted(ranks) == list(range(1, res.manifest["splits"][split]["rows_scored"] + 1))

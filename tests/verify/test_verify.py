@@ -180,3 +180,18 @@ def test_a_run_normalized_against_a_split_that_lacks_a_class(tmp_path):
     _edit(f, rank_it)
     v = _verify(url, source=False)
     assert not v.ok and any(p.startswith("unreferenced:") and "te-03" in p for p in v.problems), v.problems
+
+
+@pytest.mark.integration
+def test_the_gates_ray_tasks_find_what_the_threads_find(run, shared_ray):
+    """The publishing gate's mapper (``distributed.validate.ray_map``: runs of files as 1-CPU Ray
+    tasks) gives the verdict of ``vog-ray verify``'s threads, on the consistent run and damaged."""
+    from vog_ray.distributed.validate import ray_map
+
+    for damage in (None, "rank order", "carried columns"):
+        if damage:
+            DAMAGE[damage](run)
+        here, tasks = _verify(run), _verify(run, mapper=ray_map)
+        assert (tasks.ok, tasks.problems, tasks.rows, tasks.checked) == (here.ok, here.problems, here.rows,
+                                                                         here.checked), damage
+        assert tasks.ok == (damage is None)

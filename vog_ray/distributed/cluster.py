@@ -144,13 +144,15 @@ def _apply_chunk(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     return [fn(i) for i in items]
 
 
-def ray_map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-    """``[fn(i) for i in items]`` computed by Ray tasks (``ITEMS_PER_TASK`` items each), in order.
-    ``fn`` must be a module-level function that Ray workers can import."""
+def ray_map(fn: Callable[[Any], Any], items: list[Any], *, per_task: int = ITEMS_PER_TASK,
+            num_cpus: float = MAP_TASK_CPUS) -> list[Any]:
+    """``[fn(i) for i in items]`` computed by Ray tasks of ``num_cpus`` (``per_task`` items each),
+    in order. ``fn`` must be a module-level function (or a ``functools.partial`` of one) that Ray
+    workers can import."""
     import ray
 
-    task = remote_task(_apply_chunk, num_cpus=MAP_TASK_CPUS)
-    refs = [task.remote(fn, items[a:a + ITEMS_PER_TASK]) for a in range(0, len(items), ITEMS_PER_TASK)]
+    task = remote_task(_apply_chunk, num_cpus=num_cpus)
+    refs = [task.remote(fn, items[a:a + per_task]) for a in range(0, len(items), max(1, per_task))]
     return [r for chunk in ray.get(refs) for r in chunk]
 
 

@@ -6,11 +6,12 @@ is not published."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable
 
 from ..verify import RunInvalid, local_map, verify_run
-from .cluster import remote_task
+from .cluster import ray_map as cluster_map
 
 __all__ = ["ray_map", "publish_gate"]
 
@@ -26,30 +27,27 @@ TASKS_PER_CPU = 2
 LOCAL_ROWS = 50_000
 
 
-def _star_chunk(fn: Callable[..., Any], args: list[tuple]) -> list:
-    return [fn(*a) for a in args]
+def _star(fn: Callable[..., Any], args: tuple) -> Any:
+    return fn(*args)
 
 
 def ray_map(fn: Callable[..., Any], args: list[tuple]) -> list:
     """``[fn(*a) for a in args]`` as Ray tasks, in order (``fn``: module-level, in a module
     without torch): ``TASKS_PER_CPU`` tasks per CPU of the cluster, each a contiguous run of
-    ``args``."""
+    ``args`` (:func:`.cluster.ray_map`)."""
     import ray
 
     if not args:
         return []
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    per = -(-len(args) // (TASKS_PER_CPU * cpus))
-    task = remote_task(_star_chunk, num_cpus=VALIDATE_CPUS)
-    refs = [task.remote(fn, args[a:a + per]) for a in range(0, len(args), per)]
-    return [r for chunk in ray.get(refs) for r in chunk]
+    return cluster_map(functools.partial(_star, fn), args, per_task=-(-len(args) // (TASKS_PER_CPU * cpus)),
+                       num_cpus=VALIDATE_CPUS)
 
 
 def publish_gate(plan: Any, *, source: bool = True) -> Callable[[str], None]:
     """The check ``write_run`` runs on a written run: every invariant, the source read again with
     the audit's own config (unless ``source`` is False). Raises
     :class:`~vog_ray.verify.RunInvalid` naming what broke."""
-
     rows = sum(plan.rows_in.values())
     mapper = local_map if rows <= LOCAL_ROWS else ray_map
 
