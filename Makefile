@@ -6,8 +6,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 # the suite in 2 processes (CI has 2 cores; most of a test's time is waiting for Ray, S3 or a
-# subprocess): each module runs whole in one process, the modules that share the digits audits
-# (and the two 2-node clusters) together in one (tests/conftest.py, xdist_group)
+# subprocess): each module runs whole in one process, the modules that share a session fixture
+# (the digits audits, ...) or must not overlap (the two 2-node clusters) together in one
+# (tests/conftest.py: GroupScheduling replaces --dist's scheduler)
 TEST_WORKERS ?= 2
 
 .PHONY: test demo venv browser bench clean
@@ -30,7 +31,7 @@ browser:
 	  else echo "warning: chromium or chromedriver missing (install Debian's 'chromium' and 'chromium-driver' packages)"; fi; }
 
 test: $(STAMP) browser
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m vog_ray.demo

@@ -27,31 +27,52 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "own_ray: the module starts a Ray of its own (runs after the others)")
 
 
-# pytest-xdist (``make test`` runs the suite in several processes, ``--dist loadgroup``): each
-# module runs whole in one process; modules that share a costly session fixture share a process,
-# so it is built once: the memoised digits audits (``tests/modes.py``), the published report run,
-# the explorer's run; and the two tests that start 2-node clusters share one, so that they never
-# run at the same time (two clusters at once on CI's 2 cores miss their start-up timeouts)
+# pytest-xdist (``make test`` runs the suite in 2 processes): each module runs whole in one
+# process; modules that share a costly session fixture share a process, so it is built once: the
+# memoised digits audits (``tests/modes.py``), the published report run, the explorer's run; and
+# the two tests that start 2-node clusters share one, so that they never run at the same time (two
+# clusters at once on CI's 2 cores miss their start-up timeouts). The groups are xdist's scopes
+# (``GroupScheduling``): ``--dist loadgroup``'s ``xdist_group`` marks are lost under pytest 9.2
+# (xdist 3.8 renames ``item._nodeid``, which pytest 9 no longer reads), and the tests were then
+# dealt out one by one, every session fixture built in both processes.
 _GROUPS = {
     "digits": ("distributed/test_modes.py", "distributed/test_audit.py", "distributed/test_incremental.py"),
     "clusters": ("distributed/test_multinode.py", "test_readme.py"),
     "report-run": ("report/test_html.py", "test_security.py"),
     "explore-run": ("explore/", "distributed/test_flags_published.py"),
 }
+_FIRST = ("digits", "clusters")  # the longest groups start first: the others fill in around them
 
 
-def _group(item) -> str:
-    rel = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+def group_of(nodeid: str) -> str:
+    """The xdist scope of a test: its group, else its module."""
+    rel = nodeid.split("::", 1)[0].removeprefix("tests/")
     for name, prefixes in _GROUPS.items():
         if any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in prefixes):
             return name
     return rel
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own (it answers for every --dist mode)
+def pytest_xdist_make_scheduler(config, log):
+    """Whole groups (``group_of``) to one process each, in collection order (see below)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order pytest_collection_modifyitems made
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    items[:] = sorted(items, key=lambda item: item.get_closest_marker("own_ray") is not None)  # stable
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    """The longest groups first, the own-Ray modules last (stable otherwise)."""
+    def key(item) -> tuple[int, int]:
+        g = group_of(item.nodeid)
+        return (item.get_closest_marker("own_ray") is not None, _FIRST.index(g) if g in _FIRST else len(_FIRST))
+
+    items[:] = sorted(items, key=key)
 
 
 @pytest.fixture
