@@ -291,11 +291,11 @@ def _fold(plan: Plan, state: dict[str, Any] | None, parts_url: str, moments_url:
     itself), and the score rows they give written to ``raw_url`` — each input read once."""
     fs, _ = resolve(parts_url, plan.storage)
     n = sum(plan.rows_in.values())
-    new, _, _ = read_raw(parts_url, plan.storage, partitions_for(n, RAW_ROWS_PER_READ))
+    new = read_raw(parts_url, plan.storage, partitions_for(n, RAW_ROWS_PER_READ)).ds
     if state is None:
         moments = new
     else:
-        old, _, _ = read_raw(state["moments_url"], plan.storage, partitions_for(n, RAW_ROWS_PER_READ))
+        old = read_raw(state["moments_url"], plan.storage, partitions_for(n, RAW_ROWS_PER_READ)).ds
         ok = [d.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow").map_batches(
             set_group, fn_kwargs={"group": g}, batch_format="pyarrow") for g, d in ((0, old), (1, new))]
         rejected = new.map_batches(filter_status, fn_kwargs={"ok": False}, batch_format="pyarrow")

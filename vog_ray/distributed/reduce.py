@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,7 @@ from .cluster import remote_task
 from .merge import MOMENT_PREFIXES
 from .sort import Prepare, adjacent_duplicates, block_refs, cut_blocks, merge_sorted, partitions_for, sample_sort
 
-__all__ = ["Reduced", "reduce_raw", "read_raw", "check_unique_ids", "filter_status", "filter_splits",
+__all__ = ["Reduced", "reduce_raw", "read_raw", "RawRead", "check_unique_ids", "filter_status", "filter_splits",
            "rejected_of_group0", "rejected_columns", "cast_carried", "sigs_to_lists", "status_counts", "rank_dataset",
            "class_table_exact", "normalize_block", "RAW_ROWS_PER_READ"]
 
@@ -151,12 +151,21 @@ def read_counted(paths: list[str], url: str, storage: dict[str, Any],
     return t, status_counts(t), (ok_class_sums(t, class_keys) if class_keys is not None else None)
 
 
-def read_raw(url: str, storage: StorageOptions, num_blocks: int, class_keys: list[str] | None = None):
-    """A directory of Parquet files → (dataset, rows per split scored, rows per split rejected),
-    read by ``num_blocks`` Ray tasks into the object store (nothing reaches the driver but the
-    per-split counts). With ``class_keys``, a fourth value: the first pass of the exact class sums
-    (rows of :func:`ok_class_sums` over every block, for :func:`class_table_exact`), made by the
-    same tasks while each block is in hand."""
+class RawRead(NamedTuple):
+    """What :func:`read_raw` returns."""
+
+    ds: Any                         # ray.data.Dataset: the raw blocks in the object store
+    scored: dict[str, int]          # rows per split scored
+    rejected: dict[str, int]        # rows per split rejected
+    first: list[dict[str, Any]] | None  # the first pass of the exact class sums (``class_keys``), else None
+
+
+def read_raw(url: str, storage: StorageOptions, num_blocks: int, class_keys: list[str] | None = None) -> RawRead:
+    """A directory of Parquet files → the raw blocks and their rows per split, scored and
+    rejected, read by ``num_blocks`` Ray tasks into the object store (nothing reaches the driver
+    but the per-split counts). With ``class_keys``, the same tasks also make the first pass of the
+    exact class sums while each block is in hand (rows of :func:`ok_class_sums`, for
+    :func:`class_table_exact`)."""
     import ray
     import ray.data
 
@@ -173,11 +182,8 @@ def read_raw(url: str, storage: StorageOptions, num_blocks: int, class_keys: lis
         for row in counts.to_pylist():
             d = scored if row["ok"] else rejected
             d[row["split"]] = d.get(row["split"], 0) + int(row["n"])
-    ds = ray.data.from_arrow_refs([o[0] for o in outs])
-    if class_keys is None:
-        return ds, scored, rejected
-    first = [r for t in ray.get([o[2] for o in outs]) for r in t.to_pylist()]
-    return ds, scored, rejected, first
+    first = None if class_keys is None else [r for t in ray.get([o[2] for o in outs]) for r in t.to_pylist()]
+    return RawRead(ray.data.from_arrow_refs([o[0] for o in outs]), scored, rejected, first)
 
 
 # ---------------------------------------------------------------- ids, class moments, ranks
@@ -205,16 +211,14 @@ def check_unique_ids(raw: Any, n_rows: int, splits: list[str] | None = None) -> 
                          "(check the split's id_column, or a manifest's image URIs)")
 
 
-def class_table_exact(raw: Any, keys: list[str], first: list[dict[str, Any]] | None = None) -> pa.Table:
-    """The class table from exact sums over the scored rows of each raw block (two passes, one
-    task per block; ``first``: the first pass when the read made it, :func:`read_raw`): the same
-    bit for bit however the raw table is blocked (see ``core.classes.exact_class_sums``)."""
+def class_table_exact(raw: Any, keys: list[str], first: list[dict[str, Any]]) -> pa.Table:
+    """The class table from exact sums over the scored rows of each raw block (two passes; the
+    first made by the read, :func:`read_raw`, the second one task per block): the same bit for
+    bit however the raw table is blocked (see ``core.classes.exact_class_sums``)."""
     import ray
 
     refs = block_refs(raw)
     sums = remote_task(ok_class_sums)
-    if first is None:
-        first = [r for t in ray.get([sums.remote(b, list(keys)) for b in refs]) for r in t.to_pylist()]
     means = ray.put(exact_class_means(first, keys))
     second = [r for t in ray.get([sums.remote(b, list(keys), means) for b in refs]) for r in t.to_pylist()]
     return exact_class_table(first, second, keys)

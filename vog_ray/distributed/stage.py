@@ -33,8 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.checkpoints import CheckpointInfo
     from .audit import Plan
 
-__all__ = ["score_stage", "merge_sharded", "checkpoint_groups", "work_key", "run_stage", "WorkLock", "raw_write_args",
-           "read_precision_checks", "precision_record", "PRECISION_CHECKS"]
+__all__ = ["score_stage", "merge_sharded", "checkpoint_groups", "work_key", "run_stage", "WorkLock",
+           "raw_write_args", "read_precision_checks", "precision_record", "PRECISION_CHECKS"]
 
 PRECISION_CHECKS = "precision_check"  # the folder of the actors' precision checks under the work prefix
 
@@ -204,7 +204,7 @@ def merge_sharded(plan: "Plan", parts_url: str, raw_url: str, num_groups: int) -
     """Merge per-group partial moments by example id into the fused raw table."""
     fs, _ = resolve(parts_url, plan.storage)
     n = sum(plan.rows_in.values()) * num_groups
-    allp, _, _ = read_raw(parts_url, plan.storage, partitions_for(n, RAW_ROWS_PER_READ))
+    allp = read_raw(parts_url, plan.storage, partitions_for(n, RAW_ROWS_PER_READ)).ds
     ok = allp.map_batches(filter_status, fn_kwargs={"ok": True}, batch_format="pyarrow")
     bad = allp.map_batches(rejected_of_group0, batch_format="pyarrow")
     merged = merge_by_example(ok, plan.keys, num_groups, n)
