@@ -210,11 +210,26 @@ def audit_config(digits_audit, out: str = "mn/job") -> dict[str, Any]:
                  "gpus_per_actor": 1, "cpus_per_actor": 1, "read_blocks": 8, "decode_batch_size": 16})
 
 
+AGENT_WAIT_S = 300  # a fresh head node's job agent registers late on a loaded machine
+
+
 def submit(cluster: dict, sub_id: str, cfg_path: Path, env_vars: dict[str, str]) -> None:
+    """``ray job submit --no-wait`` of ``jobs/audit.py``; submitted again while the head node's job
+    agent has not registered yet (Ray answers "No available agent to submit job, please try again
+    later"), any other failure at once."""
     runtime_env = {"env_vars": {**env_vars, "RAY_AUTH_MODE": "disabled"}, "excludes": EXCLUDES}
-    run([RAY, "job", "submit", "--address", cluster["dashboard"], "--submission-id", sub_id, "--no-wait",
-         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
-         "--", "python", "jobs/audit.py", str(cfg_path)], timeout=300)
+    cmd = [RAY, "job", "submit", "--address", cluster["dashboard"], "--submission-id", sub_id, "--no-wait",
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
+           "--", "python", "jobs/audit.py", str(cfg_path)]
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            run(cmd, timeout=300)
+            return
+        except AssertionError as e:
+            if "No available agent to submit job" not in str(e) or time.time() > deadline:
+                raise
+        time.sleep(3)
 
 
 def wait_job(cluster: dict, sub_id: str, timeout: float = 3000) -> tuple[Any, str]:
@@ -291,13 +306,10 @@ def test_audit_job_on_two_node_cluster(digits_audit, tmp_path):
     cfg_path = tmp_path / "audit.yaml"
     cfg_path.write_text(yaml.safe_dump(audit_config(digits_audit)))
     sub_id = f"vog-mn-{uuid.uuid4().hex[:8]}"
-    runtime_env = {"env_vars": {**s3.env, "RAY_AUTH_MODE": "disabled"}, "excludes": EXCLUDES}
     t0 = time.time()
     with two_node_cluster() as cluster:
         print(f"cluster up after {time.time() - t0:.0f} s: {cluster['nodes']}")
-        run([RAY, "job", "submit", "--address", cluster["dashboard"], "--submission-id", sub_id, "--no-wait",
-             "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
-             "--", "python", "jobs/audit.py", str(cfg_path)], timeout=300)
+        submit(cluster, sub_id, cfg_path, s3.env)
         client = JobSubmissionClient(cluster["dashboard"])
         deadline = time.time() + 3000
         while (status := client.get_job_status(sub_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
